@@ -1,0 +1,706 @@
+""" DGMN2: Dynamic Graph Message Passing Networks for Visual Recognition
+
+Paper: `Dynamic Graph Message Passing Networks for Visual Recognition`
+    - Li Zhang, Mohan Chen, Anurag Arnab, Xiangyang Xue, Philip H.S. Torr (TPAMI), arXiv:2209.09760
+
+A four-stage pyramid transformer whose attention lets every query attend to only K = 9
+key/value nodes, sampled bilinearly at a 3x3 neighbourhood plus learned per-token walks
+(a dynamic graph), with a relative-position term. Cost is linear in the number of pixels.
+
+The implementation follows the facts in ``shared/spec/dgmn2.md`` (written from the paper
+and the layout of the authors' released checkpoints) and the structure of timm's own
+pyramid models. ``checkpoint_filter_fn`` maps the authors' released key names to ours.
+
+@article{zhang2022dgmn2,
+  title={Dynamic Graph Message Passing Networks for Visual Recognition},
+  author={Zhang, Li and Chen, Mohan and Arnab, Anurag and Xue, Xiangyang and Torr, Philip HS},
+  journal={IEEE Transactions on Pattern Analysis and Machine Intelligence},
+  year={2022}
+}
+"""
+import math
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
+from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+
+from ..sampling import NUM_NODES, sample_nodes
+
+__all__ = ['DGMN2', 'checkpoint_filter_fn', 'rel_pos_term', 'MIN_INPUT_SIZE']
+
+MIN_INPUT_SIZE = 32
+
+# variant name -> depths, used to name the variant a checkpoint belongs to
+_VARIANT_DEPTHS = {
+    'dgmn2_tiny': (2, 2, 2, 2),
+    'dgmn2_small': (3, 4, 6, 3),
+    'dgmn2_medium': (3, 4, 18, 3),
+    'dgmn2_large': (3, 8, 27, 3),
+}
+
+
+def _resize_table(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """ Resize a (L, c) position table along its rows, as a bilinear image resize. """
+    if table.shape[0] == rows:
+        return table
+    return F.interpolate(
+        table[None, None], size=(rows, table.shape[1]), mode='bilinear', align_corners=False)[0, 0]
+
+
+def _window_index(length: int, device: torch.device) -> torch.Tensor:
+    """ (length, K) rows length - 1 - p + m of a resized table, for position p and node m. """
+    p = torch.arange(length, device=device)
+    m = torch.arange(9, device=device)
+    return (length - 1 - p)[:, None] + m[None, :]
+
+
+@register_notrace_function
+def rel_pos_term(
+        q: torch.Tensor,
+        rel_height: torch.Tensor,
+        rel_width: torch.Tensor,
+        released: bool = True,
+) -> torch.Tensor:
+    """ Relative-position logits of the K nodes of every query (spec section 3).
+
+    Args:
+        q: (N, c, H, W) unscaled queries (N = batch * heads).
+        rel_height: (Lh, c) height table, resized here to H + K - 1 rows.
+        rel_width: (Lw, c) width table, resized here to W + K - 1 rows.
+        released: compute the height term exactly as the released checkpoints were trained
+            (on the transposed query grid, then resized from (W, H) to (H, W)). With False,
+            the mathematically clean term <q[y, x], rel_height[H - 1 - y + m]> is used.
+
+    Returns:
+        (N, K, H, W) logits to add before the softmax over the K nodes.
+    """
+    H, W = q.shape[-2:]
+    table_h = _resize_table(rel_height, H + 8)[_window_index(H, q.device)]  # (H, K, c)
+    table_w = _resize_table(rel_width, W + 8)[_window_index(W, q.device)]  # (W, K, c)
+    table_h = table_h.to(q.dtype)
+    table_w = table_w.to(q.dtype)
+    # width term: <q[y, x], rel_width[W - 1 - x + m]>
+    out = torch.einsum('ncyx,xmc->nmyx', q, table_w)
+    if released:
+        # Rh'[x, y, m] = <q[y, x], rel_height[H - 1 - y + m]>, a (W, H) grid read as (H, W)
+        height = torch.einsum('ncyx,ymc->nmxy', q, table_h)
+        if H != W:
+            height = F.interpolate(height, size=(H, W), mode='bilinear', align_corners=False)
+    else:
+        height = torch.einsum('ncyx,ymc->nmyx', q, table_h)
+    return out + height
+
+
+@register_notrace_function
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int):
+    if x.dim() != 4:
+        raise ValueError('DGMN2 expects a (B, C, H, W) image batch, got a tensor of shape ' + str(list(x.shape)))
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            'DGMN2 was built for ' + str(in_chans) + ' input channels but the input has ' + str(x.shape[1])
+            + '; create the model with in_chans=' + str(x.shape[1]) + ' to adapt it.')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            'DGMN2 needs an input of at least ' + str(min_size) + 'x' + str(min_size)
+            + ' pixels, got ' + str(x.shape[2]) + 'x' + str(x.shape[3]) + '.')
+
+
+class DynamicGraphAttention(nn.Module):
+    """ Attention over K = 9 nodes sampled at a 3x3 neighbourhood plus learned walks.
+
+    Works on channels-last maps (B, H, W, C). Keys and values are sampled in one call.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 1,
+            table_size: Tuple[int, int] = (56, 56),
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            rel_pos_released: bool = True,
+    ):
+        super().__init__()
+        assert dim % num_heads == 0, f'dim {dim} should be divisible by num_heads {num_heads}.'
+        self.num_heads = num_heads
+        self.num_nodes = NUM_NODES
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.rel_pos_released = rel_pos_released
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # walks (dy, dx) of the K nodes, predicted per head slice, weights shared by all heads
+        self.offset = nn.Linear(self.head_dim, 2 * NUM_NODES)
+        self.rel_height = nn.Parameter(torch.randn(table_size[0] + NUM_NODES - 1, self.head_dim) * self.scale)
+        self.rel_width = nn.Parameter(torch.randn(table_size[1] + NUM_NODES - 1, self.head_dim) * self.scale)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def reset_offsets(self):
+        """ Start from the plain 3x3 neighbourhood (zero walks). """
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        N = H * W
+        nh, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(B, N, 3, nh, hd).permute(2, 0, 3, 4, 1)  # (3, B, nh, hd, N)
+        q = qkv[0].reshape(B * nh, hd, H, W)
+        kv = qkv[1:].transpose(0, 1).reshape(B * nh, 2 * hd, H, W)
+        K = self.num_nodes
+        offset = self.offset(x.reshape(B, N, nh, hd)).transpose(1, 2).reshape(B * nh, N, 2 * K)
+
+        nodes = sample_nodes(kv, offset, 1, True)  # (B * nh, 2 * hd, K, N)
+        k, v = nodes[:, :hd], nodes[:, hd:]
+        attn = (q.reshape(B * nh, hd, 1, N) * k).sum(1) * self.scale  # (B * nh, K, N)
+        attn = attn + rel_pos_term(q, self.rel_height, self.rel_width, self.rel_pos_released).reshape(B * nh, K, N)
+        attn = attn.softmax(dim=1)
+        attn = self.attn_drop(attn)
+        x = (attn.unsqueeze(1) * v).sum(2)  # (B * nh, hd, N)
+        x = x.reshape(B, C, N).transpose(1, 2).reshape(B, H, W, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+class Block(nn.Module):
+    """ Pre-norm transformer layer with dynamic graph attention, channels-last (B, H, W, C). """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            table_size: Tuple[int, int] = (56, 56),
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            rel_pos_released: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = DynamicGraphAttention(
+            dim,
+            num_heads=num_heads,
+            table_size=table_size,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            rel_pos_released=rel_pos_released,
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class Stem(nn.Module):
+    """ Stage-1 patch embedding: three 3x3 Conv-BN-ReLU, strides 2, 1, 2 (output stride 4). """
+
+    def __init__(self, in_chans: int = 3, hidden_dim: int = 32, embed_dim: int = 64):
+        super().__init__()
+        self.in_chans = in_chans
+        self.min_size = MIN_INPUT_SIZE
+        self.conv1 = nn.Conv2d(in_chans, hidden_dim, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(hidden_dim)
+        self.conv2 = nn.Conv2d(hidden_dim, hidden_dim, 3, stride=1, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(hidden_dim)
+        self.conv3 = nn.Conv2d(hidden_dim, embed_dim, 3, stride=2, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(embed_dim)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, self.min_size)
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.act(self.norm2(self.conv2(x)))
+        x = self.act(self.norm3(self.conv3(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """ Stage 2-4 patch embedding: 3x3 Conv-BN-ReLU, stride 2 (1 for reduced output stride). """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+class DGMN2Stage(nn.Module):
+    """ Optional patch embedding, then blocks on channels-last tokens; NCHW in and out. """
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: int,
+            depth: int,
+            downsample: bool = True,
+            stride: int = 2,
+            num_heads: int = 1,
+            mlp_ratio: float = 4.,
+            table_size: Tuple[int, int] = (56, 56),
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: Union[List[float], float] = 0.,
+            rel_pos_released: bool = True,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = PatchEmbed(dim, dim_out, stride=stride)
+        else:
+            assert dim == dim_out
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(*[Block(
+            dim=dim_out,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            table_size=table_size,
+            qkv_bias=qkv_bias,
+            proj_drop=proj_drop,
+            attn_drop=attn_drop,
+            drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
+            rel_pos_released=rel_pos_released,
+        ) for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        x = x.permute(0, 2, 3, 1)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2).contiguous()
+
+
+def _take_indices(num: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """ Feature indices to take: the last ``indices`` if an int, all if None, else the given (negatives allowed). """
+    if indices is None:
+        take = list(range(num))
+    elif isinstance(indices, int):
+        if not 0 < indices <= num:
+            raise ValueError(f'indices={indices} must be between 1 and {num}')
+        take = list(range(num - indices, num))
+    else:
+        take = []
+        for i in indices:
+            idx = num + i if i < 0 else i
+            if not 0 <= idx < num:
+                raise ValueError(f'feature index {i} is out of range for {num} stages')
+            take.append(idx)
+    return take, max(take)
+
+
+class DGMN2(nn.Module):
+    """ DGMN2 pyramid vision transformer. """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Tuple[int, ...] = (2, 2, 2, 2),
+            embed_dims: Tuple[int, ...] = (64, 128, 320, 512),
+            num_heads: Tuple[int, ...] = (1, 2, 5, 8),
+            mlp_ratios: Tuple[float, ...] = (8., 8., 4., 4.),
+            stem_dim: int = 32,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            output_stride: int = 32,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            rel_pos_released: bool = True,
+    ):
+        """
+        Args:
+            in_chans: input image channels.
+            num_classes: classifier classes (0 for no classifier).
+            global_pool: 'avg' or '' (no pooling).
+            depths, embed_dims, num_heads, mlp_ratios: per-stage architecture.
+            stem_dim: hidden width of the three-conv stem.
+            img_size: image size the relative-position tables are sized for (they are
+                resized to any other input size at run time).
+            output_stride: 32, 16 or 8; 16 and 8 set the stride of the stage-4 (and stage-3)
+                patch embedding to 1, keeping the same parameters.
+            drop_rate: dropout before the classifier.
+            proj_drop_rate, attn_drop_rate: dropout in the blocks.
+            drop_path_rate: stochastic depth, rising linearly over all blocks.
+            rel_pos_released: the height position term exactly as the released checkpoints
+                were trained (default); False gives the clean transposition.
+        """
+        super().__init__()
+        num_stages = len(depths)
+        assert num_stages == 4 and len(embed_dims) == len(num_heads) == len(mlp_ratios) == num_stages
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f'output_stride must be 8, 16 or 32, got {output_stride}')
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        assert global_pool in ('avg', ''), 'Only avg pooling (or none) is supported.'
+        self.global_pool = global_pool
+        self.depths = tuple(depths)
+        self.output_stride = output_stride
+        self.grad_checkpointing = False
+
+        self.stem = Stem(in_chans, stem_dim, embed_dims[0])
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        self.feature_info = []
+        stages = []
+        prev_dim = embed_dims[0]
+        reduction = 4
+        for i in range(num_stages):
+            nominal = 4 * 2 ** i  # the stride the position tables were sized for
+            stride = 1
+            if i > 0:
+                stride = 2 if reduction < output_stride else 1
+            reduction *= stride
+            stages.append(DGMN2Stage(
+                dim=prev_dim,
+                dim_out=embed_dims[i],
+                depth=depths[i],
+                downsample=i > 0,
+                stride=stride,
+                num_heads=num_heads[i],
+                mlp_ratio=mlp_ratios[i],
+                table_size=(math.ceil(img_size[0] / nominal), math.ceil(img_size[1] / nominal)),
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                rel_pos_released=rel_pos_released,
+            ))
+            prev_dim = embed_dims[i]
+            self.feature_info += [dict(num_chs=prev_dim, reduction=reduction, module=f'stages.{i}')]
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        for m in self.modules():
+            if isinstance(m, DynamicGraphAttention):
+                m.reset_offsets()
+
+    def _init_weights(self, m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {n for n, _ in self.named_parameters() if n.endswith(('rel_height', 'rel_width'))}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        if global_pool is not None:
+            assert global_pool in ('avg', ''), 'Only avg pooling (or none) is supported.'
+            self.global_pool = global_pool
+        ref = next(self.parameters())
+        self.head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates.
+
+        Args:
+            x: input image tensor.
+            indices: take the last n stages if an int, all if None, those listed if a sequence.
+            norm: unused, DGMN2 has no norm after its stages.
+            stop_early: stop after the last stage taken.
+            output_fmt: only 'NCHW'.
+            intermediates_only: only return the intermediate features.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = _take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Drop stages (and the head) not needed for the given intermediates. """
+        take_indices, max_index = _take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool:
+            x = x.mean(dim=(-1, -2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+    @torch.jit.ignore
+    def variant_name(self) -> str:
+        cfg = getattr(self, 'pretrained_cfg', None) or {}
+        name = cfg.get('architecture')
+        if name:
+            return name
+        return _variant_for_depths(self.depths)
+
+    @torch.jit.ignore
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """ Load our own, the authors' released (any nesting or prefix) or a detector's state dict.
+
+        Raises a RuntimeError naming the variant and the offending keys if the checkpoint
+        does not fit this model.
+        """
+        state_dict = checkpoint_filter_fn(state_dict, self)
+        own = self.state_dict()
+        name = self.variant_name()
+        ckpt_depths, own_depths = _depths_in(state_dict), _depths_in(own)
+        if ckpt_depths is not None and own_depths is not None:
+            common = min(len(ckpt_depths), len(own_depths))
+            if ckpt_depths[:common] != own_depths[:common]:
+                raise RuntimeError(
+                    f'Checkpoint is for {_variant_for_depths(ckpt_depths)} (blocks per stage {ckpt_depths}) '
+                    f'but the model is {name} (blocks per stage {own_depths}).')
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        mismatched = [
+            f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+            for k, v in state_dict.items()
+            if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+        ]
+        if mismatched or (strict and (missing or unexpected)):
+            msg = [f'Checkpoint does not match {name}.']
+            if missing:
+                msg.append(f'Missing keys ({len(missing)}): {_abbrev(missing)}')
+            if unexpected:
+                msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
+            if mismatched:
+                msg.append(f'Shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}')
+            raise RuntimeError('\n  '.join(msg))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _abbrev(items: List[str], n: int = 8) -> str:
+    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
+    return ', '.join(items[:n]) + more
+
+
+def _depths_in(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
+    """ Blocks per stage of a state dict in our layout, or None if it has no blocks. """
+    counts: Dict[int, int] = {}
+    for k in state_dict:
+        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.', k)
+        if m:
+            s, b = int(m.group(1)), int(m.group(2))
+            counts[s] = max(counts.get(s, 0), b + 1)
+    if not counts:
+        return None
+    return tuple(counts.get(s, 0) for s in range(max(counts) + 1))
+
+
+def _variant_for_depths(depths: Tuple[int, ...]) -> str:
+    for name, d in _VARIANT_DEPTHS.items():
+        if tuple(depths) == d:
+            return name
+    return f'a DGMN2 with depths {tuple(depths)}'
+
+
+_RELEASED_MARKERS = ('patch_embed1.conv1.weight', 'stem.conv1.weight')
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """ Take the weights out of a training checkpoint ({'model': ...}, {'state_dict': ...}). """
+    for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
+        inner = state_dict.get(key) if isinstance(state_dict, Mapping) else None
+        if isinstance(inner, Mapping):
+            return inner
+    return state_dict
+
+
+def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """ Keep only the backbone of a wrapped checkpoint ('backbone.', 'module.', ...), prefix removed. """
+    prefix = None
+    for k in state_dict:
+        for marker in _RELEASED_MARKERS:
+            if k.endswith(marker):
+                prefix = k[:len(k) - len(marker)]
+                break
+        if prefix is not None:
+            break
+    if not prefix:
+        return dict(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """ Map the authors' released checkpoints (spec section 4) and wrapped ones to our key names.
+
+    Accepts DeiT-style dicts ({'model': state_dict, 'args': ..., ...}), plain state dicts,
+    and detection / segmentation checkpoints whose backbone carries a prefix such as
+    'backbone.'. Our own state dicts pass through unchanged. When ``model`` is given and
+    it has a different number of input channels, the first conv is adapted.
+    """
+    state_dict = _strip_prefix(_unwrap(state_dict))
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('patch_embed1.'):
+            k = 'stem.' + k[len('patch_embed1.'):]
+        k = re.sub(r'^patch_embed([2-4])\.', lambda m: f'stages.{int(m.group(1)) - 1}.downsample.', k)
+        k = re.sub(r'^block([1-4])\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.', k)
+        k = k.replace('.attn.conv_offset.', '.attn.offset.')
+        k = k.replace('.attn.pos_emb.rel_height', '.attn.rel_height')
+        k = k.replace('.attn.pos_emb.rel_width', '.attn.rel_width')
+        out[k] = v
+    if model is not None and 'stem.conv1.weight' in out:
+        w = out['stem.conv1.weight']
+        in_chans = model.stem.conv1.weight.shape[1]
+        if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] != in_chans:
+            out['stem.conv1.weight'] = adapt_input_conv(in_chans, w)
+    return out
+
+
+def _create_dgmn2(variant: str, pretrained: bool = False, **kwargs) -> DGMN2:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        DGMN2,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'min_input_size': (3, MIN_INPUT_SIZE, MIN_INPUT_SIZE),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1',
+        'classifier': 'head',
+        'fixed_input_size': False,
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2209.09760',
+        'paper_name': 'Dynamic Graph Message Passing Networks for Visual Recognition',
+        'origin_url': 'https://arxiv.org/abs/2209.09760',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'dgmn2_tiny.in1k': _cfg(hf_hub_id='dgmn-timm/dgmn2_tiny.in1k'),
+    'dgmn2_small.in1k': _cfg(hf_hub_id='dgmn-timm/dgmn2_small.in1k'),
+    'dgmn2_medium.in1k': _cfg(hf_hub_id='dgmn-timm/dgmn2_medium.in1k'),
+    'dgmn2_large.in1k': _cfg(hf_hub_id='dgmn-timm/dgmn2_large.in1k'),
+})
+
+
+@register_model
+def dgmn2_tiny(pretrained: bool = False, **kwargs) -> DGMN2:
+    """ DGMN2-Tiny: depths (2, 2, 2, 2), 12.1M params, 2.3 GMACs, 78.7% ImageNet-1k top-1 (paper). """
+    model_args = dict(depths=_VARIANT_DEPTHS['dgmn2_tiny'])
+    return _create_dgmn2('dgmn2_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dgmn2_small(pretrained: bool = False, **kwargs) -> DGMN2:
+    """ DGMN2-Small: depths (3, 4, 6, 3), 21.0M params, 4.3 GMACs, 81.7% ImageNet-1k top-1 (paper). """
+    model_args = dict(depths=_VARIANT_DEPTHS['dgmn2_small'])
+    return _create_dgmn2('dgmn2_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dgmn2_medium(pretrained: bool = False, **kwargs) -> DGMN2:
+    """ DGMN2-Medium: depths (3, 4, 18, 3), 35.8M params, 7.1 GMACs, 82.5% ImageNet-1k top-1 (paper). """
+    model_args = dict(depths=_VARIANT_DEPTHS['dgmn2_medium'])
+    return _create_dgmn2('dgmn2_medium', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dgmn2_large(pretrained: bool = False, **kwargs) -> DGMN2:
+    """ DGMN2-Large: depths (3, 8, 27, 3), 48.3M params, 10.4 GMACs, 83.3% ImageNet-1k top-1 (paper). """
+    model_args = dict(depths=_VARIANT_DEPTHS['dgmn2_large'])
+    return _create_dgmn2('dgmn2_large', pretrained=pretrained, **dict(model_args, **kwargs))
