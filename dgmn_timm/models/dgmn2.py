@@ -149,6 +149,33 @@ class DynamicGraphAttention(nn.Module):
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 
+    @torch.jit.ignore
+    def sampling_graph(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ The dynamic graph this layer builds for input ``x`` (B, H, W, C), after its norm.
+
+        Returns:
+            positions: (B, heads, K, H, W, 2) pixel coordinates (y, x) of the sampled nodes.
+            weights: (B, heads, K, H, W) attention weight of each node (softmax over K).
+        """
+        B, H, W, C = x.shape
+        N = H * W
+        nh, hd, K = self.num_heads, self.head_dim, self.num_nodes
+        q, k, _ = self.qkv(x).reshape(B, N, 3, nh, hd).permute(2, 0, 3, 4, 1).unbind(0)
+        q = q.reshape(B * nh, hd, H, W)
+        offset = self.offset(x.reshape(B, N, nh, hd)).reshape(B, H, W, nh, K, 2).permute(0, 3, 4, 1, 2, 5)
+        k = sample_nodes(
+            k.reshape(B * nh, hd, H, W), offset.permute(0, 1, 3, 4, 2, 5).reshape(B * nh, N, 2 * K), 1, True)
+        logits = (q.reshape(B * nh, hd, 1, N) * k).sum(1) * self.scale
+        logits = logits + rel_pos_term(q, self.rel_height, self.rel_width, self.rel_pos_released).reshape(
+            B * nh, K, N)
+        weights = logits.softmax(dim=1).reshape(B, nh, K, H, W)
+        idx = torch.arange(K, device=x.device)
+        base_y = (idx // 3 - 1).view(K, 1, 1) + torch.arange(H, device=x.device).view(1, H, 1)
+        base_x = (idx % 3 - 1).view(K, 1, 1) + torch.arange(W, device=x.device).view(1, 1, W)
+        base = torch.stack(torch.broadcast_tensors(base_y, base_x), dim=-1).to(offset.dtype)
+        positions = base + offset
+        return positions, weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         N = H * W
