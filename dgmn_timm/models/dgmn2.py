@@ -32,7 +32,7 @@ from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, 
 
 from ..sampling import NUM_NODES, sample_nodes
 
-__all__ = ['DGMN2', 'checkpoint_filter_fn', 'rel_pos_term', 'MIN_INPUT_SIZE']
+__all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_term', 'MIN_INPUT_SIZE']
 
 MIN_INPUT_SIZE = 32
 
@@ -392,7 +392,10 @@ class DGMN2(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, stem_dim, embed_dims[0])
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        # stochastic depth rising linearly over all blocks (plain Python: works on the meta device)
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
         self.feature_info = []
         stages = []
         prev_dim = embed_dims[0]
@@ -660,6 +663,24 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
         in_chans = model.stem.conv1.weight.shape[1]
         if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] != in_chans:
             out['stem.conv1.weight'] = adapt_input_conv(in_chans, w)
+    return out
+
+
+def to_released_layout(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """ Our key names -> the authors' released layout (the inverse of ``checkpoint_filter_fn``).
+
+    Useful to hand weights back to the authors' code, and to test the loader.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('stem.'):
+            k = 'patch_embed1.' + k[len('stem.'):]
+        k = re.sub(r'^stages\.(\d+)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
+        k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
+        k = k.replace('.attn.offset.', '.attn.conv_offset.')
+        k = k.replace('.attn.rel_height', '.attn.pos_emb.rel_height')
+        k = k.replace('.attn.rel_width', '.attn.pos_emb.rel_width')
+        out[k] = v
     return out
 
 
