@@ -1,0 +1,1 @@
+from .dgmn import DGMN, DGMNHead, NodeLinear

@@ -1,0 +1,262 @@
+""" ResNets with DGMN (CVPR 2020) modules after the 3x3 convs of chosen stages
+
+Paper: `Dynamic Graph Message Passing Networks` - Li Zhang, Dan Xu, Anurag Arnab,
+    Philip H.S. Torr (CVPR 2020), arXiv:1908.06955
+
+A DGMN module (``dgmn_timm.layers.DGMN``, COCO form: rates (1, 4, 8, 12), 4 groups,
+'sum' fusion) follows every 3x3 conv (conv2 -> bn2 -> act, before conv3) of every block
+of res5 ('c5') or of res4 and res5 ('c4c5'). The models are timm's ``ResNet`` with those
+blocks swapped for ``DGMNBottleneck``, so timm's whole model API works unchanged.
+
+Weights: NO DGMN weights exist (the authors never released any). ``pretrained=True``
+loads timm's ImageNet weights of the matching plain ResNet into the ResNet part; the
+DGMN modules keep their initialisation (walks zero, i.e. the regular dilated grid), and
+their keys are logged. The loader refuses a checkpoint with any other missing or
+unexpected key.
+"""
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+
+import torch
+import torch.nn as nn
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, ResNet
+
+from ..layers.dgmn import DGMN
+
+__all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
+
+DGMN_NOT_PRETRAINED = (
+    'The DGMN modules are NOT pretrained (no DGMN weights were ever released): only the plain '
+    'ResNet part loads ImageNet weights, the DGMN parameters keep their initialisation.'
+)
+
+
+class DGMNBottleneck(Bottleneck):
+    """ timm's Bottleneck with ``self.dgmn`` applied after conv2 -> bn2 -> act (-> aa), before conv3.
+
+    Built with an ``nn.Identity`` placeholder; ``ResNetDGMN`` puts the DGMN module in.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dgmn = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+        x = self.dgmn(x)
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x = x + shortcut
+        return self.act3(x)
+
+
+class ResNetDGMN(ResNet):
+    """ timm ResNet with DGMN modules in the bottlenecks of ``dgmn_stages`` (1..4 = res2..res5).
+
+    Args:
+        dgmn_stages: stages whose blocks all get a DGMN, e.g. (4,) for C5, (3, 4) for C4 + C5.
+        dgmn_rates, dgmn_groups, dgmn_mode, dgmn_fusion: the ``DGMN`` settings.
+        All other arguments are timm's ``ResNet`` ones (``block`` must be a Bottleneck).
+    """
+
+    def __init__(
+            self,
+            block: Type[Bottleneck] = Bottleneck,
+            layers: Sequence[int] = (3, 4, 6, 3),
+            dgmn_stages: Sequence[int] = (4,),
+            dgmn_rates: Sequence[int] = (1, 4, 8, 12),
+            dgmn_groups: int = 4,
+            dgmn_mode: str = 'full',
+            dgmn_fusion: str = 'sum',
+            **kwargs,
+    ):
+        if block is not Bottleneck:
+            raise ValueError('ResNetDGMN is built on bottleneck ResNets (block=Bottleneck)')
+        num_stages = len(kwargs.get('channels') or (64, 128, 256, 512))
+        dgmn_stages = tuple(sorted(set(int(s) for s in dgmn_stages)))
+        if any(s < 1 or s > num_stages for s in dgmn_stages):
+            raise ValueError(f'dgmn_stages must be in 1..{num_stages}, got {dgmn_stages}')
+        blocks = tuple(DGMNBottleneck if i + 1 in dgmn_stages else Bottleneck for i in range(num_stages))
+        super().__init__(block=blocks, layers=layers, **kwargs)
+        self.dgmn_stages = dgmn_stages
+        dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        for s in dgmn_stages:
+            for blk in getattr(self, f'layer{s}'):
+                blk.dgmn = DGMN(
+                    blk.conv2.out_channels,
+                    rates=dgmn_rates,
+                    groups=dgmn_groups,
+                    mode=dgmn_mode,
+                    fusion=dgmn_fusion,
+                    **dd,
+                )
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        super().init_weights(zero_init_last=zero_init_last)
+        # timm's init re-initialises every Conv2d, the DGMN walk convs included
+        for m in self.modules():
+            if isinstance(m, DGMN):
+                m.reset_parameters()
+
+    @torch.jit.ignore
+    def dgmn_parameter_names(self) -> List[str]:
+        """ Names of the parameters and buffers that belong to the DGMN modules. """
+        return [k for k in self.state_dict() if _is_dgmn_key(k)]
+
+
+def _is_dgmn_key(key: str) -> bool:
+    return '.dgmn.' in key or key.startswith('dgmn.')
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ResNetDGMN) -> Dict[str, Any]:
+    """ Check a (plain ResNet) checkpoint against ``model`` and complete it with the DGMN part.
+
+    Accepts a plain timm ResNet state dict of the same depth/width (DGMN keys missing) or a
+    ResNetDGMN one. Any missing key that is not a DGMN key, and any unexpected key, is an
+    error. Missing DGMN keys are filled with the model's current (initial) values and logged.
+    """
+    for wrapper in ('state_dict', 'model'):
+        inner = state_dict.get(wrapper) if isinstance(state_dict, Mapping) else None
+        if isinstance(inner, Mapping):
+            state_dict = inner
+    state_dict = {(k[7:] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    unexpected = [k for k in state_dict if k not in own]
+    missing = [k for k in own if k not in state_dict]
+    bad_missing = [k for k in missing if not _is_dgmn_key(k)]
+    if unexpected or bad_missing:
+        msg = ['Checkpoint does not fit the ResNet part of this DGMN model '
+               '(only DGMN keys may be missing).']
+        if bad_missing:
+            msg.append(f'Missing non-DGMN keys ({len(bad_missing)}): {_abbrev(bad_missing)}')
+        if unexpected:
+            msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
+        raise RuntimeError('\n  '.join(msg))
+    out = dict(state_dict)
+    if missing:
+        for k in missing:
+            out[k] = own[k]
+        num = sum(own[k].numel() for k in missing)
+        modules = sorted({k.rsplit('.dgmn.', 1)[0] + '.dgmn' for k in missing}, key=_natural)
+        _logger.warning(
+            f'{len(missing)} DGMN tensors ({num:,} values) in {len(modules)} modules '
+            f'({", ".join(modules)}) are not in the checkpoint and keep their initialisation: '
+            f'{DGMN_NOT_PRETRAINED}')
+        _logger.info('DGMN keys initialised, not loaded: ' + ', '.join(missing))
+    model.pretrained_dgmn_missing_keys = missing
+    return out
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in s.replace('.', ' . ').split()]
+
+
+def _abbrev(items: List[str], n: int = 8) -> str:
+    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
+    return ', '.join(items[:n]) + more
+
+
+def _create_resnet_dgmn(variant: str, pretrained: bool = False, **kwargs) -> ResNetDGMN:
+    return build_model_with_cfg(
+        ResNetDGMN,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
+    )
+
+
+def _cfg(hf_hub_id: str, **kwargs) -> Dict[str, Any]:
+    """ A cfg pointing at timm's plain-ResNet weights on the Hub (``hf_hub_id``). """
+    return {
+        'hf_hub_id': hf_hub_id,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bilinear',
+        'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225),
+        'first_conv': 'conv1',
+        'classifier': 'fc',
+        'paper_ids': 'arXiv:1908.06955',
+        'paper_name': 'Dynamic Graph Message Passing Networks',
+        'origin_url': 'https://github.com/huggingface/pytorch-image-models',
+        'description': f'ResNet part: timm weights {hf_hub_id}. {DGMN_NOT_PRETRAINED}',
+        'notes': (DGMN_NOT_PRETRAINED, f'ResNet weights: {hf_hub_id}'),
+        **kwargs,
+    }
+
+
+_RSB = dict(interpolation='bicubic', crop_pct=0.95, test_input_size=(3, 288, 288), test_crop_pct=1.0,
+            license='apache-2.0')
+
+default_cfgs = generate_default_cfgs({
+    'resnet50_dgmn_c5.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_dgmn_c5.tv_in1k': _cfg('timm/resnet50.tv_in1k', license='bsd-3-clause'),
+    'resnet50_dgmn_c4c5.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_dgmn_c4c5.tv_in1k': _cfg('timm/resnet50.tv_in1k', license='bsd-3-clause'),
+    'resnet101_dgmn_c5.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **_RSB),
+    'resnet101_dgmn_c5.tv_in1k': _cfg('timm/resnet101.tv_in1k', license='bsd-3-clause'),
+    'resnext101_32x8d_dgmn_c5.fb_wsl_ig1b_ft_in1k': _cfg(
+        'timm/resnext101_32x8d.fb_wsl_ig1b_ft_in1k', license='cc-by-nc-4.0'),
+    'resnext101_32x8d_dgmn_c5.tv_in1k': _cfg('timm/resnext101_32x8d.tv_in1k', license='bsd-3-clause'),
+})
+
+
+@register_model
+def resnet50_dgmn_c5(pretrained: bool = False, **kwargs) -> ResNetDGMN:
+    """ ResNet-50 with DGMN after the 3x3 conv of every res5 block (29,040,692 params).
+
+    ``pretrained=True`` loads timm's ResNet-50 ImageNet weights; the DGMN modules are NOT pretrained.
+    """
+    model_args = dict(layers=(3, 4, 6, 3), dgmn_stages=(4,))
+    return _create_resnet_dgmn('resnet50_dgmn_c5', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet50_dgmn_c4c5(pretrained: bool = False, **kwargs) -> ResNetDGMN:
+    """ ResNet-50 with DGMN after the 3x3 conv of every res4 and res5 block (32,524,364 params).
+
+    ``pretrained=True`` loads timm's ResNet-50 ImageNet weights; the DGMN modules are NOT pretrained.
+    """
+    model_args = dict(layers=(3, 4, 6, 3), dgmn_stages=(3, 4))
+    return _create_resnet_dgmn('resnet50_dgmn_c4c5', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet101_dgmn_c5(pretrained: bool = False, **kwargs) -> ResNetDGMN:
+    """ ResNet-101 with DGMN after the 3x3 conv of every res5 block.
+
+    ``pretrained=True`` loads timm's ResNet-101 ImageNet weights; the DGMN modules are NOT pretrained.
+    """
+    model_args = dict(layers=(3, 4, 23, 3), dgmn_stages=(4,))
+    return _create_resnet_dgmn('resnet101_dgmn_c5', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnext101_32x8d_dgmn_c5(pretrained: bool = False, **kwargs) -> ResNetDGMN:
+    """ ResNeXt-101 32x8d with DGMN after the 3x3 conv of every res5 block.
+
+    ``pretrained=True`` loads timm's ResNeXt-101 32x8d weights (default: the Instagram-1B WSL
+    fine-tuned ones, CC-BY-NC); the DGMN modules are NOT pretrained.
+    """
+    model_args = dict(layers=(3, 4, 23, 3), cardinality=32, base_width=8, dgmn_stages=(4,))
+    return _create_resnet_dgmn('resnext101_32x8d_dgmn_c5', pretrained, **dict(model_args, **kwargs))
