@@ -1,0 +1,198 @@
+""" Loading the authors' released checkpoints (spec/dgmn2.md, section 4) and our own. """
+import argparse
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import dgmn_timm  # noqa: F401
+from dgmn_timm.models.dgmn2 import checkpoint_filter_fn, to_released_layout
+
+
+def _model(name='dgmn2_tiny', **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
+@pytest.fixture(scope='module')
+def source():
+    """ A tiny model with non-trivial weights everywhere (walks, BN statistics). """
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'attn.offset' in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture(scope='module')
+def image():
+    return torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(4))
+
+
+def _released(model):
+    return to_released_layout(model.state_dict())
+
+
+def _deit_file(path, state_dict):
+    torch.save({
+        'model': state_dict,
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-3}]},
+        'lr_scheduler': {'last_epoch': 299},
+        'epoch': 299,
+        'scaler': {'scale': 65536.0},
+        'args': argparse.Namespace(model='dgmn2_tiny', lr=1e-3, drop_path=0.1),
+    }, path)
+    return str(path)
+
+
+def test_released_key_names(source):
+    keys = set(_released(source))
+    for k in ('patch_embed1.conv1.weight', 'patch_embed1.norm3.running_var', 'patch_embed2.conv.weight',
+              'patch_embed4.norm.num_batches_tracked', 'block1.0.attn.qkv.weight', 'block1.1.attn.conv_offset.bias',
+              'block3.1.attn.pos_emb.rel_height', 'block4.0.mlp.fc2.weight', 'head.weight'):
+        assert k in keys, k
+    sd = _released(source)
+    assert sd['block1.0.attn.conv_offset.weight'].shape == (18, 64)
+    assert sd['block2.0.attn.conv_offset.weight'].shape == (18, 64)  # head dim 128 / 2
+    assert sd['block1.0.attn.pos_emb.rel_height'].shape == (64, 64)
+    assert sd['block2.0.attn.pos_emb.rel_width'].shape == (36, 64)
+    assert sd['block3.0.attn.pos_emb.rel_width'].shape == (22, 64)
+    assert sd['block4.0.attn.pos_emb.rel_height'].shape == (15, 64)
+    assert sd['block1.0.attn.qkv.weight'].shape == (192, 64)
+
+
+def test_released_layout_round_trip(source, image):
+    sd = _released(source)
+    assert checkpoint_filter_fn(sd).keys() == source.state_dict().keys()
+    model = _model()
+    model.load_state_dict(sd)  # strict
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), source(image), atol=0, rtol=0)
+
+
+def test_deit_file_through_pretrained_file(source, image, tmp_path):
+    path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
+    model = timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), source(image), atol=0, rtol=0)
+
+
+def test_deit_file_through_checkpoint_path(source, image, tmp_path):
+    path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
+    model = timm.create_model('dgmn2_tiny', checkpoint_path=path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), source(image), atol=0, rtol=0)
+
+
+def test_file_is_read_with_weights_only(tmp_path):
+    """ A pickle that needs anything beyond tensors and argparse.Namespace is refused, never executed. """
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ('executed!',))
+
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'payload': Evil()}, path)
+    with pytest.raises(Exception, match='(?i)weights_only|unsupported global|allowlist'):
+        timm.create_model('dgmn2_tiny', checkpoint_path=str(path))
+
+
+def test_plain_state_dict_and_safetensors(source, image, tmp_path):
+    torch.save(_released(source), tmp_path / 'plain.pth')
+    save_file(source.state_dict(), str(tmp_path / 'ours.safetensors'))
+    for name in ('plain.pth', 'ours.safetensors'):
+        model = timm.create_model('dgmn2_tiny', pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / name))).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(image), source(image), atol=0, rtol=0)
+
+
+def test_detection_checkpoint_with_prefix(source, image, tmp_path):
+    backbone = {f'backbone.{k}': v for k, v in _released(source).items() if not k.startswith('head')}
+    neck = {'neck.fpn_convs.0.conv.weight': torch.zeros(256, 256, 3, 3), 'bbox_head.retina_cls.bias': torch.zeros(9)}
+    torch.save({'state_dict': {**backbone, **neck}, 'meta': {'epoch': 12}}, tmp_path / 'retinanet.pth')
+    path = str(tmp_path / 'retinanet.pth')
+    model = timm.create_model('dgmn2_tiny', num_classes=0, checkpoint_path=path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), source.forward_head(source.forward_features(image), pre_logits=True))
+    features = timm.create_model('dgmn2_tiny', features_only=True, output_stride=8, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=path)).eval()
+    with torch.no_grad():
+        assert [f.shape[1] for f in features(image)] == [64, 128, 320, 512]
+    # a classifier needs a head the detection checkpoint does not have
+    with pytest.raises(RuntimeError, match=r'dgmn2_tiny[\s\S]*Missing keys \(2\): head.weight, head.bias'):
+        timm.create_model('dgmn2_tiny', checkpoint_path=path)
+
+
+def test_wrong_variant_is_named(tmp_path):
+    small = _model('dgmn2_small')
+    path = _deit_file(tmp_path / 'dgmn2_small.pth', _released(small))
+    with pytest.raises(RuntimeError, match=r'dgmn2_small.*\(3, 4, 6, 3\).*model is dgmn2_tiny'):
+        timm.create_model('dgmn2_tiny', checkpoint_path=path)
+    with pytest.raises(RuntimeError, match=r'dgmn2_small.*model is dgmn2_tiny'):
+        timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=10)
+    with pytest.raises(RuntimeError, match=r'dgmn2_tiny.*model is dgmn2_medium'):
+        _model('dgmn2_medium').load_state_dict(_model().state_dict())
+
+
+def test_truncated_state_dict_names_missing_keys(source):
+    sd = _released(source)
+    del sd['block2.1.attn.qkv.weight'], sd['patch_embed3.norm.running_var']
+    sd['block2.1.attn.extra'] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as err:
+        _model().load_state_dict(sd)
+    msg = str(err.value)
+    assert 'dgmn2_tiny' in msg
+    assert 'stages.1.blocks.1.attn.qkv.weight' in msg and 'stages.2.downsample.norm.running_var' in msg
+    assert 'Unexpected keys (1): stages.1.blocks.1.attn.extra' in msg
+
+
+def test_shape_mismatch_is_named(source):
+    sd = source.state_dict()
+    sd['stages.0.blocks.0.attn.rel_height'] = torch.zeros(10, 64)
+    with pytest.raises(RuntimeError, match=r'stages.0.blocks.0.attn.rel_height: checkpoint \(10, 64\) vs model \(64, 64\)'):
+        _model().load_state_dict(sd)
+
+
+def test_corrupt_file_raises(source, tmp_path):
+    path = tmp_path / 'dgmn2_tiny.pth'
+    _deit_file(path, _released(source))
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(Exception, match='(?i)zip|archive|eof|corrupt|invalid|failed'):
+        timm.create_model('dgmn2_tiny', checkpoint_path=str(path))
+
+
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_in_chans_adapted_when_loading(source, tmp_path, in_chans):
+    path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
+    w = source.stem.conv1.weight
+    for kwargs in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=path)), dict(checkpoint_path=path)):
+        model = timm.create_model('dgmn2_tiny', in_chans=in_chans, **kwargs)
+        got = model.stem.conv1.weight
+        assert got.shape == (32, in_chans, 3, 3)
+        if in_chans == 1:
+            torch.testing.assert_close(got, w.sum(1, keepdim=True))
+        else:
+            # timm's rule: repeat the RGB filters and rescale by 3 / in_chans
+            torch.testing.assert_close(got[:, :3], w * 3 / in_chans)
+        torch.testing.assert_close(model.stages[0].blocks[0].attn.qkv.weight, source.stages[0].blocks[0].attn.qkv.weight)
+
+
+def test_num_classes_override_drops_head(source, image, tmp_path):
+    path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
+    model = timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=5)
+    model.eval()
+    with torch.no_grad():
+        assert model(image).shape == (2, 5)
+        torch.testing.assert_close(model.forward_features(image), source.forward_features(image), atol=0, rtol=0)
