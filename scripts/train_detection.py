@@ -1,0 +1,331 @@
+#!/usr/bin/env python3
+""" Train and evaluate a DGMN2 detector (RetinaNet, Faster R-CNN, Mask R-CNN) on a COCO-format dataset.
+
+The defaults are the paper's 1x schedule (mmdetection style): AdamW lr 1e-4, weight decay 1e-4,
+12 epochs with the lr divided by 10 after epochs 8 and 11, 500 linear warm-up iterations,
+images resized to shorter side 800 / longer side <= 1333, random horizontal flips, batch 16
+(set --batch-size / --lr for your hardware; the lr is not rescaled automatically).
+
+    python scripts/train_detection.py --model maskrcnn --backbone dgmn2_tiny --pretrained \\
+        --train-images coco/train2017 --train-ann coco/annotations/instances_train2017.json \\
+        --val-images coco/val2017 --val-ann coco/annotations/instances_val2017.json \\
+        --output-dir runs/maskrcnn_dgmn2_tiny
+
+Writes to --output-dir: last.safetensors (model weights, with the epoch and the category ids in
+its metadata), metrics.json (per-epoch losses, COCO box / mask AP from pycocotools).
+Categories are mapped to contiguous labels 1..K (0 is background); predictions are mapped back
+to the dataset's category ids for evaluation.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from safetensors.torch import load_file, save_file
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+import dgmn_timm  # noqa: F401  (registers the models)
+from dgmn_timm.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
+
+BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
+STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    data = p.add_argument_group('data')
+    data.add_argument('--train-images', required=True, help='folder of training images')
+    data.add_argument('--train-ann', required=True, help='COCO-format annotation JSON of the training images')
+    data.add_argument('--val-images', default=None, help='folder of validation images (default: training folder)')
+    data.add_argument('--val-ann', default=None, help='validation annotations (default: training annotations)')
+    data.add_argument('--workers', type=int, default=2, help='data loader workers')
+    model = p.add_argument_group('model')
+    model.add_argument('--model', choices=sorted(BUILDERS), default='retinanet')
+    model.add_argument('--backbone', default='dgmn2_tiny', help='timm model name (tags, local-dir: allowed)')
+    model.add_argument('--pretrained', action='store_true', help='ImageNet weights for the backbone (timm)')
+    model.add_argument('--pretrained-file', default=None, help='local ImageNet weight file for the backbone')
+    model.add_argument('--backbone-checkpoint', default=None,
+                       help="detection checkpoint whose 'backbone.' weights initialise the backbone")
+    model.add_argument('--weights', default=None, help='our safetensors checkpoint of the whole detector')
+    model.add_argument('--no-frozen-bn', action='store_true', help='train the backbone BatchNorm layers')
+    model.add_argument('--frozen-stages', type=int, default=-1, help='-1 none, 0 stem, n stem + n stages')
+    model.add_argument('--drop-path', type=float, default=0.0, help='backbone stochastic depth rate')
+    model.add_argument('--min-size', type=int, default=800, help='resize: shorter image side')
+    model.add_argument('--max-size', type=int, default=1333, help='resize: longest image side cap')
+    model.add_argument('--score-thresh', type=float, default=0.05, help='minimum score of a kept detection')
+    model.add_argument('--detections-per-img', type=int, default=100)
+    model.add_argument('--detector-kwargs', type=json.loads, default={},
+                       help='JSON dict of extra torchvision detector kwargs, e.g. '
+                            '\'{"rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 256}\'')
+    train = p.add_argument_group('training')
+    train.add_argument('--epochs', type=int, default=12)
+    train.add_argument('--lr-steps', type=int, nargs='*', default=[8, 11], help='epochs after which lr *= 0.1')
+    train.add_argument('--batch-size', type=int, default=2)
+    train.add_argument('--lr', type=float, default=1e-4)
+    train.add_argument('--weight-decay', type=float, default=1e-4)
+    train.add_argument('--warmup-iters', type=int, default=500)
+    train.add_argument('--warmup-ratio', type=float, default=1e-3)
+    train.add_argument('--clip-grad', type=float, default=0.0, help='max grad norm (0: off)')
+    train.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    train.add_argument('--amp', action='store_true', help='mixed precision (CUDA)')
+    train.add_argument('--eval-interval', type=int, default=1, help='evaluate every n epochs (and at the end)')
+    train.add_argument('--eval-only', action='store_true', help='only evaluate (use with --weights)')
+    run = p.add_argument_group('run')
+    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    run.add_argument('--output-dir', default='runs/detection')
+    run.add_argument('--seed', type=int, default=0)
+    run.add_argument('--num-threads', type=int, default=0, help='torch CPU threads (0: default)')
+    run.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
+    return p.parse_args(argv)
+
+
+class CocoDetectionDataset(torch.utils.data.Dataset):
+    """ COCO-format images and annotations as torchvision detection targets.
+
+    Targets: boxes (x1, y1, x2, y2), labels (1..K), image_id, and masks (N, H, W) uint8 if
+    ``with_masks``. Crowd annotations and degenerate boxes are left out of the targets.
+    """
+
+    def __init__(self, image_dir: str, ann_file: str, with_masks: bool = False, train: bool = False,
+                 hflip: float = 0.5, cat_ids: Optional[List[int]] = None):
+        self.image_dir = image_dir
+        self.coco = COCO(ann_file)
+        self.with_masks = with_masks
+        self.train = train
+        self.hflip = hflip
+        self.cat_ids = sorted(self.coco.getCatIds()) if cat_ids is None else list(cat_ids)
+        self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        ids = sorted(self.coco.getImgIds())
+        if train:  # like mmdetection: skip images without usable boxes
+            ids = [i for i in ids if any(self._usable(a) for a in self.coco.imgToAnns.get(i, []))]
+            if not ids:
+                raise ValueError(f'{ann_file} has no image with a usable (non-crowd) box')
+        self.ids = ids
+
+    def _usable(self, ann: Dict[str, Any]) -> bool:
+        x, y, w, h = ann['bbox']
+        return not ann.get('iscrowd', 0) and w > 1 and h > 1 and ann['category_id'] in self.cat_to_label
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.image_dir, info['file_name'])
+        image = pil_to_tensor(Image.open(path).convert('RGB')).float().div_(255)
+        h, w = image.shape[-2:]
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if self._usable(a)]
+        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(0, w)
+        boxes[:, 1::2].clamp_(0, h)
+        target = {
+            'boxes': boxes,
+            'labels': torch.tensor([self.cat_to_label[a['category_id']] for a in anns], dtype=torch.int64),
+            'image_id': torch.tensor(image_id),
+        }
+        if self.with_masks:
+            masks = [self.coco.annToMask(a) for a in anns]
+            target['masks'] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)
+        if self.train and random.random() < self.hflip:
+            image = image.flip(-1)
+            boxes = target['boxes']
+            target['boxes'] = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.with_masks:
+                target['masks'] = target['masks'].flip(-1)
+        return image, target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def lr_factor(it: int, iters_per_epoch: int, args: argparse.Namespace) -> float:
+    """ Step schedule (x0.1 after each of --lr-steps epochs) with linear warm-up. """
+    epoch = it // max(1, iters_per_epoch)
+    factor = 0.1 ** sum(epoch >= s for s in args.lr_steps)
+    if it < args.warmup_iters:
+        factor *= args.warmup_ratio + (1 - args.warmup_ratio) * it / args.warmup_iters
+    return factor
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, args) -> Dict[str, float]:
+    model.train()
+    totals: Dict[str, float] = {}
+    count = 0
+    bar = tqdm(loader, desc=f'epoch {epoch}/{args.epochs}', disable=args.no_progress, dynamic_ncols=True)
+    for images, targets in bar:
+        images = [im.to(device) for im in images]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=device.type, enabled=args.amp and device.type == 'cuda'):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch}: {losses}')
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        count += 1
+        totals['loss'] = totals.get('loss', 0.0) + loss.item()
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v.item()
+        bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+    return {k: v / max(1, count) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate(model, dataset: CocoDetectionDataset, loader, device, args) -> Dict[str, Dict[str, float]]:
+    """ COCO box (and mask) AP with pycocotools. """
+    model.eval()
+    results: List[Dict[str, Any]] = []
+    for images, targets in tqdm(loader, desc='eval', disable=args.no_progress, dynamic_ncols=True):
+        outputs = model([im.to(device) for im in images])
+        for out, target in zip(outputs, targets):
+            image_id = int(target['image_id'])
+            boxes = out['boxes'].cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            scores = out['scores'].cpu().tolist()
+            labels = out['labels'].cpu().tolist()
+            rles = None
+            if 'masks' in out and len(scores):
+                binary = (out['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+                rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+            for j, (box, score, label) in enumerate(zip(boxes.tolist(), scores, labels)):
+                res = {'image_id': image_id, 'category_id': dataset.cat_ids[label - 1], 'bbox': box, 'score': score}
+                if rles is not None:
+                    rle = rles[j]
+                    rle['counts'] = rle['counts'].decode('ascii')
+                    res['segmentation'] = rle
+                results.append(res)
+    iou_types = ['bbox'] + (['segm'] if dataset.with_masks else [])
+    metrics: Dict[str, Dict[str, float]] = {}
+    for iou_type in iou_types:
+        if not results:
+            metrics[iou_type] = {name: 0.0 for name in STAT_NAMES}
+            continue
+        coco_dt = dataset.coco.loadRes(results)
+        ev = COCOeval(dataset.coco, coco_dt, iou_type)
+        ev.params.imgIds = list(dataset.ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        # -1 means no ground truth in that category / size range
+        metrics[iou_type] = {name: float(max(ev.stats[i], 0.0)) for i, name in enumerate(STAT_NAMES)}
+    metrics['num_detections'] = len(results)
+    return metrics
+
+
+def save_checkpoint(model: torch.nn.Module, path: str, metadata: Dict[str, Any]):
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path + '.tmp'
+    save_file(state, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    with_masks = args.model == 'maskrcnn'
+    train_set = CocoDetectionDataset(args.train_images, args.train_ann, with_masks, train=True, hflip=args.hflip)
+    val_set = CocoDetectionDataset(
+        args.val_images or args.train_images, args.val_ann or args.train_ann, with_masks,
+        cat_ids=train_set.cat_ids)
+    num_classes = len(train_set.cat_ids) + 1
+
+    model = BUILDERS[args.model](
+        backbone=args.backbone,
+        num_classes=num_classes,
+        pretrained=args.pretrained,
+        pretrained_file=args.pretrained_file,
+        backbone_checkpoint=args.backbone_checkpoint,
+        frozen_bn=not args.no_frozen_bn,
+        frozen_stages=args.frozen_stages,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
+        **({'score_thresh': args.score_thresh} if args.model == 'retinanet' else {'box_score_thresh': args.score_thresh}),
+        **({'detections_per_img': args.detections_per_img} if args.model == 'retinanet'
+           else {'box_detections_per_img': args.detections_per_img}),
+        **args.detector_kwargs,
+    )
+    if args.weights:
+        model.load_state_dict(load_file(args.weights, device='cpu'))
+    model.to(device)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate,
+        generator=generator, drop_last=False, persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    iters_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, args))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == 'cuda')
+
+    meta = {'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes, 'cat_ids': train_set.cat_ids}
+    history: Dict[str, Any] = {
+        'args': vars(args), 'num_classes': num_classes, 'cat_ids': train_set.cat_ids,
+        'train_images': len(train_set), 'val_images': len(val_set), 'epochs': [], 'eval': None,
+    }
+    metrics_path = os.path.join(args.output_dir, 'metrics.json')
+    ckpt_path = os.path.join(args.output_dir, 'last.safetensors')
+
+    def write_metrics():
+        with open(metrics_path + '.tmp', 'w') as f:
+            json.dump(history, f, indent=2)
+        os.replace(metrics_path + '.tmp', metrics_path)
+
+    if args.eval_only:
+        history['eval'] = evaluate(model, val_set, val_loader, device, args)
+        write_metrics()
+        return history
+
+    for epoch in range(1, args.epochs + 1):
+        start = time.time()
+        losses = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device, epoch, args)
+        record: Dict[str, Any] = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'],
+                                  'time_s': time.time() - start, **losses}
+        save_checkpoint(model, ckpt_path, dict(meta, epoch=epoch))
+        if epoch % args.eval_interval == 0 or epoch == args.epochs:
+            record['eval'] = evaluate(model, val_set, val_loader, device, args)
+            history['eval'] = record['eval']
+        history['epochs'].append(record)
+        write_metrics()
+        print(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.4f}' for k, v in losses.items())
+              + (f', box AP {record["eval"]["bbox"]["AP"]:.4f}' if 'eval' in record else ''))
+    history['checkpoint'] = ckpt_path
+    write_metrics()
+    return history
+
+
+if __name__ == '__main__':
+    main()
+    sys.exit(0)
