@@ -685,8 +685,10 @@ def to_released_layout(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _create_dgmn2(variant: str, pretrained: bool = False, **kwargs) -> DGMN2:
+    # build_model_with_cfg, with errors that name the Hub id / folder and say how to get the weights
+    from ..hub import build_model_with_pretrained_checks
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
+    return build_model_with_pretrained_checks(
         DGMN2,
         variant,
         pretrained,

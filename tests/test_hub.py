@@ -1,0 +1,447 @@
+""" Pretrained weights on the Hub (issue 3): converter, hub format, offline loading, torch.hub.
+
+Everything runs offline: a fake "released" checkpoint is written from a randomly initialised
+dgmn2_tiny re-keyed into the authors' layout (shared/spec section 4), converted, and loaded back
+through every route, always against a temporary Hugging Face cache with HF_HUB_OFFLINE=1.
+"""
+import argparse
+import importlib.util
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+
+import dgmn_timm
+import dgmn_timm.hub as hub
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HUB_ID = 'dgmn-timm/dgmn2_tiny.in1k'
+SIZE = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' layout, written independently of checkpoint_filter_fn (its inverse)
+
+
+def to_authors_layout(state_dict):
+    """ Our key names -> the released key names (spec section 4). """
+    out = {}
+    for k, v in state_dict.items():
+        k = re.sub(r'^stem\.', 'patch_embed1.', k)
+        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
+        k = re.sub(r'^stages\.(\d)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
+        k = k.replace('.attn.offset.', '.attn.conv_offset.')
+        k = k.replace('.attn.rel_height', '.attn.pos_emb.rel_height')
+        k = k.replace('.attn.rel_width', '.attn.pos_emb.rel_width')
+        out[k] = v.clone()
+    return out
+
+
+def randomized_tiny():
+    """ dgmn2_tiny with every tensor random (walks, BN statistics and position tables included).
+
+    Built on the meta device and filled by assignment: no time spent on an initialisation that is
+    replaced anyway.
+    """
+    g = torch.Generator().manual_seed(0)
+    with torch.device('meta'):
+        model = timm.create_model('dgmn2_tiny')
+    state_dict = {}
+    for k, v in model.state_dict().items():
+        if k.endswith('num_batches_tracked'):
+            t = torch.tensor(1234)
+        elif k.endswith('running_var'):
+            t = torch.rand(v.shape, generator=g) + 0.5
+        elif v.ndim >= 2:  # weights (incl. the walk predictor and position tables), fan-in scaled
+            t = torch.randn(v.shape, generator=g) * v[0].numel() ** -0.5
+        elif k.endswith('.weight'):  # norm scales
+            t = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        else:  # biases, running means
+            t = 0.1 * torch.randn(v.shape, generator=g)
+        state_dict[k] = t
+    model.load_state_dict(state_dict, assign=True)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    return model.eval()
+
+
+class NotAllowed:
+    """ An object that must not be unpickled by the converter. """
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """ Tiny inputs: intra-op threading only costs time here (much of it on a shared machine). """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def offline_hub(tmp_path_factory):
+    """ Every test of this module sees an empty temporary HF cache and offline mode.
+
+    huggingface_hub resolves HF_HUB_CACHE / HF_HUB_OFFLINE once, at import, into
+    huggingface_hub.constants (read on every download), so the constants are patched as well as the
+    environment (which subprocesses read).
+    """
+    from huggingface_hub import constants
+    cache = tmp_path_factory.mktemp('hf_home') / 'hub'
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('HF_HUB_CACHE', str(cache))
+        mp.setenv('HF_HUB_OFFLINE', '1')
+        mp.setattr(constants, 'HF_HUB_CACHE', str(cache))
+        mp.setattr(constants, 'HF_HUB_OFFLINE', True)
+        yield cache
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """ A fresh, empty cache for one test. """
+    from huggingface_hub import constants
+    cache = tmp_path / 'hf_cache'
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    return cache
+
+
+@pytest.fixture(scope='module')
+def released(tmp_path_factory):
+    """ Fake released checkpoints: DeiT-style classification and 'backbone.'-prefixed detection. """
+    root = tmp_path_factory.mktemp('released')
+    model = randomized_tiny()
+    ours = model.state_dict()
+    authors = to_authors_layout(ours)
+    assert 'patch_embed1.conv1.weight' in authors and 'block3.1.attn.pos_emb.rel_width' in authors
+    assert authors['block1.0.attn.pos_emb.rel_height'].shape == (64, 64)
+
+    cls_path = root / 'dgmn2_tiny.pth'
+    torch.save({
+        'model': authors,
+        'optimizer': {'state': {0: {'step': torch.tensor(10.), 'exp_avg': torch.zeros(3)}},
+                      'param_groups': [{'lr': 1e-3, 'weight_decay': 0.05, 'params': [0]}]},
+        'lr_scheduler': {'last_epoch': 299},
+        'epoch': 299,
+        'scaler': {'scale': 65536.0},
+        'args': argparse.Namespace(model='dgmn2_tiny', input_size=224, drop_path=0.1, epochs=300, lr=1e-3),
+    }, cls_path)
+
+    det_path = root / 'retinanet_dgmn2_tiny.pth'
+    det = {'backbone.' + k: v for k, v in authors.items() if not k.startswith('head.')}
+    det['neck.lateral_convs.0.conv.weight'] = torch.randn(256, 64, 1, 1)
+    det['bbox_head.retina_cls.weight'] = torch.randn(720, 256, 3, 3)
+    torch.save({'meta': {'epoch': 12, 'mmdet_version': '2.x'}, 'state_dict': det}, det_path)
+
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits, features = model(x), model.forward_features(x)
+    return dict(model=model, cls=cls_path, det=det_path, x=x, logits=logits, features=features, root=root)
+
+
+@pytest.fixture(scope='module')
+def converted(released, tmp_path_factory):
+    out = tmp_path_factory.mktemp('converted') / 'dgmn2_tiny.in1k'
+    # the folder's reload check runs in test_converter_cli_to_cache, here the tests below do it
+    return hub.convert_checkpoint(released['cls'], 'dgmn2_tiny', out, check_size=SIZE, verify=False)
+
+
+def run(model, x):
+    with torch.inference_mode():
+        return model.eval()(x)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter
+
+
+def test_converter_reproduces_released_model(released, converted):
+    assert converted.architecture == 'dgmn2_tiny' and converted.tag == 'in1k' and converted.num_classes == 1000
+    assert converted.ignored_keys == []
+    assert converted.repo_id == HUB_ID
+    assert tuple(converted.check_output.shape) == (1, 1000)
+    # the converted model is the model the fake release was written from, bit for bit
+    torch.testing.assert_close(run(converted.model, released['x']), released['logits'], rtol=0, atol=0)
+    for k, v in released['model'].state_dict().items():
+        assert torch.equal(converted.model.state_dict()[k], v), k
+
+
+def test_folder_layout(converted):
+    from safetensors.torch import load_file
+    folder = converted.output_dir
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    cfg = json.loads((folder / 'config.json').read_text())
+    assert cfg['architecture'] == 'dgmn2_tiny'
+    assert cfg['num_classes'] == 1000 and cfg['num_features'] == 512 and cfg['global_pool'] == 'avg'
+    assert cfg['model_args'] == {'in_chans': 3, 'num_classes': 1000, 'global_pool': 'avg'}
+    pcfg = cfg['pretrained_cfg']
+    assert pcfg['tag'] == 'in1k' and pcfg['num_classes'] == 1000
+    assert pcfg['input_size'] == [3, 224, 224] and pcfg['crop_pct'] == 0.875 and pcfg['interpolation'] == 'bicubic'
+    assert pcfg['mean'] == [0.485, 0.456, 0.406] and pcfg['std'] == [0.229, 0.224, 0.225]
+    assert pcfg['first_conv'] == 'stem.conv1' and pcfg['classifier'] == 'head'
+    weights = load_file(str(folder / 'model.safetensors'))
+    assert set(weights) == set(converted.model.state_dict())
+    assert torch.equal(weights['stages.2.blocks.1.attn.offset.weight'],
+                       converted.model.state_dict()['stages.2.blocks.1.attn.offset.weight'])
+
+
+def test_model_card(converted):
+    card = (converted.output_dir / 'README.md').read_text()
+    front = card.split('---')[1]
+    assert 'library_name: timm' in front and 'license: apache-2.0' in front and '- imagenet-1k' in front
+    assert 'arXiv:2209.09760' in card and 'https://arxiv.org/abs/2209.09760' in card
+    assert '78.7%' in card  # paper top-1
+    assert 'paper: 12.1' in card and '12,101,464 parameters' in card  # paper and exact params
+    assert 'GMACs: 2.3' in card
+    assert 'Resize the shorter side to 256 (bicubic), center crop 224x224' in card
+    usage = card[card.index('## Model Usage'):]
+    assert usage.index('import dgmn_timm') < usage.index('timm.create_model')
+    assert f"timm.create_model('hf-hub:{HUB_ID}', pretrained=True)" in card
+    assert '@article{zhang2022dgmn2' in card
+    assert 'dgmn2_tiny.pth' in card and 'epoch 299' in card  # provenance
+
+
+def test_converter_cli_to_cache(released, hf_cache, tmp_path, capsys):
+    """ The script: convert + --to-cache, then the pretrained tag loads offline from that cache. """
+    out = tmp_path / 'dgmn2_tiny.in1k'
+    rc = load_script('convert_official').main(
+        [str(released['cls']), '--model', 'dgmn2_tiny.in1k', '--output-dir', str(out), '--to-cache',
+         '--check-size', str(SIZE)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert 'num_classes=1000' in printed and HUB_ID in printed
+    snapshots = list((hf_cache / 'models--dgmn-timm--dgmn2_tiny.in1k' / 'snapshots').iterdir())
+    assert len(snapshots) == 1
+    model = timm.create_model('dgmn2_tiny.in1k', pretrained=True)
+    torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
+
+
+def test_converter_refuses_unsafe_pickle(released, tmp_path):
+    path = tmp_path / 'evil.pth'
+    ckpt = torch.load(released['cls'], weights_only=True)
+    ckpt['extra'] = NotAllowed()
+    torch.save(ckpt, path)
+    with pytest.raises(hub.PretrainedWeightsError, match='Refusing to read'):
+        hub.convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_converter_truncated_checkpoint(released, tmp_path):
+    path = tmp_path / 'dgmn2_tiny_truncated.pth'
+    data = released['cls'].read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(hub.PretrainedWeightsError, match='truncated') as e:
+        hub.convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
+    assert str(path) in str(e.value)
+
+
+def test_converter_wrong_variant(released, tmp_path):
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        hub.convert_checkpoint(released['cls'], 'dgmn2_small', tmp_path / 'out', check_size=SIZE)
+    assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
+
+
+def test_converter_detection_backbone(released, tmp_path):
+    out = tmp_path / 'dgmn2_tiny.coco'
+    result = hub.convert_checkpoint(released['det'], 'dgmn2_tiny', out, check_size=SIZE, verify=False)
+    assert result.num_classes == 0 and result.tag == 'backbone' and result.repo_id is None
+    assert sorted({k.split('.')[0] for k in result.ignored_keys}) == ['bbox_head', 'neck']
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['num_classes'] == 0 and cfg['pretrained_cfg']['num_classes'] == 0
+    assert 'library_name: timm' in (out / 'README.md').read_text()
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert model.num_classes == 0 and not any(k.startswith('head.') for k in model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model.eval().forward_features(released['x']), released['features'], rtol=0, atol=0)
+    # a backbone never takes the ImageNet classifier's Hub id
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        hub.place_in_cache(out, HUB_ID)
+    assert 'num_classes=0' in str(e.value) and 'num_classes=1000' in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the converted folder
+
+
+def test_load_local_dir(converted, released):
+    model = timm.create_model(f'local-dir:{converted.output_dir}', pretrained=True)
+    assert model.pretrained_cfg['architecture'] == 'dgmn2_tiny'
+    torch.testing.assert_close(run(model, released['x']), run(converted.model, released['x']), rtol=0, atol=0)
+    # a converted folder given as a pretrained file works too
+    model = timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted.output_dir)))
+    torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
+
+
+def test_load_from_cache_offline(converted, released, hf_cache):
+    from huggingface_hub import scan_cache_dir
+    snapshot = hub.place_in_cache(converted.output_dir, HUB_ID)
+    assert snapshot.parent.parent == hf_cache / 'models--dgmn-timm--dgmn2_tiny.in1k'
+    # huggingface_hub itself recognises the cache entry
+    repos = {r.repo_id: r for r in scan_cache_dir(hf_cache).repos}
+    assert {f.file_name for f in repos[HUB_ID].revisions.__iter__().__next__().files} == {
+        'README.md', 'config.json', 'model.safetensors'}
+    expected = run(converted.model, released['x'])
+    for name in ('dgmn2_tiny.in1k', 'dgmn2_tiny', f'hf-hub:{HUB_ID}'):
+        model = timm.create_model(name, pretrained=True)
+        torch.testing.assert_close(run(model, released['x']), expected, rtol=0, atol=0, msg=name)
+    features = timm.create_model('dgmn2_tiny', pretrained=True, features_only=True).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(features(released['x'])[-1], released['features'], rtol=0, atol=0)
+
+
+def test_load_overrides(converted, released, hf_cache):
+    hub.place_in_cache(converted.output_dir, HUB_ID)
+    x = released['x']
+    ten = timm.create_model('dgmn2_tiny.in1k', pretrained=True, num_classes=10).eval()
+    assert ten.head.weight.shape == (10, 512)
+    with torch.inference_mode():
+        torch.testing.assert_close(ten.forward_features(x), released['features'], rtol=0, atol=0)
+    gray = timm.create_model(f'local-dir:{converted.output_dir}', pretrained=True, in_chans=1).eval()
+    assert gray.stem.conv1.weight.shape[1] == 1
+    # one channel summed from the three pretrained ones: a gray image acts like its RGB copy
+    g = x[:, :1]
+    torch.testing.assert_close(run(gray, g), run(converted.model, g.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_error_no_cache_offline(hf_cache):
+    for name, hub_id in (('dgmn2_tiny', HUB_ID), ('dgmn2_small.in1k', 'dgmn-timm/dgmn2_small.in1k')):
+        with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
+            timm.create_model(name, pretrained=True)
+        msg = str(e.value)
+        assert f"'{hub_id}'" in msg and str(hf_cache) in msg and 'HF_HUB_OFFLINE' in msg
+        assert 'scripts/convert_official.py' in msg and '--to-cache' in msg
+        assert isinstance(e.value, FileNotFoundError)
+    # without pretrained nothing is looked up
+    assert timm.create_model('dgmn2_tiny', pretrained=False).num_classes == 1000
+
+
+def test_error_wrong_architecture_folder(converted, tmp_path, hf_cache):
+    folder = tmp_path / 'mislabelled'
+    shutil.copytree(converted.output_dir, folder)
+    cfg = json.loads((folder / 'config.json').read_text())
+    cfg['architecture'] = 'dgmn2_small'
+    (folder / 'config.json').write_text(json.dumps(cfg))
+    # config says small, weights are tiny
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value) and str(folder) in str(e.value)
+    # a tiny folder given to small
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        timm.create_model('dgmn2_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted.output_dir)))
+    assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
+    # a small-labelled folder never takes tiny's Hub id
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        hub.place_in_cache(folder, HUB_ID)
+    assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
+
+
+def test_error_corrupt_weights(converted, tmp_path, hf_cache):
+    folder = tmp_path / 'truncated'
+    shutil.copytree(converted.output_dir, folder)
+    data = (folder / 'model.safetensors').read_bytes()
+    (folder / 'model.safetensors').write_bytes(data[:len(data) // 3])
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert 'truncated' in str(e.value) and str(folder) in str(e.value) and 'dgmn2_tiny' in str(e.value)
+    hub.place_in_cache(folder, HUB_ID)
+    with pytest.raises(hub.PretrainedWeightsError) as e:
+        timm.create_model('dgmn2_tiny', pretrained=True)
+    assert HUB_ID in str(e.value) and 'truncated' in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Push
+
+
+def test_push_dry_run(converted, capsys, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError('dry run must not touch the Hub')
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', no_network)
+    rc = load_script('push_to_hub').main([str(converted.output_dir), '--repo-id', HUB_ID, '--private', '--dry-run'])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith('[dry run] would upload 3 files') and f'https://huggingface.co/{HUB_ID}' in out
+    assert 'private' in out
+    listed = re.findall(r'^  (\S+)  ([\d,]+) bytes  sha256 ([0-9a-f]{64})$', out, flags=re.M)
+    sizes = {name: int(size.replace(',', '')) for name, size, _ in listed}
+    assert sizes == {p.name: p.stat().st_size for p in converted.output_dir.iterdir()}
+    # another architecture's Hub id is refused
+    rc = load_script('push_to_hub').main(
+        [str(converted.output_dir), '--repo-id', 'dgmn-timm/dgmn2_small.in1k', '--dry-run'])
+    assert rc == 1
+    assert 'dgmn2_small' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.hub
+
+
+@pytest.fixture
+def local_torch_hub(monkeypatch):
+    """ torch.hub.list / help resolve a GitHub repo; point that resolution at this checkout (offline). """
+    monkeypatch.setattr(torch.hub, '_get_cache_or_reload', lambda *args, **kwargs: str(REPO_ROOT))
+    return 'dgmn-timm/dgmn-timm'
+
+
+def test_torch_hub_list_and_help(local_torch_hub):
+    entries = torch.hub.list(local_torch_hub)
+    assert set(entries) == set(hub.package_models())
+    assert {'dgmn2_tiny', 'dgmn2_small', 'dgmn2_medium', 'dgmn2_large'} <= set(entries)
+    doc = torch.hub.help(local_torch_hub, 'dgmn2_tiny')
+    assert doc.startswith('DGMN2-Tiny')
+    for arg in ('pretrained:', 'checkpoint_path:', 'num_classes:', 'features_only:', '**kwargs:'):
+        assert arg in doc
+    assert HUB_ID in doc
+
+
+def test_torch_hub_discovers_new_families(monkeypatch, local_torch_hub):
+    """ A model registered later from any module of the package becomes an entry point. """
+    import types
+    from timm.models import _registry
+    for attr in ('_model_entrypoints', '_model_to_module', '_model_pretrained_cfgs', '_model_default_cfgs'):
+        monkeypatch.setattr(_registry, attr, dict(getattr(_registry, attr)))
+    module = types.ModuleType('dgmn_timm.models.probe_family')
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def dgmn_probe_model(pretrained=False, **kwargs):
+        """ A probe. """
+        return timm.create_model('dgmn2_tiny', pretrained=pretrained, **kwargs)
+    dgmn_probe_model.__module__ = module.__name__
+    timm.models.register_model(dgmn_probe_model)
+    assert 'dgmn_probe_model' in torch.hub.list(local_torch_hub)
+    assert 'resnet18' not in torch.hub.list(local_torch_hub)
+    assert 'resnet18' in hub.package_models('timm.models')
+
+
+def test_torch_hub_load(converted, released):
+    model = torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', num_classes=5)
+    assert model.num_classes == 5 and model.head.weight.shape == (5, 512)
+    model = torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', checkpoint_path=str(converted.output_dir))
+    torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
+    # the authors' .pth loads as it is, into a feature pyramid
+    feats = torch.hub.load(
+        str(REPO_ROOT), 'dgmn2_tiny', source='local', checkpoint_path=str(released['cls']), features_only=True)
+    with torch.inference_mode():
+        out = feats.eval()(released['x'])
+    assert [f.shape[1] for f in out] == [64, 128, 320, 512]
+    torch.testing.assert_close(out[-1], released['features'], rtol=0, atol=0)
+    with pytest.raises(hub.PretrainedWeightsNotFoundError, match=HUB_ID):
+        torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', pretrained=True)
