@@ -169,7 +169,8 @@ def load_backbone_checkpoint(
         model does not compute).
 
     Raises:
-        RuntimeError: naming the missing keys and shape mismatches if the backbone does not fit.
+        RuntimeError: naming the missing keys, shape mismatches and unexpected keys inside the
+            loaded modules (e.g. the extra blocks of a deeper variant) if the backbone does not fit.
     """
     state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
     for key in ('state_dict', 'model'):
@@ -204,11 +205,21 @@ def load_backbone_checkpoint(
             mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}')
             continue
         mapped[key] = value
-    if missing or mismatched:
+    # Keys the feature model has no module for (a classifier, stages after the last feature level)
+    # are fine; keys inside a loaded module (e.g. extra blocks of a stage: a deeper variant) are not.
+    loaded_modules = set()
+    for key in used:
+        parts = key.split('.')
+        loaded_modules.update('.'.join(parts[:i]) for i in range(2, len(parts)))
+    unexpected = [k for k in state_dict if k not in used and not k.endswith('num_batches_tracked') and any(
+        '.'.join(k.split('.')[:i]) in loaded_modules for i in range(2, len(k.split('.'))))]
+    if missing or mismatched or unexpected:
         arch = (getattr(body, 'pretrained_cfg', None) or {}).get('architecture', type(body).__name__)
         msg = [f'Backbone checkpoint does not match {arch}.']
         if missing:
             msg.append(f'Missing keys ({len(missing)}): {_abbrev(missing)}')
+        if unexpected:
+            msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
         if mismatched:
             msg.append(f'Shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}')
         raise RuntimeError('\n  '.join(msg))
@@ -240,9 +251,11 @@ class FeatureBackbone(nn.Module):
         """
         Args:
             body: a timm features model (``timm.create_model(..., features_only=True)``).
-            frozen_stages: -1 trains everything; 0 freezes the stem (the modules before the
-                first feature level); n > 0 freezes the stem and the first n stages (feature
-                levels, counted over all the model's levels, not only ``out_indices``).
+            frozen_stages: -1 trains everything; 0 freezes the stem; n > 0 freezes the stem
+                and the first n stages. Stages are the model's feature levels of stride 4 and
+                more, counted over all its levels (not only ``out_indices``); the stem is
+                everything before the first of them (for DGMN2 the three-conv stem, for a
+                ResNet conv1 / bn1, with stage 1 = layer1, as in mmdetection).
         """
         super().__init__()
         self.body = body
@@ -259,7 +272,9 @@ class FeatureBackbone(nn.Module):
 
     def freeze_stages(self, frozen_stages: int):
         """ Freeze the stem and the first ``frozen_stages`` stages (see ``__init__``). """
-        all_levels = self.body.feature_info.info
+        all_levels = [info for info in self.body.feature_info.info if info['reduction'] >= 4]
+        if not all_levels:
+            raise ValueError('The backbone has no feature level of stride 4 or more.')
         if frozen_stages < -1 or frozen_stages > len(all_levels):
             raise ValueError(f'frozen_stages must be between -1 and {len(all_levels)}, got {frozen_stages}')
         for name in self._frozen:  # undo a previous freeze

@@ -209,6 +209,8 @@ def evaluate(model, dataset: CocoDetectionDataset, loader, device, args) -> Dict
                 binary = (out['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
                 rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
             for j, (box, score, label) in enumerate(zip(boxes.tolist(), scores, labels)):
+                if label < 1:  # background index (RetinaNet scores it like a class; never a target)
+                    continue
                 res = {'image_id': image_id, 'category_id': dataset.cat_ids[label - 1], 'bbox': box, 'score': score}
                 if rles is not None:
                     rle = rles[j]
