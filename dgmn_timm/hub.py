@@ -623,6 +623,17 @@ def convert_checkpoint(
     head_weight = mapped.get(classifier + '.weight')
     num_classes = int(head_weight.shape[0]) if head_weight is not None else 0
 
+    tag = tag or name_tag or ('in1k' if num_classes else 'backbone')
+    if repo_id is None:
+        cfg = _registered_cfg(f'{architecture}.{tag}')
+        repo_id = cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id and num_classes else None
+    if to_cache:
+        if repo_id is None:
+            raise ValueError(
+                f'No Hub id to cache {output_dir} under: {architecture}.{tag} has no registered hf_hub_id '
+                f'(a backbone-only folder never takes the ImageNet classifier\'s id); pass repo_id (--repo-id).')
+        _check_repo_for(f'{checkpoint_path}', architecture, num_classes, repo_id)
+
     try:
         model = _build_with_weights(model_name, mapped, num_classes=num_classes)
     except RuntimeError as e:
@@ -640,11 +651,6 @@ def convert_checkpoint(
         raise PretrainedWeightsError(
             f'Sanity check failed: {architecture} on a {check_size}x{check_size} input gave '
             f'{tuple(out.shape)} (expected {expected}), finite={bool(torch.isfinite(out).all())}.')
-
-    tag = tag or name_tag or ('in1k' if num_classes else 'backbone')
-    if repo_id is None:
-        cfg = _registered_cfg(f'{architecture}.{tag}')
-        repo_id = cfg.hf_hub_id if cfg is not None and cfg.hf_hub_id and num_classes else None
 
     if output_dir.exists() and overwrite:
         for name in (CONFIG_NAME, WEIGHTS_NAME, README_NAME, 'pytorch_model.bin'):
@@ -671,10 +677,6 @@ def convert_checkpoint(
         model=model, output_dir=output_dir, architecture=architecture, tag=tag, num_classes=num_classes,
         check_input=x, check_output=out, ignored_keys=ignored, repo_id=repo_id, verified=verify)
     if to_cache:
-        if repo_id is None:
-            raise ValueError(
-                f'No Hub id to cache {output_dir} under: {architecture}.{tag} has no registered hf_hub_id '
-                f'(a backbone-only folder never takes the ImageNet classifier\'s id); pass repo_id (--repo-id).')
         result.cache_path = place_in_cache(output_dir, repo_id, cache_dir=cache_dir)
     if verbose:
         print(_summary(checkpoint_path, result, info, len(released)))
@@ -701,6 +703,11 @@ def _summary(checkpoint_path: Path, result: ConversionResult, info: Dict[str, An
 
 # ---------------------------------------------------------------------------------------------
 # Model card
+
+
+_SAMPLE_IMAGE_URL = (
+    'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png')
+_IMPORT_LINE = f'import {PACKAGE}  # registers the DGMN models with timm: import it before create_model'
 
 
 def _fmt_args(args: Mapping[str, Any], keys=('model', 'input_size', 'epochs', 'drop_path', 'lr', 'batch_size')):
@@ -751,7 +758,8 @@ def write_model_card(
     mean, std = tuple(pcfg.get('mean', ())), tuple(pcfg.get('std', ()))
     task = 'image-classification' if classifier else 'image-feature-extraction'
 
-    fm = ['---', 'tags:', f'- {task}', '- timm', f'- {PACKAGE}', f'library_name: timm', f'license: {pcfg.get("license", "apache-2.0")}']
+    fm = ['---', 'tags:', f'- {task}', '- timm', f'- {PACKAGE}', 'library_name: timm',
+          f'license: {pcfg.get("license", "apache-2.0")}']
     if classifier and 'in1k' in tag:
         fm += ['datasets:', '- imagenet-1k']
     fm += [f'pipeline_tag: {task}', '---']
@@ -778,13 +786,15 @@ def write_model_card(
     stats.append(f'  - Image size: {size[-2]} x {size[-1]} (any size of at least 32 x 32 works)')
 
     lines = fm + [f'# Model card for {name}', '', desc, '', '## Model Details',
-                  f'- **Model Type:** {"Image classification / feature backbone" if classifier else "Feature backbone"}',
+                  '- **Model Type:** ' + ('Image classification / backbone' if classifier else 'Feature backbone'),
                   '- **Model Stats:**'] + stats
     if classifier and metrics.get('top1') is not None:
         lines.append(f'- **ImageNet-1k top-1 (paper):** {metrics["top1"]}% '
                      f'(reported by the authors at {size[-1]}x{size[-1]}; not re-evaluated by the converter)')
     if paper:
-        lines += ['- **Papers:**', f'  - {paper["title"]}: https://arxiv.org/abs/{paper["arxiv"]} (arXiv:{paper["arxiv"]})']
+        lines += [
+            '- **Papers:**',
+            f'  - {paper["title"]}: https://arxiv.org/abs/{paper["arxiv"]} (arXiv:{paper["arxiv"]})']
     if classifier and 'in1k' in tag:
         lines.append('- **Dataset:** ImageNet-1k')
     if source:
@@ -809,8 +819,8 @@ def write_model_card(
     if classifier:
         lines += [
             '### Image Classification', '```python', 'from urllib.request import urlopen', 'from PIL import Image',
-            'import timm', 'import torch', f'import {PACKAGE}  # registers the DGMN models with timm (import it first)', '',
-            "img = Image.open(urlopen('https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'))",
+            'import timm', 'import torch', _IMPORT_LINE, '',
+            f"img = Image.open(urlopen('{_SAMPLE_IMAGE_URL}'))",
             f"model = timm.create_model('{hub_name}', pretrained=True).eval()",
             'data_config = timm.data.resolve_model_data_config(model)',
             'transforms = timm.data.create_transform(**data_config, is_training=False)',
@@ -821,7 +831,7 @@ def write_model_card(
         ]
     lines += [
         '### Feature Map Extraction', '```python', 'import timm', 'import torch',
-        f'import {PACKAGE}  # registers the DGMN models with timm (import it first)', '',
+        _IMPORT_LINE, '',
         f"model = timm.create_model('{hub_name}', pretrained=True, features_only=True).eval()",
         'with torch.inference_mode():',
         f'    features = model(torch.randn(1, 3, {size[-2]}, {size[-1]}))  # strides 4, 8, 16, 32',
@@ -870,26 +880,31 @@ def _file_etag(path: Path) -> str:
     return hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
 
 
+def _check_repo_for(what: str, architecture: str, num_classes: Optional[int], repo_id: str) -> None:
+    """ A registered Hub id only takes its own architecture (and number of classes). """
+    registered = registered_architecture(repo_id)
+    if registered is None:
+        return
+    reg_name, reg_cfg = registered
+    reg_arch = split_model_name_tag(reg_name)[0]
+    if reg_arch != split_model_name_tag(architecture)[0]:
+        raise PretrainedWeightsError(
+            f"{what} holds {architecture} but the Hub id '{repo_id}' belongs to {reg_name}; convert the "
+            f'{reg_arch} checkpoint for that id, or use another repo id.')
+    if reg_cfg.num_classes and num_classes != reg_cfg.num_classes:
+        raise PretrainedWeightsError(
+            f"{what} holds {architecture} with num_classes={num_classes} but the Hub id '{repo_id}' belongs to "
+            f'{reg_name} with num_classes={reg_cfg.num_classes} (a backbone-only folder cannot stand in '
+            f'for the classifier); use another repo id.')
+
+
 def _check_folder_for_repo(folder: Path, repo_id: str) -> Dict[str, Any]:
     """ A folder may only take a registered Hub id if it holds that id's architecture and head. """
     cfg = _read_config(folder)
     arch = _config_architecture(cfg)
     if not arch:
         raise PretrainedWeightsError(f'{folder / CONFIG_NAME} names no architecture.')
-    registered = registered_architecture(repo_id)
-    if registered is not None:
-        reg_name, reg_cfg = registered
-        reg_arch = split_model_name_tag(reg_name)[0]
-        if reg_arch != split_model_name_tag(arch)[0]:
-            raise PretrainedWeightsError(
-                f"{folder} holds {arch} (named by its {CONFIG_NAME}) but the Hub id '{repo_id}' belongs to "
-                f'{reg_name}; convert the {reg_arch} checkpoint for that id, or use another repo id.')
-        num_classes = _config_num_classes(cfg)
-        if reg_cfg.num_classes and num_classes != reg_cfg.num_classes:
-            raise PretrainedWeightsError(
-                f"{folder} holds {arch} with num_classes={num_classes} but the Hub id '{repo_id}' belongs to "
-                f'{reg_name} with num_classes={reg_cfg.num_classes} (a backbone-only folder cannot stand in '
-                f'for the classifier); use another repo id.')
+    _check_repo_for(f'{folder} (by its {CONFIG_NAME})', arch, _config_num_classes(cfg), repo_id)
     return cfg
 
 

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument('--output-dir', required=True, help='folder to write (empty or absent)')
     parser.add_argument('--tag', default=None, help="pretrained tag (default: from --model, else 'in1k', or "
                                                     "'backbone' for checkpoints without head)")
-    parser.add_argument('--use-ema', action='store_true', help="convert the EMA weights ('model_ema') instead of 'model'")
+    parser.add_argument('--use-ema', action='store_true',
+                        help="convert the EMA weights ('model_ema') instead of 'model'")
     parser.add_argument('--check-size', type=int, default=224, help='image size of the sanity-check forward pass')
     parser.add_argument('--to-cache', action='store_true', help='also place the folder into the local HF cache')
     parser.add_argument('--repo-id', default=None, help="Hub id for the cache and model card (default: the model's "

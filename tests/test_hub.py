@@ -16,7 +16,7 @@ import pytest
 import torch
 import timm
 
-import dgmn_timm
+import dgmn_timm  # noqa: F401  (registers the models)
 import dgmn_timm.hub as hub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +227,28 @@ def test_converter_cli_to_cache(released, hf_cache, tmp_path, capsys):
     torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('variant', ['dgmn2_tiny', 'dgmn2_small', 'dgmn2_medium', 'dgmn2_large'])
+def test_converter_all_variants_full_size(variant, tmp_path):
+    """ Every variant converts at the default 224x224 check, with the folder reload check. """
+    with torch.device('meta'):
+        model = timm.create_model(variant)
+    g = torch.Generator().manual_seed(0)
+    state_dict = {
+        k: torch.tensor(1) if k.endswith('num_batches_tracked') else
+        torch.rand(v.shape, generator=g) + 0.5 if k.endswith('running_var') else
+        torch.randn(v.shape, generator=g) * (v[0].numel() ** -0.5 if v.ndim >= 2 else 0.1)
+        for k, v in model.state_dict().items()}
+    model.load_state_dict(state_dict, assign=True)
+    path = tmp_path / f'{variant}.pth'
+    torch.save({'model': to_authors_layout(state_dict), 'epoch': 299, 'args': argparse.Namespace(model=variant)}, path)
+    result = hub.convert_checkpoint(path, variant, tmp_path / 'out')
+    assert result.verified and result.repo_id == f'dgmn-timm/{variant}.in1k'
+    torch.testing.assert_close(run(model, result.check_input), result.check_output, rtol=0, atol=0)
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert f"{hub.PAPER_METRICS[variant]['top1']}%" in card
+
+
 def test_converter_refuses_unsafe_pickle(released, tmp_path):
     path = tmp_path / 'evil.pth'
     ckpt = torch.load(released['cls'], weights_only=True)
@@ -279,7 +301,8 @@ def test_load_local_dir(converted, released):
     assert model.pretrained_cfg['architecture'] == 'dgmn2_tiny'
     torch.testing.assert_close(run(model, released['x']), run(converted.model, released['x']), rtol=0, atol=0)
     # a converted folder given as a pretrained file works too
-    model = timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted.output_dir)))
+    model = timm.create_model(
+        'dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted.output_dir)))
     torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
 
 
@@ -298,6 +321,16 @@ def test_load_from_cache_offline(converted, released, hf_cache):
     features = timm.create_model('dgmn2_tiny', pretrained=True, features_only=True).eval()
     with torch.inference_mode():
         torch.testing.assert_close(features(released['x'])[-1], released['features'], rtol=0, atol=0)
+
+
+def test_load_from_explicit_cache_dir(converted, released, tmp_path):
+    """ --cache-dir DIR pairs with timm.create_model(..., cache_dir=DIR). """
+    cache = tmp_path / 'my_models'
+    hub.place_in_cache(converted.output_dir, HUB_ID, cache_dir=cache)
+    with pytest.raises(hub.PretrainedWeightsNotFoundError):  # not in the default cache
+        timm.create_model('dgmn2_tiny', pretrained=True)
+    model = timm.create_model('dgmn2_tiny', pretrained=True, cache_dir=cache)
+    torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
 
 
 def test_load_overrides(converted, released, hf_cache):
