@@ -283,6 +283,25 @@ def test_released_detection_checkpoint_loads(tmp_path):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+def test_pretrained_file_and_local_dir(tmp_path):
+    """ ImageNet weights through timm: a local file (DeiT-style dict) and a local-dir: hub folder. """
+    from timm.models import save_for_hf
+    ref = _reference_model(seed=2)
+    torch.save({'model': ref.state_dict(), 'epoch': 299}, tmp_path / 'dgmn2_tiny.pth')
+    save_for_hf(ref, str(tmp_path / 'hub'))
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(x, intermediates_only=True)
+        for model in (
+                maskrcnn_dgmn2(pretrained_file=str(tmp_path / 'dgmn2_tiny.pth')),
+                maskrcnn_dgmn2('local-dir:' + str(tmp_path / 'hub'), pretrained=True),
+        ):
+            for g, e in zip(model.backbone.body.eval()(x), expected):
+                torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FileNotFoundError):
+        retinanet_dgmn2(pretrained_file=str(tmp_path / 'nope.pth'))
+
+
 def test_mismatched_detection_checkpoint_raises(tmp_path):
     path = tmp_path / 'small.pth'
     torch.save({'state_dict': _to_released_layout(timm.create_model('dgmn2_small').state_dict())}, path)
@@ -342,6 +361,46 @@ def make_coco_dataset(root: Path, num_images: int = 4):
     with open(root / 'instances.json', 'w') as f:
         json.dump(dict(info={}, images=images, annotations=anns, categories=categories), f)
     return root / 'images', root / 'instances.json'
+
+
+def _load_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('train_detection', REPO / 'scripts' / 'train_detection.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Oracle(nn.Module):
+    """ Returns given predictions in order, like a detector in eval mode. """
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = list(outputs)
+
+    def forward(self, images):
+        return [self.outputs.pop(0) for _ in images]
+
+
+def test_coco_evaluation_maps_categories(tmp_path):
+    """ Ground-truth predictions score AP 1 (boxes and masks); shuffled labels do not. """
+    script = _load_script()
+    images, ann = make_coco_dataset(tmp_path / 'data', num_images=3)
+    dataset = script.CocoDetectionDataset(str(images), str(ann), with_masks=True)
+    assert dataset.cat_ids == [3, 7] and len(dataset) == 3
+    args = script.parse_args(['--train-images', '.', '--train-ann', '.', '--no-progress'])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=script.collate)
+    targets = [dataset[i][1] for i in range(len(dataset))]
+
+    def predictions(swap: bool):
+        return [{'boxes': t['boxes'], 'scores': torch.ones(len(t['labels'])),
+                 'labels': (3 - t['labels']) if swap else t['labels'],
+                 'masks': t['masks'][:, None].float()} for t in targets]
+
+    metrics = script.evaluate(_Oracle(predictions(False)), dataset, loader, torch.device('cpu'), args)
+    assert metrics['bbox']['AP'] == pytest.approx(1.0) and metrics['segm']['AP'] == pytest.approx(1.0)
+    metrics = script.evaluate(_Oracle(predictions(True)), dataset, loader, torch.device('cpu'), args)
+    assert metrics['bbox']['AP'] == 0.0
 
 
 def test_train_detection_script(tmp_path):
