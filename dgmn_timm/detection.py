@@ -41,7 +41,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 __all__ = [
-    'FeatureBackbone', 'BackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
+    'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
     'freeze_batch_norm', 'load_backbone_checkpoint', 'read_checkpoint',
     'retinanet_dgmn2', 'fasterrcnn_dgmn2', 'maskrcnn_dgmn2',
 ]
@@ -357,7 +357,7 @@ def create_feature_backbone(
     return FeatureBackbone(body, frozen_stages=frozen_stages)
 
 
-class BackboneWithFPN(nn.Module):
+class TimmBackboneWithFPN(nn.Module):
     """ A feature backbone followed by torchvision's ``FeaturePyramidNetwork``.
 
     ``forward`` returns an ordered dict ``'0', '1', ...`` (finest first) plus the extra levels
@@ -405,7 +405,7 @@ def timm_fpn_backbone(
         extra_blocks: Union[str, ExtraFPNBlock, None] = 'pool',
         fpn_norm_layer: Optional[Callable[..., nn.Module]] = None,
         **kwargs,
-) -> BackboneWithFPN:
+) -> TimmBackboneWithFPN:
     """ A timm model (by name) as a torchvision detection backbone with FPN.
 
     Args:
@@ -430,14 +430,14 @@ def timm_fpn_backbone(
         else:
             raise ValueError(f"extra_blocks must be 'pool', 'p6p7', 'p6p7_from_p5', None or a module, "
                              f"got {extra_blocks!r}")
-    return BackboneWithFPN(backbone, fpn_channels, extra_blocks=extra_blocks, norm_layer=fpn_norm_layer)
+    return TimmBackboneWithFPN(backbone, fpn_channels, extra_blocks=extra_blocks, norm_layer=fpn_norm_layer)
 
 
 # --------------------------------------------------------------------------------------------
 # Detectors
 # --------------------------------------------------------------------------------------------
 
-def _image_norm(backbone: BackboneWithFPN, kwargs: Dict[str, Any]):
+def _image_norm(backbone: TimmBackboneWithFPN, kwargs: Dict[str, Any]):
     cfg = backbone.pretrained_cfg
     kwargs.setdefault('image_mean', list(cfg.get('mean', (0.485, 0.456, 0.406))))
     kwargs.setdefault('image_std', list(cfg.get('std', (0.229, 0.224, 0.225))))
@@ -449,8 +449,7 @@ def _backbone_for(
         extra_blocks: str,
         backbone_kwargs: Optional[Dict[str, Any]],
         **options,
-) -> BackboneWithFPN:
-    options = {k: v for k, v in options.items()}
+) -> TimmBackboneWithFPN:
     options.update(backbone_kwargs or {})
     return timm_fpn_backbone(backbone, out_indices=out_indices, extra_blocks=extra_blocks, **options)
 
@@ -497,7 +496,7 @@ def retinanet_dgmn2(
     return RetinaNet(body, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
 
-def _rcnn_kwargs(body: BackboneWithFPN, with_masks: bool, kwargs: Dict[str, Any]):
+def _rcnn_kwargs(body: TimmBackboneWithFPN, with_masks: bool, kwargs: Dict[str, Any]):
     num_levels = len(body.body.channels)
     names = [str(i) for i in range(num_levels)]
     if 'rpn_anchor_generator' not in kwargs:
