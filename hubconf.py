@@ -14,6 +14,10 @@ dependencies = ['torch', 'timm', 'huggingface_hub', 'safetensors']
 
 from dgmn_timm.hub import hub_entrypoint as _hub_entrypoint, package_models as _package_models  # noqa: E402
 
-for _name in _package_models():
-    globals()[_name] = _hub_entrypoint(_name)
-del _name
+
+def _add_entrypoints(namespace: dict) -> None:
+    for name in _package_models():
+        namespace[name] = _hub_entrypoint(name)
+
+
+_add_entrypoints(globals())

@@ -342,6 +342,9 @@ def build_model_with_pretrained_checks(
     cache_dir = kwargs.get('cache_dir')
     src = _resolve_source(variant, kwargs)
     _check_config_architecture(variant, src, cache_dir)
+    if src.kind in ('file', 'local-dir') and not Path(src.location).exists():
+        raise PretrainedWeightsNotFoundError(_not_found_message(
+            variant, src, cache_dir, FileNotFoundError(src.location)))
     if src.kind == 'hf-hub' and _hf_offline() and not _hub_weights_cached(src, cache_dir):
         # certain to fail: say so before building the model
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -432,7 +435,9 @@ def load_released_checkpoint(path: Union[str, Path]) -> Any:
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
             raise PretrainedWeightsError(
                 f'Refusing to read {path}: it holds Python objects other than tensors, containers and '
-                f'argparse.Namespace, which would need full (unsafe) unpickling. Details:\n  {e}') from e
+                f'argparse.Namespace, which would need full (unsafe) unpickling. If you trust the file, save '
+                f'its weights alone in a separate step (e.g. torch.save(torch.load(path, weights_only=False)'
+                f"['model'], 'weights.pth')) and convert that. Details:\n  {e}") from e
         raise PretrainedWeightsError(f'Could not read checkpoint {path}: truncated or corrupt ({e}).') from e
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise PretrainedWeightsError(
@@ -635,7 +640,9 @@ def convert_checkpoint(
         _check_repo_for(f'{checkpoint_path}', architecture, num_classes, repo_id)
 
     try:
-        model = _build_with_weights(model_name, mapped, num_classes=num_classes)
+        # a tag of the name that is not registered (e.g. 'dgmn2_tiny.coco') only names the folder's tag
+        build_name = model_name if _registered_cfg(model_name) is not None else architecture
+        model = _build_with_weights(build_name, mapped, num_classes=num_classes)
     except RuntimeError as e:
         raise PretrainedWeightsError(f'{checkpoint_path} does not fit {architecture}:\n  {e}') from e
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -735,7 +742,12 @@ def write_model_card(
     tag = pcfg.get('tag') or ''
     num_classes = _config_num_classes(cfg) or 0
     name = f'{arch}.{tag}' if tag else arch
-    hub_name = f'hf-hub:{repo_id}' if repo_id else name
+    if repo_id:
+        hub_name = f'hf-hub:{repo_id}'
+    elif _registered_cfg(name) is not None:
+        hub_name = name
+    else:  # no Hub id: the folder itself
+        hub_name = f'local-dir:{folder.name}'
     family = arch.split('_')[0]
     paper = _PAPERS.get(family, {})
     metrics = PAPER_METRICS.get(arch, {})
@@ -866,7 +878,7 @@ def hub_folder_files(folder: Union[str, Path]) -> List[Path]:
     files = []
     for p in sorted(folder.rglob('*')):
         rel = p.relative_to(folder)
-        if any(part.startswith('.') for part in rel.parts) or not p.is_file() or p.is_symlink():
+        if any(part.startswith('.') for part in rel.parts) or not p.is_file():  # (symlinks to files count)
             continue
         files.append(rel)
     return files

@@ -225,6 +225,9 @@ def test_converter_cli_to_cache(released, hf_cache, tmp_path, capsys):
     assert len(snapshots) == 1
     model = timm.create_model('dgmn2_tiny.in1k', pretrained=True)
     torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
+    # errors go to stderr with a non-zero exit status
+    rc = load_script('convert_official').main([str(released['cls']), '--model', 'dgmn2_tiny', '--output-dir', str(out)])
+    assert rc == 1 and 'not empty' in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -249,6 +252,29 @@ def test_converter_all_variants_full_size(variant, tmp_path):
     assert f"{hub.PAPER_METRICS[variant]['top1']}%" in card
 
 
+@pytest.mark.slow
+def test_converter_script_respects_hf_home(released, tmp_path):
+    """ The script as users run it: a new process, cache location from HF_HOME (no HF_HUB_CACHE).
+
+    (slow only because a fresh process imports torch and timm: about 5 s, far more on a loaded machine)
+    """
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE')}
+    env.update(HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    out = tmp_path / 'dgmn2_tiny.in1k'
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / 'scripts' / 'convert_official.py'), str(released['cls']),
+         '--model', 'dgmn2_tiny', '--output-dir', str(out), '--to-cache', '--check-size', '32'],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert 'the written folder reproduces it exactly' in proc.stdout
+    refs = tmp_path / 'hf_home' / 'hub' / 'models--dgmn-timm--dgmn2_tiny.in1k' / 'refs' / 'main'
+    snapshot = refs.parent.parent / 'snapshots' / refs.read_text()
+    assert sorted(p.name for p in snapshot.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert (snapshot / 'model.safetensors').read_bytes() == (out / 'model.safetensors').read_bytes()
+
+
 def test_converter_refuses_unsafe_pickle(released, tmp_path):
     path = tmp_path / 'evil.pth'
     ckpt = torch.load(released['cls'], weights_only=True)
@@ -268,6 +294,18 @@ def test_converter_truncated_checkpoint(released, tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_converter_untagged_name_and_tag(released, tmp_path):
+    """ A tag that is not registered only names the folder (here: a backbone under its own id). """
+    out = tmp_path / 'dgmn2_tiny.coco'
+    result = hub.convert_checkpoint(
+        released['det'], 'dgmn2_tiny.coco', out, check_size=32, verify=False, to_cache=True,
+        repo_id='someone/dgmn2_tiny.coco', cache_dir=tmp_path / 'cache')
+    assert result.tag == 'coco' and result.num_classes == 0
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['tag'] == 'coco'
+    assert (result.cache_path / 'model.safetensors').is_file()
+    assert "'hf-hub:someone/dgmn2_tiny.coco'" in (out / 'README.md').read_text()
+
+
 def test_converter_wrong_variant(released, tmp_path):
     with pytest.raises(hub.PretrainedWeightsError) as e:
         hub.convert_checkpoint(released['cls'], 'dgmn2_small', tmp_path / 'out', check_size=SIZE)
@@ -281,7 +319,9 @@ def test_converter_detection_backbone(released, tmp_path):
     assert sorted({k.split('.')[0] for k in result.ignored_keys}) == ['bbox_head', 'neck']
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['num_classes'] == 0 and cfg['pretrained_cfg']['num_classes'] == 0
-    assert 'library_name: timm' in (out / 'README.md').read_text()
+    card = (out / 'README.md').read_text()
+    assert 'library_name: timm' in card and 'num_classes=0' in card and '78.7' not in card
+    assert "timm.create_model('local-dir:dgmn2_tiny.coco', pretrained=True, features_only=True)" in card
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert model.num_classes == 0 and not any(k.startswith('head.') for k in model.state_dict())
     with torch.inference_mode():
@@ -423,6 +463,32 @@ def test_push_dry_run(converted, capsys, monkeypatch):
     assert 'dgmn2_small' in capsys.readouterr().err
 
 
+def test_push_uploads_exactly_the_listed_files(converted, monkeypatch):
+    """ The upload path, with the two Hub calls replaced by recorders. """
+    import types
+    import huggingface_hub
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls['create_repo'] = dict(repo_id=repo_id, **kwargs)
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, **kwargs):
+        calls['create_commit'] = kwargs
+        return types.SimpleNamespace(commit_url='https://huggingface.co/x/commit/0')
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', create_commit)
+    printed = []
+    hub.push_folder(converted.output_dir, 'someone/dgmn2_tiny.test', private=True, verify=False, print_fn=printed.append)
+    assert calls['create_repo'] == dict(repo_id='someone/dgmn2_tiny.test', repo_type='model', private=True,
+                                        exist_ok=True)
+    ops = calls['create_commit']['operations']
+    assert sorted(op.path_in_repo for op in ops) == ['README.md', 'config.json', 'model.safetensors']
+    assert all(Path(op.path_or_fileobj).parent == converted.output_dir for op in ops)
+    assert calls['create_commit']['repo_id'] == 'someone/dgmn2_tiny.test'
+    assert printed[-1].startswith('Uploaded:')
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.hub
 
@@ -478,3 +544,5 @@ def test_torch_hub_load(converted, released):
     torch.testing.assert_close(out[-1], released['features'], rtol=0, atol=0)
     with pytest.raises(hub.PretrainedWeightsNotFoundError, match=HUB_ID):
         torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', pretrained=True)
+    with pytest.raises(hub.PretrainedWeightsNotFoundError, match='does not exist'):
+        torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', checkpoint_path='no/such/file.pth')
