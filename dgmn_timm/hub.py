@@ -261,9 +261,12 @@ def _not_found_message(variant: str, src: _PretrainedSource, cache_dir, error: B
 
 def _unreadable_message(variant: str, src: _PretrainedSource, error: BaseException) -> str:
     what = src.describe()
-    fix = ('re-download it (delete the cached copy or pass force_download) or re-convert it with '
-           f'{_converter_command(variant, src.tag)}') if src.kind == 'hf-hub' else \
-        f'convert the released checkpoint again ({CONVERTER_SCRIPT})'
+    if src.kind == 'hf-hub':
+        repo_id = _split_revision(src.location)[0]
+        fix = (f'delete {hf_cache_dir() / _repo_cache_folder(repo_id)} (the cached copy) and download it again, '
+               f'or re-convert it: {_converter_command(variant, src.tag)}')
+    else:
+        fix = f'convert the released checkpoint again ({CONVERTER_SCRIPT})'
     return (f'The pretrained weights for {variant} in {what} could not be read; the file is truncated, corrupt '
             f'or not a weights file ({type(error).__name__}: {error}). To fix it, {fix}.')
 
@@ -457,7 +460,7 @@ def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> Tuple[Dict[str
     """
     if not isinstance(checkpoint, Mapping):
         raise PretrainedWeightsError(f'Expected a checkpoint dict, got {type(checkpoint).__name__}.')
-    keys = ('model_ema', 'state_dict_ema', 'model', 'state_dict') if use_ema else ('model', 'state_dict')
+    keys = ('model_ema', 'state_dict_ema') if use_ema else ('model', 'state_dict')
     container, state_dict = '', checkpoint
     for key in keys:
         if isinstance(checkpoint.get(key), Mapping):
@@ -465,7 +468,8 @@ def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> Tuple[Dict[str
             break
     else:
         if use_ema:
-            raise PretrainedWeightsError('use_ema was requested but the checkpoint has no EMA weights.')
+            raise PretrainedWeightsError(
+                f'EMA weights were requested but the checkpoint has none (entries: {", ".join(map(str, checkpoint))}).')
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     others = [k for k in state_dict if k not in tensors]
     if not tensors or others:
