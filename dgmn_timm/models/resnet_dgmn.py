@@ -138,16 +138,31 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ResNetDGMN) -> Di
             state_dict = inner
     state_dict = {(k[7:] if k.startswith('module.') else k): v for k, v in state_dict.items()}
     own = model.state_dict()
-    unexpected = [k for k in state_dict if k not in own]
+    # the classifier is timm's business: dropped by load_pretrained when num_classes differs
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifier = cfg.get('classifier') or 'fc'
+    head = tuple(f'{c}.' for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    # ...and so is the first conv, adapted by load_pretrained for another in_chans
+    first_conv = cfg.get('first_conv') or 'conv1'
+    stem = {f'{c}.weight' for c in ((first_conv,) if isinstance(first_conv, str) else first_conv)}
+    unexpected = [k for k in state_dict if k not in own and not k.startswith(head)]
     missing = [k for k in own if k not in state_dict]
     bad_missing = [k for k in missing if not _is_dgmn_key(k)]
-    if unexpected or bad_missing:
+    mismatched = [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+        for k, v in state_dict.items()
+        if k in own and not k.startswith(head) and k not in stem
+        and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    if unexpected or bad_missing or mismatched:
         msg = ['Checkpoint does not fit the ResNet part of this DGMN model '
                '(only DGMN keys may be missing).']
         if bad_missing:
             msg.append(f'Missing non-DGMN keys ({len(bad_missing)}): {_abbrev(bad_missing)}')
         if unexpected:
             msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
+        if mismatched:
+            msg.append(f'Shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}')
         raise RuntimeError('\n  '.join(msg))
     out = dict(state_dict)
     if missing:
