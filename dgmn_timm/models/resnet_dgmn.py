@@ -15,7 +15,7 @@ their keys are logged. The loader refuses a checkpoint with any other missing or
 unexpected key.
 """
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+from typing import Any, Dict, List, Mapping, Sequence, Type
 
 import torch
 import torch.nn as nn
