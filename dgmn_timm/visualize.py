@@ -1,0 +1,215 @@
+""" Where a DGMN2 query looks: the nodes its last block per stage samples, with their weights.
+
+``sampling_points(model, image, point)`` runs one forward pass with a pre-hook on the
+attention of the last block of every stage, asks that attention for its dynamic graph
+(``DynamicGraphAttention.sampling_graph``) and returns, per stage, the K = 9 sampled nodes of
+every head for the query at ``point``, in image pixel coordinates, with their attention weights.
+
+Coordinates are (y, x) pixel centres: a stage with stride s maps its position p to the image
+pixel (p + 0.5) * s - 0.5, and an image pixel q to the stage position (q + 0.5) / s - 0.5
+(rounded to the nearest query). ``plot_sampling`` draws the result paper-Fig.-11 style with
+matplotlib's Agg canvas (no display needed).
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ['stage_strides', 'image_to_stage', 'stage_to_image', 'sampling_graphs', 'sampling_points',
+           'sampling_points_many', 'grid_points', 'plot_sampling']
+
+Point = Tuple[float, float]
+
+
+def _last_attentions(model: nn.Module) -> List[nn.Module]:
+    stages = getattr(model, 'stages', None)
+    attns = []
+    if stages is not None:
+        for stage in stages:
+            blocks = getattr(stage, 'blocks', None)
+            attn = getattr(blocks[-1], 'attn', None) if blocks is not None and len(blocks) else None
+            if attn is not None and hasattr(attn, 'sampling_graph'):
+                attns.append(attn)
+    if not attns or len(attns) != len(stages):
+        raise TypeError(
+            f'{type(model).__name__} has no stages[i].blocks[-1].attn.sampling_graph; the sampling '
+            f'visualisation needs a DGMN2 classifier model (timm.create_model("dgmn2_tiny"), not features_only).')
+    return attns
+
+
+def stage_strides(model: nn.Module) -> List[int]:
+    """ Output stride of every stage (from ``feature_info``: 4, 8, 16, 32 or dilated variants). """
+    info = model.feature_info
+    if hasattr(info, 'reduction'):
+        return list(info.reduction())
+    return [int(d['reduction']) for d in info]
+
+
+def image_to_stage(coord: float, stride: int, size: int) -> int:
+    """ The stage position (0..size-1) whose receptive centre is nearest image pixel ``coord``. """
+    return int(min(max(round((coord + 0.5) / stride - 0.5), 0), size - 1))
+
+
+def stage_to_image(coord: Union[float, np.ndarray, torch.Tensor], stride: int):
+    """ Image pixel centre of stage position ``coord`` (works on arrays). """
+    return (coord + 0.5) * stride - 0.5
+
+
+@torch.no_grad()
+def sampling_graphs(model: nn.Module, image: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+    """ The dynamic graph of the last block of every stage for one image.
+
+    Args:
+        model: a DGMN2 model (any weights); put in eval mode here.
+        image: (3, H, W) or (1, 3, H, W) normalised image tensor.
+
+    Returns:
+        per stage: dict(positions=(heads, K, h, w, 2) stage (y, x) coordinates,
+        weights=(heads, K, h, w), stride=int).
+    """
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f'Expected one (3, H, W) image, got shape {tuple(image.shape)}.')
+    attns = _last_attentions(model)
+    strides = stage_strides(model)
+    captured: Dict[int, torch.Tensor] = {}
+    handles = [
+        attn.register_forward_pre_hook(lambda mod, inputs, i=i: captured.__setitem__(i, inputs[0].detach()))
+        for i, attn in enumerate(attns)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        model(image.to(device=param.device, dtype=param.dtype))
+        graphs = []
+        for i, attn in enumerate(attns):
+            positions, weights = attn.sampling_graph(captured[i])
+            graphs.append(dict(positions=positions[0].float().cpu(), weights=weights[0].float().cpu(),
+                               stride=strides[i]))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return graphs
+
+
+def _query(graph: Dict[str, torch.Tensor], point: Point, stage: int) -> Dict[str, object]:
+    positions, weights, stride = graph['positions'], graph['weights'], graph['stride']
+    h, w = weights.shape[-2:]
+    qy, qx = image_to_stage(point[0], stride, h), image_to_stage(point[1], stride, w)
+    pos = positions[:, :, qy, qx]  # (heads, K, 2) stage coordinates
+    return dict(
+        stage=stage,
+        stride=stride,
+        map_size=(h, w),
+        query=(qy, qx),
+        query_px=(float(stage_to_image(qy, stride)), float(stage_to_image(qx, stride))),
+        positions=stage_to_image(pos, stride).numpy(),  # (heads, K, 2) image (y, x)
+        stage_positions=pos.numpy(),
+        weights=weights[:, :, qy, qx].numpy(),  # (heads, K)
+    )
+
+
+def sampling_points_many(
+        model: nn.Module,
+        image: torch.Tensor,
+        points: Sequence[Point],
+        stages: Optional[Sequence[int]] = None,
+) -> List[List[Dict[str, object]]]:
+    """ ``sampling_points`` for several query points with one forward pass: [point][stage] -> dict. """
+    graphs = sampling_graphs(model, image)
+    stages = range(len(graphs)) if stages is None else stages
+    return [[_query(graphs[s], p, s) for s in stages] for p in points]
+
+
+def sampling_points(
+        model: nn.Module,
+        image: torch.Tensor,
+        point: Point,
+        stages: Optional[Sequence[int]] = None,
+) -> List[Dict[str, object]]:
+    """ The nodes the query at image pixel ``point`` = (y, x) samples in the last block of each stage.
+
+    Args:
+        model: a DGMN2 model with any weights (random included).
+        image: (3, H, W) or (1, 3, H, W) normalised input tensor; ``point`` is in its pixels.
+        point: (y, x) query location in image pixels.
+        stages: stage indices to report (default: all).
+
+    Returns:
+        one dict per stage with ``positions`` (heads, K, 2) image pixel (y, x) of the sampled
+        node centres, ``weights`` (heads, K) attention weights (each head sums to 1),
+        ``stage_positions`` the same nodes in stage coordinates, ``query`` the query's stage
+        position, ``query_px`` its image pixel centre, ``stride`` and ``map_size``.
+    """
+    return sampling_points_many(model, image, [point], stages)[0]
+
+
+def grid_points(height: int, width: int, n: int) -> List[Point]:
+    """ n x n query points at the centres of an n x n grid of cells over a height x width image. """
+    ys = (np.arange(n) + 0.5) * height / n - 0.5
+    xs = (np.arange(n) + 0.5) * width / n - 0.5
+    return [(float(y), float(x)) for y in ys for x in xs]
+
+
+def plot_sampling(
+        image: np.ndarray,
+        results: Sequence[Sequence[Dict[str, object]]],
+        path: str,
+        scale: Tuple[float, float] = (1., 1.),
+        title: Optional[str] = None,
+        cmap: str = 'jet',
+        dpi: int = 120,
+):
+    """ Draw the sampled nodes on the image, one panel per stage, coloured by attention weight.
+
+    Args:
+        image: (H, W, 3) uint8 image to draw on.
+        results: [point][stage] dicts from ``sampling_points_many`` (positions in the pixels
+            of the network input).
+        path: PNG file to write.
+        scale: (sy, sx) from network-input pixels to ``image`` pixels (for a resized input);
+            a pixel centre p maps to (p + 0.5) * s - 0.5.
+        title: figure title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, whatever the session's backend
+
+    num_stages = len(results[0])
+    sy, sx = scale
+    fig = Figure(figsize=(3.6 * num_stages + 0.8, 3.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, num_stages, squeeze=False)
+    norm = Normalize(vmin=0., vmax=1.)
+    mappable = None
+    for s in range(num_stages):
+        ax = axes[0, s]
+        ax.imshow(image)
+        info = results[0][s]
+        for per_point in results:
+            r = per_point[s]
+            pos = np.asarray(r['positions']).reshape(-1, 2)
+            wts = np.asarray(r['weights']).reshape(-1)
+            order = np.argsort(wts)  # heaviest on top
+            ys = (pos[order, 0] + 0.5) * sy - 0.5
+            xs = (pos[order, 1] + 0.5) * sx - 0.5
+            mappable = ax.scatter(xs, ys, c=wts[order], cmap=cmap, norm=norm, s=12 + 60 * wts[order],
+                                  edgecolors='white', linewidths=0.4, zorder=3)
+            qy, qx = r['query_px']
+            ax.plot([(qx + 0.5) * sx - 0.5], [(qy + 0.5) * sy - 0.5], marker='*', markersize=11, color='white',
+                    markeredgecolor='black', zorder=4, linestyle='none')
+        ax.set_title(f'stage {s + 1} (stride {info["stride"]}, {info["map_size"][0]}x{info["map_size"][1]})',
+                     fontsize=9)
+        ax.set_xlim(-0.5, image.shape[1] - 0.5)
+        ax.set_ylim(image.shape[0] - 0.5, -0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if mappable is not None:
+        fig.colorbar(mappable, ax=list(axes[0]), fraction=0.02, pad=0.01, label='attention weight')
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight', format='png')

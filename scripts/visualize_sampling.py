@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+""" Draw the nodes a DGMN2 query samples at the last block of each stage (paper Fig. 11 style).
+
+    python scripts/visualize_sampling.py --image cat.jpg --point 120,200 --pretrained --output sampling.png
+    python scripts/visualize_sampling.py --grid 4 --checkpoint OUT/best.safetensors --output grid.png
+
+One panel per stage; every head's K = 9 nodes are drawn at their image positions, coloured
+(and sized) by attention weight; the star marks the query. The image is resized so that its
+shorter side is --img-size (no crop), and --point is given in the original image's pixels.
+Any weights work, random included (random DGMN2 weights start with zero offsets, so their
+nodes form the plain 3x3 neighbourhood of the query).
+"""
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from timm.data import resolve_data_config
+from timm.data.transforms import str_to_interp_mode
+
+import dgmn_timm  # noqa: F401  (registers the models)
+from dgmn_timm.train_utils import create_model, seed_everything
+from dgmn_timm.visualize import grid_points, plot_sampling, sampling_points_many
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--image', default=None, help='image file (default: the bundled sample image)')
+    q = p.add_mutually_exclusive_group()
+    q.add_argument('--point', default=None, metavar='Y,X', help='query point in image pixels (default: the centre)')
+    q.add_argument('--grid', type=int, default=None, metavar='N', help='an N x N grid of query points')
+    p.add_argument('--model', default='dgmn2_tiny', help='a DGMN2 model name')
+    p.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='TAG',
+                   help='pretrained weights (default tag or the one given)')
+    p.add_argument('--checkpoint', default=None, metavar='FILE', help='weights file (any format the model loads)')
+    p.add_argument('--img-size', type=int, default=None, help='shorter side of the network input (model default)')
+    p.add_argument('--stages', default=None, help='stages to draw, 1-based, e.g. 3,4 (default: all)')
+    p.add_argument('--output', default='sampling.png', help='PNG file to write')
+    p.add_argument('--save-points', default=None, metavar='JSON', help='also write the points and weights as JSON')
+    p.add_argument('--seed', type=int, default=0, help='seed for random weights')
+    p.add_argument('--device', default='cpu')
+    return p
+
+
+def parse_point(text: str):
+    try:
+        y, x = (float(v) for v in text.split(','))
+    except ValueError:
+        raise SystemExit(f'error: --point takes "y,x" in pixels, got {text!r}')
+    return y, x
+
+
+def main(argv=None) -> dict:
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.pretrained and args.checkpoint:
+        parser.error('give --pretrained or --checkpoint, not both')
+    path = args.image or str(resources.files('dgmn_timm') / 'assets' / 'sample.png')
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: image {path} does not exist')
+    try:
+        with Image.open(path) as im:
+            image = im.convert('RGB')
+    except OSError as e:
+        raise SystemExit(f'error: cannot read image {path}: {e}')
+
+    seed_everything(args.seed)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=0)
+    model = model.to(args.device).eval()
+    cfg = resolve_data_config(dict(img_size=args.img_size) if args.img_size else {}, model=model)
+    side = cfg['input_size'][-1]
+    tf = transforms.Compose([
+        transforms.Resize(side, interpolation=str_to_interp_mode(cfg['interpolation'])),
+        transforms.ToTensor(),
+        transforms.Normalize(cfg['mean'], cfg['std']),
+    ])
+    x = tf(image)
+    H, W = image.height, image.width
+    h, w = x.shape[-2:]
+    sy, sx = H / h, W / w  # network-input pixel -> original pixel
+
+    if args.grid:
+        points = grid_points(H, W, args.grid)
+    else:
+        points = [parse_point(args.point) if args.point else ((H - 1) / 2, (W - 1) / 2)]
+    for py, px in points:
+        if not (-0.5 <= py <= H - 0.5 and -0.5 <= px <= W - 0.5):
+            raise SystemExit(f'error: point ({py:g}, {px:g}) is outside the {H}x{W} image')
+    input_points = [((py + 0.5) / sy - 0.5, (px + 0.5) / sx - 0.5) for py, px in points]
+    stages = None
+    if args.stages:
+        stages = [int(s) - 1 for s in args.stages.split(',')]
+    results = sampling_points_many(model, x, input_points, stages)
+
+    weights = 'random' if not (args.pretrained or args.checkpoint) else (args.checkpoint or 'pretrained')
+    title = f'{args.model} ({weights} weights), input {h}x{w}'
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    plot_sampling(np.asarray(image), results, args.output, scale=(sy, sx), title=title)
+
+    report = dict(image=path, model=args.model, input_size=[h, w], image_size=[H, W], points=[])
+    for (py, px), per_stage in zip(points, results):
+        entry = dict(point=[py, px], stages=[])
+        for r in per_stage:
+            pos = np.asarray(r['positions'])
+            entry['stages'].append(dict(
+                stage=r['stage'] + 1, stride=r['stride'], query=list(r['query']),
+                positions=(np.stack([(pos[..., 0] + 0.5) * sy - 0.5, (pos[..., 1] + 0.5) * sx - 0.5], -1)).tolist(),
+                weights=np.asarray(r['weights']).tolist()))
+        report['points'].append(entry)
+    if args.save_points:
+        with open(args.save_points, 'w', encoding='utf-8') as f:
+            json.dump(report, f)
+    print(f'wrote {args.output} ({len(points)} query point(s), {len(results[0])} stage(s))')
+    return report
+
+
+if __name__ == '__main__':
+    main()

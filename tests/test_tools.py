@@ -1,0 +1,308 @@
+""" scripts/extract_features.py, scripts/visualize_sampling.py and dgmn_timm.visualize. """
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from timm.data import create_transform, resolve_data_config
+
+import dgmn_timm  # noqa: F401
+from dgmn_timm.train_utils import DataDirError, list_images, save_safetensors, seed_everything
+from dgmn_timm.visualize import image_to_stage, sampling_points, sampling_points_many, stage_to_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """ One intra-op thread: on a shared, busy CPU, OpenMP threads that wait on each other are
+    10x slower than one thread (the scripts run in this process). """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f'_dgmn_script_{name}', ROOT / 'scripts' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+extract = load_script('extract_features')
+visualize_script = load_script('visualize_sampling')
+
+FAST = ['--model', 'dgmn2_tiny', '--img-size', '32', '--workers', '0', '--no-progress']
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """ A random dgmn2_tiny saved as a checkpoint (with non-zero offsets), and the model itself. """
+    seed_everything(0)
+    model = timm.create_model('dgmn2_tiny', num_classes=7).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, 'offset') and isinstance(m.offset, torch.nn.Linear):
+                m.offset.weight.normal_(0, 0.05)
+    path = str(tmp_path_factory.mktemp('weights') / 'random.safetensors')
+    save_safetensors(model.state_dict(), path)
+    return path, model
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """ 7 images of varied sizes in nested folders; names chosen so that natural order != plain sort. """
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    rels = ['a/img2.png', 'a/img10.png', 'a/deeper/z.jpg', 'b/1.png', 'b/x.jpeg', 'c.png', 'img1.webp']
+    for i, rel in enumerate(rels):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = 40 + 9 * i, 70 - 5 * i
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    (root / 'notes.txt').write_text('not an image')
+    return str(root)
+
+
+def reference(model, paths, levels=None, maps=False):
+    """ Features computed directly, one image at a time. """
+    cfg = resolve_data_config(dict(img_size=32), model=model)
+    tf = create_transform(**cfg)
+    out = []
+    with torch.no_grad():
+        for p in paths:
+            x = tf(Image.open(p).convert('RGB')).unsqueeze(0)
+            if levels is None:
+                out.append(model.forward_head(model.forward_features(x), pre_logits=True)[0])
+            else:
+                feats = model.forward_intermediates(x, indices=levels, intermediates_only=True)
+                out.append([f[0] if maps else f[0].mean((-2, -1)) for f in feats])
+    return out
+
+
+def test_list_images_order(image_folder):
+    paths = [os.path.relpath(p, image_folder) for p in list_images(image_folder)]
+    assert paths == ['a/deeper/z.jpg', 'a/img2.png', 'a/img10.png', 'b/1.png', 'b/x.jpeg', 'c.png', 'img1.webp']
+
+
+def test_extract_pooled_embedding(image_folder, weights, tmp_path):
+    ckpt, model = weights
+    out = str(tmp_path / 'feats.safetensors')
+    result = extract.main([image_folder, '--output', out, '--checkpoint', ckpt, '--batch-size', '3'] + FAST)
+    from safetensors import safe_open
+    with safe_open(out, framework='pt') as f:
+        feats = f.get_tensor('features')
+        meta = f.metadata()
+    paths = list_images(image_folder)
+    assert feats.shape == (7, 512)
+    assert json.loads(meta['paths']) == paths
+    with open(tmp_path / 'feats.json', encoding='utf-8') as f:
+        sidecar = json.load(f)
+    assert sidecar['paths'] == paths and sidecar['skipped'] == [] and result['paths'] == paths
+    ref = torch.stack(reference(model, paths))
+    torch.testing.assert_close(feats, ref, atol=1e-4, rtol=1e-4)
+    assert not os.path.exists(out + '.parts')
+
+
+def test_extract_levels_pooled_and_maps(image_folder, weights, tmp_path):
+    ckpt, model = weights
+    paths = list_images(image_folder)
+    out = str(tmp_path / 'pyr.safetensors')
+    extract.main([image_folder, '--output', out, '--checkpoint', ckpt, '--levels', '3,0,1,2'] + FAST)
+    from safetensors.torch import load_file
+    feats = load_file(out)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        'level0': (7, 64), 'level1': (7, 128), 'level2': (7, 320), 'level3': (7, 512)}
+    ref = reference(model, paths, levels=[0, 1, 2, 3])
+    for lv in range(4):
+        torch.testing.assert_close(feats[f'level{lv}'], torch.stack([r[lv] for r in ref]), atol=1e-4, rtol=1e-4)
+
+    out = str(tmp_path / 'maps.safetensors')
+    extract.main([image_folder, '--output', out, '--checkpoint', ckpt, '--levels', '1,3', '--maps'] + FAST)
+    feats = load_file(out)
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {'level1': (7, 128, 4, 4), 'level3': (7, 512, 1, 1)}
+    ref = reference(model, paths, levels=[1, 3], maps=True)
+    torch.testing.assert_close(feats['level1'], torch.stack([r[0] for r in ref]), atol=1e-4, rtol=1e-4)
+
+
+def test_extract_list_file_npy_and_unreadable(image_folder, weights, tmp_path):
+    ckpt, model = weights
+    paths = list_images(image_folder)[::-1]  # the list's order, not the folder's
+    broken = tmp_path / 'broken.png'
+    broken.write_bytes(b'not a png')
+    listing = tmp_path / 'list.txt'
+    lines = ['# comment', os.path.relpath(paths[0], tmp_path), str(broken), ''] + paths[1:]
+    listing.write_text('\n'.join(lines))
+    out = str(tmp_path / 'feats.npy')
+    extract.main([str(listing), '--output', out, '--checkpoint', ckpt, '--batch-size', '2',
+                  '--chunk-size', '3'] + FAST)
+    feats = np.load(out)
+    assert feats.shape == (7, 512)
+    with open(tmp_path / 'feats.json', encoding='utf-8') as f:
+        sidecar = json.load(f)
+    assert [os.path.abspath(p) for p in sidecar['paths']] == [os.path.abspath(p) for p in paths]
+    assert sidecar['skipped'] == [str(broken)]
+    ref = torch.stack(reference(model, paths)).numpy()
+    np.testing.assert_allclose(feats, ref, atol=1e-4, rtol=1e-4)
+
+    out = str(tmp_path / 'lv.npy')
+    extract.main([str(listing), '--output', out, '--checkpoint', ckpt, '--levels', '0,2'] + FAST)
+    assert np.load(tmp_path / 'lv.level0.npy').shape == (7, 64)
+    assert np.load(tmp_path / 'lv.level2.npy').shape == (7, 320)
+
+
+def test_extract_continues_after_interruption(image_folder, weights, tmp_path, monkeypatch):
+    ckpt, _ = weights
+    out = str(tmp_path / 'feats.safetensors')
+    args = [image_folder, '--output', out, '--checkpoint', ckpt, '--batch-size', '2', '--chunk-size', '2'] + FAST
+    original = extract.compute_features
+    calls = []
+
+    def failing(model, x, *a, **kw):
+        calls.append(x.shape[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted in the third chunk
+        return original(model, x, *a, **kw)
+
+    monkeypatch.setattr(extract, 'compute_features', failing)
+    with pytest.raises(KeyboardInterrupt):
+        extract.main(args)
+    assert sorted(os.listdir(out + '.parts')) == ['chunk_000000.safetensors', 'chunk_000001.safetensors',
+                                                  'config.json']
+    calls.clear()
+    monkeypatch.setattr(extract, 'compute_features', lambda *a, **kw: (calls.append(a[1].shape[0]),
+                                                                       original(*a, **kw))[1])
+    extract.main(args)
+    assert calls == [2, 1]  # only chunks 2 and 3 (images 5-7) were computed again
+    monkeypatch.setattr(extract, 'compute_features', original)
+    from safetensors.torch import load_file
+    resumed = load_file(out)['features']
+    extract.main(args[:2] + [str(tmp_path / 'again.safetensors')] + args[3:])
+    torch.testing.assert_close(resumed, load_file(str(tmp_path / 'again.safetensors'))['features'])
+
+
+def test_extract_errors(tmp_path, weights):
+    ckpt, _ = weights
+    with pytest.raises(DataDirError, match='neither a folder'):
+        extract.main([str(tmp_path / 'nothing'), '--output', str(tmp_path / 'f.safetensors')] + FAST)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(DataDirError, match='No images under'):
+        extract.main([str(tmp_path / 'empty'), '--output', str(tmp_path / 'f.safetensors')] + FAST)
+    img = tmp_path / 'one.png'
+    Image.new('RGB', (40, 40)).save(img)
+    with pytest.raises(SystemExit, match='must end in'):
+        extract.main([str(img), '--output', str(tmp_path / 'f.pt')] + FAST)
+    with pytest.raises(SystemExit, match='out of range'):
+        extract.main([str(img), '--output', str(tmp_path / 'f.npy'), '--levels', '4'] + FAST)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        extract.main([str(img), '--output', str(tmp_path / 'f.npy'), '--checkpoint', str(tmp_path / 'x.pth')] + FAST)
+
+
+# ------------------------------------------------------------------------------------------
+# visualisation
+
+
+def _zero_offset_model():
+    seed_everything(0)
+    return timm.create_model('dgmn2_tiny', num_classes=0).eval()  # offsets start at zero
+
+
+def test_sampling_points_zero_offsets_are_the_3x3_neighbourhood():
+    model = _zero_offset_model()
+    x = torch.randn(3, 64, 96)
+    point = (30.0, 50.0)
+    result = sampling_points(model, x, point)
+    assert [r['stride'] for r in result] == [4, 8, 16, 32]
+    grid = np.stack(np.meshgrid([-1, 0, 1], [-1, 0, 1], indexing='ij'), -1).reshape(9, 2)
+    for r, heads in zip(result, (1, 2, 5, 8)):
+        s = r['stride']
+        qy, qx = r['query']
+        assert (qy, qx) == (image_to_stage(30.0, s, 64 // s), image_to_stage(50.0, s, 96 // s))
+        expected = (np.array([qy, qx]) + grid + 0.5) * s - 0.5
+        assert r['positions'].shape == (heads, 9, 2) and r['weights'].shape == (heads, 9)
+        np.testing.assert_allclose(r['positions'], np.broadcast_to(expected, (heads, 9, 2)), atol=1e-5)
+        np.testing.assert_allclose(r['weights'].sum(-1), 1., atol=1e-5)
+        assert (r['weights'] > 0).all()
+        # the query's own node (k = 4) sits on the query's pixel centre, within half a stride of the point
+        assert np.abs(r['positions'][0, 4] - np.array(point)).max() <= s / 2
+    assert stage_to_image(0, 4) == 1.5 and image_to_stage(1.5, 4, 10) == 0
+
+
+def test_sampling_points_follow_the_offsets():
+    model = _zero_offset_model()
+    x = torch.randn(1, 3, 64, 64)
+    points = [(10.0, 20.0), (40.0, 33.0)]
+    before = sampling_points_many(model, x, points)
+    attn = model.stages[1].blocks[-1].attn
+    with torch.no_grad():
+        attn.offset.bias[0::2] = 1.0  # every node walks one stage-2 pixel down
+        attn.offset.bias[1::2] = -0.5  # and half a pixel left
+    after = sampling_points_many(model, x, points)
+    for b, a in zip(before, after):
+        np.testing.assert_allclose(a[1]['positions'][..., 0], b[1]['positions'][..., 0] + 8, atol=1e-5)
+        np.testing.assert_allclose(a[1]['positions'][..., 1], b[1]['positions'][..., 1] - 4, atol=1e-5)
+        for s in (0, 2, 3):  # other stages keep their (zero-offset) positions
+            np.testing.assert_allclose(a[s]['positions'], b[s]['positions'], atol=1e-5)
+        assert not np.allclose(a[1]['weights'], b[1]['weights'])
+    with torch.no_grad():
+        model.stages[3].blocks[-1].attn.offset.weight.normal_(0, 0.5)  # input-dependent walks
+    moved = sampling_points(model, x[0], points[0])[3]['positions']
+    assert np.abs(moved - after[0][3]['positions']).max() > 0.5
+
+
+def test_sampling_points_rejects_other_models():
+    with pytest.raises(TypeError, match='DGMN2'):
+        sampling_points(timm.create_model('resnet18', num_classes=0), torch.randn(3, 64, 64), (5, 5))
+
+
+def test_visualize_script_writes_png_that_follows_offsets(weights, tmp_path):
+    ckpt, model = weights
+    img = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(img)
+    common = ['--image', str(img), '--model', 'dgmn2_tiny', '--img-size', '64', '--point', '40,70']
+    a_png, a_json = str(tmp_path / 'a.png'), str(tmp_path / 'a.json')
+    report = visualize_script.main(common + ['--checkpoint', ckpt, '--output', a_png, '--save-points', a_json])
+    with Image.open(a_png) as im:
+        assert im.format == 'PNG' and im.width > 400 and im.height > 100
+    assert len(report['points']) == 1 and len(report['points'][0]['stages']) == 4
+    assert report['input_size'] == [64, 85]  # shorter side 64, aspect kept, no crop
+
+    # perturb the offsets: the drawn points move, the PNG changes
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.blocks[-1].attn.offset.bias.add_(torch.linspace(-2, 2, 18))
+    moved_ckpt = str(tmp_path / 'moved.safetensors')
+    save_safetensors(model.state_dict(), moved_ckpt)
+    b_png, b_json = str(tmp_path / 'b.png'), str(tmp_path / 'b.json')
+    visualize_script.main(common + ['--checkpoint', moved_ckpt, '--output', b_png, '--save-points', b_json])
+    with open(a_json) as f:
+        pa = json.load(f)
+    with open(b_json) as f:
+        pb = json.load(f)
+    for sa, sb in zip(pa['points'][0]['stages'], pb['points'][0]['stages']):
+        assert np.abs(np.array(sa['positions']) - np.array(sb['positions'])).max() > 1.0
+    assert np.asarray(Image.open(a_png).convert('RGB')).tobytes() != np.asarray(
+        Image.open(b_png).convert('RGB')).tobytes()
+
+    # a grid of queries, random weights, the bundled sample image
+    report = visualize_script.main(['--grid', '3', '--img-size', '64', '--output', str(tmp_path / 'grid.png')])
+    assert len(report['points']) == 9 and os.path.getsize(tmp_path / 'grid.png') > 0
+
+
+def test_visualize_script_errors(tmp_path):
+    img = tmp_path / 'photo.png'
+    Image.new('RGB', (50, 40)).save(img)
+    with pytest.raises(SystemExit, match='outside'):
+        visualize_script.main(['--image', str(img), '--point', '45,10', '--img-size', '32',
+                               '--output', str(tmp_path / 'o.png')])
+    with pytest.raises(SystemExit, match='y,x'):
+        visualize_script.main(['--image', str(img), '--point', '12', '--output', str(tmp_path / 'o.png')])
+    with pytest.raises(SystemExit, match='does not exist'):
+        visualize_script.main(['--image', str(tmp_path / 'none.png'), '--output', str(tmp_path / 'o.png')])
