@@ -166,6 +166,9 @@ def plot_sampling(
 ):
     """ Draw the sampled nodes on the image, one panel per stage, coloured by attention weight.
 
+    Every head's nodes are drawn (colour and size follow the weight, on one scale from 0 to
+    the largest weight drawn); a black cross marks each query's pixel centre in that stage.
+
     Args:
         image: (H, W, 3) uint8 image to draw on.
         results: [point][stage] dicts from ``sampling_points_many`` (positions in the pixels
@@ -181,27 +184,35 @@ def plot_sampling(
 
     num_stages = len(results[0])
     sy, sx = scale
-    fig = Figure(figsize=(3.6 * num_stages + 0.8, 3.8))
+    panel_in = 3.6
+    fig = Figure(figsize=(panel_in * num_stages + 0.8, 3.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, num_stages, squeeze=False)
-    norm = Normalize(vmin=0., vmax=1.)
+    # one colour scale for all panels: 0 to the largest weight drawn
+    w_max = max(float(np.max(r['weights'])) for per_point in results for r in per_point)
+    norm = Normalize(vmin=0., vmax=max(w_max, 1e-6))
+    points_per_px = panel_in * 72. / max(image.shape[0], image.shape[1])  # marker size units per image pixel
     mappable = None
     for s in range(num_stages):
         ax = axes[0, s]
         ax.imshow(image)
         info = results[0][s]
+        # markers about 0.7 node spacing across, so the nodes of small strides stay apart
+        spacing = info['stride'] * max(sx, sy) * points_per_px
+        diameter = float(np.clip(0.7 * spacing, 2.5, 9.))
         for per_point in results:
             r = per_point[s]
+            qy, qx = r['query_px']
+            ax.plot([(qx + 0.5) * sx - 0.5], [(qy + 0.5) * sy - 0.5], marker='+', markersize=2.2 * diameter,
+                    markeredgewidth=1.2, color='black', zorder=2, linestyle='none')
             pos = np.asarray(r['positions']).reshape(-1, 2)
             wts = np.asarray(r['weights']).reshape(-1)
             order = np.argsort(wts)  # heaviest on top
             ys = (pos[order, 0] + 0.5) * sy - 0.5
             xs = (pos[order, 1] + 0.5) * sx - 0.5
-            mappable = ax.scatter(xs, ys, c=wts[order], cmap=cmap, norm=norm, s=12 + 60 * wts[order],
-                                  edgecolors='white', linewidths=0.4, zorder=3)
-            qy, qx = r['query_px']
-            ax.plot([(qx + 0.5) * sx - 0.5], [(qy + 0.5) * sy - 0.5], marker='*', markersize=11, color='white',
-                    markeredgecolor='black', zorder=4, linestyle='none')
+            sizes = diameter ** 2 * (0.4 + 0.6 * wts[order] / norm.vmax)
+            mappable = ax.scatter(xs, ys, c=wts[order], cmap=cmap, norm=norm, s=sizes,
+                                  edgecolors='white', linewidths=0.3, zorder=3)
         ax.set_title(f'stage {s + 1} (stride {info["stride"]}, {info["map_size"][0]}x{info["map_size"][1]})',
                      fontsize=9)
         ax.set_xlim(-0.5, image.shape[1] - 0.5)

@@ -63,6 +63,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument('--chunk-size', type=int, default=1024, help='images per saved chunk (the unit of resuming)')
     p.add_argument('--device', default='auto', help='cpu, cuda (auto: cuda if available); torchrun uses LOCAL_RANK')
+    p.add_argument('--threads', type=int, default=None, help='CPU threads per process (default: torch\'s)')
     p.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 on GPU)')
     p.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
     p.add_argument('--no-progress', action='store_true')
@@ -120,6 +121,8 @@ def main(argv=None) -> dict:
         parser.error('give --pretrained or --checkpoint, not both')
     stem, ext = _output_paths(args.output)
     paths = list_images(args.input)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     info = init_distributed(args.device)
     device = info.device
