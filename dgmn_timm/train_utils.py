@@ -14,7 +14,6 @@ Everything here wraps timm's public API (``create_model``, ``create_dataset`` re
 """
 import json
 import logging
-import math
 import os
 import random
 from contextlib import nullcontext
@@ -38,7 +37,8 @@ __all__ = [
     'DataDirError', 'IMAGE_EXTENSIONS', 'scan_class_folder', 'scan_image_folder_tree', 'list_images',
     'FolderReader', 'SafeImageDataset', 'collate_skip', 'ShardSampler', 'DistInfo', 'init_distributed',
     'barrier', 'all_reduce_sum', 'create_model', 'checkpoint_num_classes', 'seed_everything',
-    'rng_state', 'set_rng_state', 'patch_timm_posterize', 'save_safetensors', 'atomic_torch_save', 'autocast', 'resolve_amp_dtype',
+    'rng_state', 'set_rng_state', 'patch_timm_posterize', 'save_safetensors', 'atomic_torch_save',
+    'atomic_write_text', 'autocast', 'resolve_amp_dtype',
     'write_digits_imagefolder',
 ]
 

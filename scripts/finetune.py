@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-import timm
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -171,7 +170,14 @@ class _Terminated(Exception):
     pass
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_sigterm(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a data-loading worker: just end, as without the handler
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise _Terminated()
 
 
@@ -345,6 +351,8 @@ def main(argv=None) -> dict:
     last = None
     t_start = time.time()
     old_handler = None
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     try:
         old_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread

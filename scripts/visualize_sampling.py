@@ -13,11 +13,9 @@ nodes form the plain 3x3 neighbourhood of the query).
 import argparse
 import json
 import os
-import sys
 from importlib import resources
 
 import numpy as np
-import torch
 from PIL import Image
 from torchvision import transforms
 

@@ -17,7 +17,7 @@ import torch
 import timm
 import dgmn_timm  # noqa: F401
 from dgmn_timm.train_utils import (
-    DataDirError, create_model, save_safetensors, scan_image_folder_tree, write_digits_imagefolder,
+    DataDirError, create_model, scan_image_folder_tree, write_digits_imagefolder,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,14 +271,16 @@ def test_lr_scaling_follows_timm():
     assert finetune.resolve_lr(args, 8) == 0.01
 
 
-def test_layer_decay_grad_checkpointing_and_amp_run(digits01, tmp_path):
-    """ The optional features run: layer-wise lr decay via group_matcher, checkpointing, bf16 AMP, clipping. """
+def test_layer_decay_grad_checkpointing_and_amp_run(digits01, mechanics_run, tmp_path):
+    """ The optional features run, from a --checkpoint: layer-wise lr decay via group_matcher,
+    gradient checkpointing, bf16 AMP, clipping. """
+    start = os.path.join(mechanics_run[0], 'best.safetensors')
     summary = finetune.main(FAST + [
-        '--data-dir', digits01, '--output', str(tmp_path), '--epochs', '1', '--batch-size', '32',
-        '--layer-decay', '0.75', '--grad-checkpointing', '--amp', '--clip-grad', '1.0', '--stop-after', '1'])
-    assert summary['epochs'] == 1 and 0 <= summary['val_top1'] <= 100
+        '--data-dir', digits01, '--output', str(tmp_path), '--epochs', '2', '--batch-size', '32',
+        '--checkpoint', start, '--layer-decay', '0.75', '--grad-checkpointing', '--amp', '--clip-grad', '1.0',
+        '--stop-after', '1'])
+    assert summary['epochs'] == 1 and not summary['completed'] and 0 <= summary['val_top1'] <= 100
     # the stem gets a smaller lr than the head under layer decay
-    import argparse
     model = create_model('dgmn2_tiny', num_classes=2)
     opt = timm.optim.create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
     scales = sorted({g['lr_scale'] for g in opt.param_groups})
@@ -291,12 +293,13 @@ def test_layer_decay_grad_checkpointing_and_amp_run(digits01, tmp_path):
 
 @pytest.mark.slow
 def test_digits_from_scratch_clearly_above_chance(tmp_path):
-    """ Whole digits (10 classes, 1438 train / 359 val) at 32 px, dgmn2_tiny from scratch. """
+    """ The documented command, default recipe: whole digits (10 classes, 1438 train / 359 val) at
+    32 px, dgmn2_tiny from scratch, 4 epochs. Chance is 10%; we measured 80.2% (best epoch). """
     data = str(tmp_path / 'digits')
     write_digits_imagefolder(data, img_size=32)
     out = str(tmp_path / 'out')
-    summary = finetune.main([
-        '--model', 'dgmn2_tiny', '--data-dir', data, '--img-size', '32', '--epochs', '4', '--batch-size', '64',
-        '--output', out, '--lr', '2e-3', '--warmup-epochs', '0.5', '--aa', 'none', '--hflip', '0', '--reprob', '0',
-        '--scale', '0.5', '1', '--mixup', '0', '--cutmix', '0', '--drop-path', '0', '--no-progress'])
+    summary = finetune.main(['--model', 'dgmn2_tiny', '--data-dir', data, '--img-size', '32', '--epochs', '4',
+                             '--batch-size', '64', '--output', out, '--no-progress'])
+    assert summary['epochs'] == 4 and summary['num_classes'] == 10
     assert summary['val_top1'] > 60., summary
+    assert summary['val_top5'] > 90., summary

@@ -131,6 +131,10 @@ def test_extract_levels_pooled_and_maps(image_folder, weights, tmp_path):
     ref = reference(model, paths, levels=[1, 3], maps=True)
     torch.testing.assert_close(feats['level1'], torch.stack([r[0] for r in ref]), atol=1e-4, rtol=1e-4)
 
+    out = str(tmp_path / 'unpooled.safetensors')
+    extract.main([image_folder, '--output', out, '--checkpoint', ckpt, '--maps'] + FAST)
+    assert tuple(load_file(out)['features'].shape) == (7, 512, 1, 1)  # forward_features, unpooled
+
 
 def test_extract_list_file_npy_and_unreadable(image_folder, weights, tmp_path):
     ckpt, model = weights
@@ -203,6 +207,29 @@ def test_extract_errors(tmp_path, weights):
         extract.main([str(img), '--output', str(tmp_path / 'f.npy'), '--levels', '4'] + FAST)
     with pytest.raises(FileNotFoundError, match='does not exist'):
         extract.main([str(img), '--output', str(tmp_path / 'f.npy'), '--checkpoint', str(tmp_path / 'x.pth')] + FAST)
+
+
+@pytest.mark.slow
+def test_extract_torchrun_matches_single_process(image_folder, weights, tmp_path):
+    """ 2 processes (gloo) share the chunks out; the merged result equals a single-process run. """
+    import subprocess
+    import sys
+    ckpt, _ = weights
+    args = ['--checkpoint', ckpt, '--chunk-size', '2', '--levels', '1,3'] + FAST
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    ddp = str(tmp_path / 'ddp.safetensors')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         str(ROOT / 'scripts' / 'extract_features.py'), image_folder, '--output', ddp] + args,
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = str(tmp_path / 'single.safetensors')
+    extract.main([image_folder, '--output', single] + args)
+    from safetensors import safe_open
+    with safe_open(ddp, 'pt') as a, safe_open(single, 'pt') as b:
+        assert a.metadata()['paths'] == b.metadata()['paths']
+        for k in ('level1', 'level3'):
+            torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k))
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,8 +319,10 @@ def test_visualize_script_writes_png_that_follows_offsets(weights, tmp_path):
         Image.open(b_png).convert('RGB')).tobytes()
 
     # a grid of queries, random weights, the bundled sample image
-    report = visualize_script.main(['--grid', '3', '--img-size', '64', '--output', str(tmp_path / 'grid.png')])
+    report = visualize_script.main(['--grid', '3', '--img-size', '64', '--stages', '2,4',
+                                    '--output', str(tmp_path / 'grid.png')])
     assert len(report['points']) == 9 and os.path.getsize(tmp_path / 'grid.png') > 0
+    assert [s['stage'] for s in report['points'][0]['stages']] == [2, 4]
 
 
 def test_visualize_script_errors(tmp_path):
