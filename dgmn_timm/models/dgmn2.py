@@ -30,6 +30,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
+from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
 from ..sampling import NUM_NODES, sample_nodes
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_term', 'MIN_INPUT_SIZE']
@@ -80,20 +81,44 @@ def rel_pos_term(
     Returns:
         (N, K, H, W) logits to add before the softmax over the K nodes.
     """
-    H, W = q.shape[-2:]
-    table_h = _resize_table(rel_height, H + 8)[_window_index(H, q.device)]  # (H, K, c)
-    table_w = _resize_table(rel_width, W + 8)[_window_index(W, q.device)]  # (W, K, c)
-    table_h = table_h.to(q.dtype)
-    table_w = table_w.to(q.dtype)
-    # width term: <q[y, x], rel_width[W - 1 - x + m]>
-    out = torch.einsum('ncyx,xmc->nmyx', q, table_w)
+    out = rel_pos_logits(q.permute(0, 2, 3, 1).unsqueeze(3), rel_height, rel_width, released)  # (N, H, W, 1, K)
+    return out.squeeze(3).permute(0, 3, 1, 2)
+
+
+@register_notrace_function
+def rel_pos_logits(
+        q: torch.Tensor,
+        rel_height: torch.Tensor,
+        rel_width: torch.Tensor,
+        released: bool = True,
+) -> torch.Tensor:
+    """ :func:`rel_pos_term` for token-major queries, the layout the attention works in.
+
+    Args:
+        q: (B, H, W, nh, c) unscaled queries (any strides, e.g. a view into the qkv output).
+        rel_height, rel_width, released: as in :func:`rel_pos_term`.
+
+    Returns:
+        (B, H, W, nh, K) logits.
+
+    Only small per-row / per-column tables are built, (H, K, c) and (W, K, c); the two
+    terms are batched matrix products over the rows (height) and the columns (width),
+    so the largest intermediate is the (B, H, W, nh, K) result itself.
+    """
+    B, H, W, nh, c = q.shape
+    table_h = _resize_table(rel_height, H + 8)[_window_index(H, q.device)].to(q.dtype)  # (H, K, c)
+    table_w = _resize_table(rel_width, W + 8)[_window_index(W, q.device)].to(q.dtype)  # (W, K, c)
+    # width term Rw[y, x, m] = <q[y, x], rel_width[W - 1 - x + m]>: a product per column x
+    out = torch.einsum('byxhc,xmc->byxhm', q, table_w)
+    # clean height term <q[y, x], rel_height[H - 1 - y + m]>: a product per row y
+    height = torch.matmul(q.reshape(B, H, W * nh, c), table_h.transpose(1, 2)).view(B, H, W, nh, 9)
     if released:
-        # Rh'[x, y, m] = <q[y, x], rel_height[H - 1 - y + m]>, a (W, H) grid read as (H, W)
-        height = torch.einsum('ncyx,ymc->nmxy', q, table_h)
+        # Rh'[x, y] is the clean term at (y, x): a (W, H) grid that is read as (H, W)
+        height = height.transpose(1, 2)
         if H != W:
-            height = F.interpolate(height, size=(H, W), mode='bilinear', align_corners=False)
-    else:
-        height = torch.einsum('ncyx,ymc->nmyx', q, table_h)
+            height = F.interpolate(
+                height.reshape(B, W, H, nh * 9).permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
+                align_corners=False).permute(0, 2, 3, 1).reshape(B, H, W, nh, 9)
     return out + height
 
 
@@ -114,7 +139,10 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int):
 class DynamicGraphAttention(nn.Module):
     """ Attention over K = 9 nodes sampled at a 3x3 neighbourhood plus learned walks.
 
-    Works on channels-last maps (B, H, W, C). Keys and values are sampled in one call.
+    Works on channels-last maps (B, H, W, C), token-major throughout: q, k and v stay in the
+    layout the qkv Linear writes, and the sampled keys and values are never materialised
+    (see ``dgmn_timm.kernels``: gather path on CPU, fused Triton kernel on CUDA, portable
+    ``grid_sample`` path under TorchScript and ONNX export).
     """
 
     def __init__(
@@ -158,17 +186,10 @@ class DynamicGraphAttention(nn.Module):
             weights: (B, heads, K, H, W) attention weight of each node (softmax over K).
         """
         B, H, W, C = x.shape
-        N = H * W
-        nh, hd, K = self.num_heads, self.head_dim, self.num_nodes
-        q, k, _ = self.qkv(x).reshape(B, N, 3, nh, hd).permute(2, 0, 3, 4, 1).unbind(0)
-        q = q.reshape(B * nh, hd, H, W)
-        offset = self.offset(x.reshape(B, N, nh, hd)).reshape(B, H, W, nh, K, 2).permute(0, 3, 4, 1, 2, 5)
-        k = sample_nodes(
-            k.reshape(B * nh, hd, H, W), offset.permute(0, 1, 3, 4, 2, 5).reshape(B * nh, N, 2 * K), 1, True)
-        logits = (q.reshape(B * nh, hd, 1, N) * k).sum(1) * self.scale
-        logits = logits + rel_pos_term(q, self.rel_height, self.rel_width, self.rel_pos_released).reshape(
-            B * nh, K, N)
-        weights = logits.softmax(dim=1).reshape(B, nh, K, H, W)
+        K = self.num_nodes
+        qkv, offset, rel = self.attention_inputs(x)
+        weights = attention_weights(qkv, offset, rel, self.scale).permute(0, 3, 4, 1, 2)  # (B, nh, K, H, W)
+        offset = offset.reshape(B, H, W, self.num_heads, K, 2).permute(0, 3, 4, 1, 2, 5)
         idx = torch.arange(K, device=x.device)
         base_y = (idx // 3 - 1).view(K, 1, 1) + torch.arange(H, device=x.device).view(1, H, 1)
         base_x = (idx % 3 - 1).view(K, 1, 1) + torch.arange(W, device=x.device).view(1, 1, W)
@@ -176,25 +197,24 @@ class DynamicGraphAttention(nn.Module):
         positions = base + offset
         return positions, weights
 
+    def attention_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ qkv (B, H, W, 3, nh, hd), walks (B, H, W, nh, 2K) and position logits (B, H, W, nh, K). """
+        B, H, W, C = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(B, H, W, 3, nh, hd)
+        # walks per head slice, weights shared by the heads; (dy, dx) of node k at 2k, 2k + 1
+        offset = self.offset(x.reshape(B, H, W, nh, hd))
+        rel = rel_pos_logits(qkv[:, :, :, 0], self.rel_height, self.rel_width, self.rel_pos_released)
+        return qkv, offset, rel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        N = H * W
-        nh, hd = self.num_heads, self.head_dim
-        qkv = self.qkv(x).reshape(B, N, 3, nh, hd).permute(2, 0, 3, 4, 1)  # (3, B, nh, hd, N)
-        q = qkv[0].reshape(B * nh, hd, H, W)
-        kv = qkv[1:].transpose(0, 1).reshape(B * nh, 2 * hd, H, W)
-        K = self.num_nodes
-        offset = self.offset(x.reshape(B, N, nh, hd)).transpose(1, 2).reshape(B * nh, N, 2 * K)
-
-        nodes = sample_nodes(kv, offset, 1, True)  # (B * nh, 2 * hd, K, N)
-        k, v = nodes[:, :hd], nodes[:, hd:]
-        attn = (q.reshape(B * nh, hd, 1, N) * k).sum(1) * self.scale  # (B * nh, K, N)
-        attn = attn + rel_pos_term(q, self.rel_height, self.rel_width, self.rel_pos_released).reshape(B * nh, K, N)
-        attn = attn.softmax(dim=1)
-        attn = self.attn_drop(attn)
-        x = (attn.unsqueeze(1) * v).sum(2)  # (B * nh, hd, N)
-        x = x.reshape(B, C, N).transpose(1, 2).reshape(B, H, W, C)
-        x = self.proj(x)
+        qkv, offset, rel = self.attention_inputs(x)
+        if torch.jit.is_scripting():
+            x = sampled_attention_portable(qkv, offset, rel, self.scale, self.attn_drop.p, self.training)
+        else:
+            x = sampled_attention(qkv, offset, rel, self.scale, self.attn_drop.p, self.training)
+        x = self.proj(x.reshape(B, H, W, C))
         x = self.proj_drop(x)
         return x
 

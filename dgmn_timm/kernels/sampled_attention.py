@@ -1,0 +1,362 @@
+""" DGMN2's sampled attention: every query attends to K = 9 bilinearly sampled key/value nodes.
+
+Layout (token-major, the layout a ``Linear`` over channels-last tokens produces, so no
+permutes are needed):
+
+- ``qkv``: (B, H, W, 3, nh, hd) queries, keys and values of ``nh`` heads.
+- ``offset``: (B, H, W, nh, 18) walks, index 2k = row (dy), 2k + 1 = column (dx) of node k.
+- ``rel``: (B, H, W, nh, 9) position logits added before the softmax (spec section 3).
+- result: (B, H, W, nh, hd), heads side by side.
+
+Node k = 3i + j of the query at (y, x) is read at (y - 1 + i + dy_k, x - 1 + j + dx_k),
+bilinearly, a corner outside the map reading zero (spec section 2).
+
+CPU path (``sampled_attention_cpu``), the one eager CPU models use
+------------------------------------------------------------------
+Bilinear sampling is linear in the map, so a sampled key is a weighted sum of 4 table
+rows and the whole attention can be written with two fused gather primitives of
+PyTorch's embedding-bag kernels, without ever materialising the 9x-sized sampled keys
+and values (the straightforward port's cost on CPU: fresh 100 MB tensors, permutes):
+
+- logits_k = scale * <q, sum_c w_kc K[i_kc]> + r_k = scale * sum_c w_kc <q, K[i_kc]> + r_k:
+  the 36 dot products <q, K[i]> per query are one
+  ``_embedding_bag_per_sample_weights_backward`` call (a gather-dot, no copies).
+- out = sum_k p_k sum_c w_kc V[i_kc]: one ``embedding_bag(mode='sum')`` with 36 rows per
+  query and weights p_k * w_kc.
+
+Keys and values are zero-padded by one row/column on top/left and two on bottom/right
+(one copy of k and v, no 9x tensor), so every corner index is valid, a corner outside
+the map reads a zero row, and positions can be clamped to the padded range without
+changing any value (beyond the range all 4 corners are zero, and grid_sample's gradient
+there is zero too). The backward is explicit (a custom ``autograd.Function``): the
+gradients of the corner weights are two more gather-dots, dq is one embedding bag, and
+the scatter into the key/value tables is written as a gather too: the corner indices
+are sorted once (int32 radix sort) and the transposed bags are embedding bags over the
+queries (``include_last_offset``), which avoids ``index_add_`` over a 36x-sized tensor.
+
+Portable path (``sampled_attention_portable``)
+----------------------------------------------
+``sample_nodes`` (one ``grid_sample`` call for keys and values, channel-first) plus plain
+tensor ops; autograd-native, TorchScript-scriptable and ONNX-exportable (``grid_sample``
+becomes ONNX ``GridSample``, opset 16). Used under ``torch.jit.script``, ONNX export, and
+for attention dropout in training.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from timm.layers import register_notrace_function
+except ImportError:  # pragma: no cover - very old timm
+    def register_notrace_function(fn):
+        return fn
+
+from ..sampling import sample_nodes
+
+__all__ = [
+    'sampled_attention', 'sampled_attention_cpu', 'sampled_attention_portable', 'node_corners',
+    'attention_weights', 'triton_available',
+]
+
+_NUM_NODES = 9
+_NUM_CORNERS = 4
+
+# base grids per (H, W, device, dtype); tiny, but building one costs ~10 small ops per call
+_BASE_GRIDS: Dict[Tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+_TRITON_OK: List[Optional[bool]] = [None]
+
+
+def triton_available() -> bool:
+    """ True if Triton imports (checked once). """
+    if _TRITON_OK[0] is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_OK[0] = True
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON_OK[0] = False
+    return bool(_TRITON_OK[0])
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half / bfloat16 are sampled in float32: coordinates need sub-pixel accuracy, and
+    # the gathers accumulate 36 products per output.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _build_base_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """ (H, W, 1, 9, 2) padded pixel coordinates (y + i, x + j) of node k = 3i + j.
+
+    The unpadded position is (y - 1 + i, x - 1 + j); the padding shifts it by one.
+    """
+    i = torch.arange(3, device=device, dtype=dtype)
+    by = (torch.arange(height, device=device, dtype=dtype).view(height, 1, 1) + i.view(1, 3, 1))
+    bx = (torch.arange(width, device=device, dtype=dtype).view(width, 1, 1) + i.view(1, 1, 3))
+    by = by.expand(height, 3, 3).reshape(height, 1, 9).expand(height, width, 9)
+    bx = bx.expand(width, 3, 3).reshape(1, width, 9).expand(height, width, 9)
+    return torch.stack((by, bx), dim=-1).view(height, width, 1, 9, 2)
+
+
+def _base_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _build_base_grid(height, width, device, dtype)
+    key = (height, width, str(device), dtype)
+    grid = _BASE_GRIDS.get(key)
+    if grid is None:
+        if len(_BASE_GRIDS) > 64:
+            _BASE_GRIDS.clear()
+        grid = _build_base_grid(height, width, device, dtype)
+        _BASE_GRIDS[key] = grid
+    return grid
+
+
+def node_corners(
+        offset: torch.Tensor,
+        height: int,
+        width: int,
+        num_heads: int,
+        need_mask: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """ Corner rows and bilinear weights of the 9 nodes of every query and head.
+
+    The table the rows index is the zero-padded key/value map (B, H + 3, W + 3, 2, nh, hd)
+    (one row/column of zeros on top/left, two on bottom/right) viewed as (rows, hd): the
+    key of head h at padded pixel P is row 2 * nh * P + h, its value row 2 * nh * P + nh + h.
+
+    Args:
+        offset: (B, H, W, nh, 18) walks, (dy, dx) per node.
+        height, width: map size H, W.
+        num_heads: nh.
+        need_mask: also return where the (unclamped) position lies in the padded range,
+            i.e. where the position has a gradient.
+
+    Returns:
+        idx: (B * H * W * nh * 36,) key rows, corners in the order (y0, x0), (y0, x0 + 1),
+            (y0 + 1, x0), (y0 + 1, x0 + 1); add nh for the value rows. int32 when the
+            table has fewer than 2**31 rows, else int64.
+        w: (M, 9, 4) bilinear weights (M = B * H * W * nh), float32 (float64 for float64 offsets).
+        g: (M, 9, 2, 2) 1-d weights: g[..., 0, :] = (1 - fy, fy), g[..., 1, :] = (1 - fx, fx).
+        mask: (M, 9, 2) bool or None.
+    """
+    B = offset.shape[0]
+    nh = num_heads
+    device = offset.device
+    cdt = _compute_dtype(offset.dtype)
+    Hp, Wp = height + 3, width + 3
+    rows = B * Hp * Wp * 2 * nh
+    itype = torch.int32 if rows < 2 ** 31 - 1 else torch.int64
+    M = B * height * width * nh
+
+    pos = offset.reshape(B, height, width, nh, _NUM_NODES, 2).to(cdt) + _base_grid(height, width, device, cdt)
+    lim = torch.tensor([height + 1., width + 1.], device=device, dtype=cdt)
+    mask: Optional[torch.Tensor] = None
+    if need_mask:
+        mask = ((pos >= 0.) & (pos <= lim)).reshape(M, _NUM_NODES, 2)
+    # beyond the padded range all 4 corners read zeros: clamping changes no value
+    pos = torch.clamp(pos, min=torch.zeros_like(lim), max=lim)
+    # pos >= 0 now, so truncation is floor
+    frac = torch.frac(pos)
+    fl = pos.to(itype)
+    stride = torch.tensor([Wp * 2 * nh, 2 * nh], device=device, dtype=itype)
+    corner = torch.tensor([0, 2 * nh, Wp * 2 * nh, (Wp + 1) * 2 * nh], device=device, dtype=itype)
+    corner = corner + (torch.arange(B, device=device, dtype=itype) * (Hp * Wp * 2 * nh)).view(B, 1, 1, 1, 1, 1) \
+        + torch.arange(nh, device=device, dtype=itype).view(1, 1, 1, nh, 1, 1)
+    idx = ((fl * stride).sum(-1, dtype=itype).unsqueeze(-1) + corner).reshape(-1)
+    # (1 - f, f) per axis: g[..., axis, 0 / 1]
+    g = torch.addcmul(_lo_hi(device, cdt), frac.unsqueeze(-1), _lo_hi_sign(device, cdt))
+    w = (g[..., 0, :, None] * g[..., 1, None, :]).reshape(M, _NUM_NODES, _NUM_CORNERS)
+    return idx, w, g.reshape(M, _NUM_NODES, 2, 2), mask
+
+
+def _lo_hi(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([1., 0.], device=device, dtype=dtype)
+
+
+def _lo_hi_sign(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([-1., 1.], device=device, dtype=dtype)
+
+
+def _bag_index(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ offsets and offset2bag of ``num_bags`` bags of ``bag_size`` consecutive entries. """
+    bags = torch.arange(num_bags, device=device, dtype=dtype)
+    return bags * bag_size, bags.view(num_bags, 1).expand(num_bags, bag_size).reshape(-1)
+
+
+def _gather_dot(rows_of: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, bag_size: int) -> torch.Tensor:
+    """ out[j] = <rows_of[j // bag_size], table[idx[j]]>, fused (no gathered copy). """
+    offsets, offset2bag = _bag_index(rows_of.shape[0], bag_size, idx.device, idx.dtype)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        rows_of, table, idx, offsets, offset2bag, 0, -1)
+
+
+def _gather_sum(idx: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ out[m] = sum_j weights[m, j] * table[idx[m, j]], fused. idx, weights: (M, J). """
+    return F.embedding_bag(idx, table, per_sample_weights=weights, mode='sum')
+
+
+def _tables(qkv: torch.Tensor, scale: float, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ scaled queries (M, hd) and the padded key/value table (rows, hd), see ``node_corners``. """
+    hd = qkv.shape[-1]
+    qs = (qkv[:, :, :, 0].to(cdt) * scale).view(-1, hd)
+    kv = F.pad(qkv[:, :, :, 1:].to(cdt), (0, 0, 0, 0, 0, 0, 1, 2, 1, 2))  # (B, H + 3, W + 3, 2, nh, hd)
+    return qs, kv.view(-1, hd)
+
+
+def _forward_core(
+        qs: torch.Tensor, table: torch.Tensor, nh: int, idx: torch.Tensor, w: torch.Tensor, rel: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ qs (M, hd) scaled queries; table (rows, hd); idx (M * 36,) key rows; w (M, 9, 4); rel (M, 9).
+
+    Returns out (M, hd), p (M, 9), dots (M, 9, 4) = <qs, K[corner]>.
+    """
+    M = qs.shape[0]
+    dots = _gather_dot(qs, table, idx, _NUM_NODES * _NUM_CORNERS).view(M, _NUM_NODES, _NUM_CORNERS)
+    logits = (w * dots).sum(-1) + rel
+    p = logits.softmax(dim=-1)
+    # value rows are key rows + nh: a view of the same table starting nh rows later
+    out = _gather_sum(idx.view(M, -1), table[nh:], (w * p.unsqueeze(-1)).view(M, -1))
+    return out, p, dots
+
+
+class _SampledAttentionCPU(torch.autograd.Function):
+    """ Fused sample + attend with gather-only forward and backward (see module doc). """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, W, _, nh, hd = qkv.shape
+        cdt = _compute_dtype(qkv.dtype)
+        M = B * H * W * nh
+        idx, w, g, mask = node_corners(offset, H, W, nh, need_mask=ctx.needs_input_grad[1])
+        qs, table = _tables(qkv, scale, cdt)
+        out, p, dots = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(qs, table, idx, w, g, mask, p, dots)
+            ctx.scale = scale
+            ctx.dims = (B, H, W, nh, hd)
+            ctx.dtypes = (qkv.dtype, offset.dtype, rel.dtype)
+        return out.view(B, H, W, nh, hd).to(qkv.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        qs, table, idx, w, g, mask, p, dots = ctx.saved_tensors
+        B, H, W, nh, hd = ctx.dims
+        qkv_dtype, offset_dtype, rel_dtype = ctx.dtypes
+        Hp, Wp = H + 3, W + 3
+        M = qs.shape[0]
+        cdt = qs.dtype
+        go = grad_out.to(cdt).contiguous().view(M, hd)
+
+        # d out / d (p_k w_kc) = <go, V[i_kc]>
+        vdots = _gather_dot(go, table[nh:], idx, _NUM_NODES * _NUM_CORNERS).view(M, _NUM_NODES, _NUM_CORNERS)
+        dp = (w * vdots).sum(-1)
+        dlogits = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward, (M, 9)
+        wk = w * dlogits.unsqueeze(-1)  # d logits / d (scaled q . K[i_kc])
+
+        grad_qkv = grad_offset = grad_rel = None
+        if ctx.needs_input_grad[0]:
+            grad_qkv = torch.empty((B, H, W, 3, nh, hd), device=go.device, dtype=qkv_dtype)
+            dq = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)).view(B, H, W, nh, hd)
+            if qkv_dtype == cdt:
+                torch.mul(dq, ctx.scale, out=grad_qkv[:, :, :, 0])
+            else:
+                grad_qkv[:, :, :, 0] = dq * ctx.scale
+            # the scatter into the table, written as gathers: sort the corner entries by row,
+            # then one bag per row over the queries that read it
+            flat = idx.view(-1)
+            order = torch.argsort(flat)
+            counts = torch.bincount(flat, minlength=table.shape[0])
+            bag_offsets = F.pad(counts.cumsum(0), (1, 0))
+            src = order // (_NUM_NODES * _NUM_CORNERS)
+            grad_table = F.embedding_bag(
+                src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1)[order], include_last_offset=True)
+            grad_v = F.embedding_bag(
+                src, go, bag_offsets, mode='sum', per_sample_weights=(w * p.unsqueeze(-1)).view(-1)[order],
+                include_last_offset=True)
+            grad_table[nh:] += grad_v[:-nh]
+            grad_qkv[:, :, :, 1:] = grad_table.view(B, Hp, Wp, 2, nh, hd)[:, 1:H + 1, 1:W + 1]
+        if ctx.needs_input_grad[1]:
+            # d/dw_kc, then through w_kc = gy * gx (fy, fx = position - floor)
+            dw = (vdots * p.unsqueeze(-1) + dots * dlogits.unsqueeze(-1)).view(M, _NUM_NODES, 2, 2)
+            dfy = ((dw[:, :, 1] - dw[:, :, 0]) * g[:, :, 1]).sum(-1)
+            dfx = ((dw[:, :, :, 1] - dw[:, :, :, 0]) * g[:, :, 0]).sum(-1)
+            grad_offset = torch.stack((dfy, dfx), dim=-1)
+            if mask is not None:
+                grad_offset = grad_offset * mask
+            grad_offset = grad_offset.view(B, H, W, nh, 2 * _NUM_NODES).to(offset_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_rel = dlogits.view(B, H, W, nh, _NUM_NODES).to(rel_dtype)
+        return grad_qkv, grad_offset, grad_rel, None
+
+
+def sampled_attention_cpu(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+    """ The gather-based path (any device; the default off CUDA). Shapes as in the module doc. """
+    return _SampledAttentionCPU.apply(qkv, offset, rel, scale)
+
+
+def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+    """ (B, H, W, nh, 9) softmax weights of the nodes, computed as the CPU path's forward does. """
+    B, H, W, _, nh, hd = qkv.shape
+    cdt = _compute_dtype(qkv.dtype)
+    M = B * H * W * nh
+    idx, w, _, _ = node_corners(offset, H, W, nh)
+    qs, table = _tables(qkv, scale, cdt)
+    _, p, _ = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
+    return p.view(B, H, W, nh, _NUM_NODES)
+
+
+def sampled_attention_portable(
+        qkv: torch.Tensor,
+        offset: torch.Tensor,
+        rel: torch.Tensor,
+        scale: float,
+        attn_drop: float = 0.,
+        training: bool = False,
+) -> torch.Tensor:
+    """ ``grid_sample`` composition: scriptable, ONNX-exportable, autograd-native. """
+    B, H, W, _, nh, hd = qkv.shape
+    N = H * W
+    K = 9  # literal: TorchScript cannot close over module globals
+    q = qkv[:, :, :, 0].reshape(B, N, nh, hd).permute(0, 2, 3, 1).reshape(B * nh, hd, 1, N)
+    kv = qkv[:, :, :, 1:].permute(0, 4, 3, 5, 1, 2).reshape(B * nh, 2 * hd, H, W)
+    off = offset.reshape(B, N, nh, 2 * K).transpose(1, 2).reshape(B * nh, N, 2 * K)
+    nodes = sample_nodes(kv, off, 1, True)  # (B * nh, 2 * hd, 9, N), keys and values in one call
+    logits = (q * nodes[:, :hd]).sum(1) * scale  # (B * nh, 9, N)
+    logits = logits + rel.reshape(B, N, nh, K).permute(0, 2, 3, 1).reshape(B * nh, K, N)
+    p = logits.softmax(dim=1)
+    p = F.dropout(p, attn_drop, training)
+    out = (p.unsqueeze(1) * nodes[:, hd:]).sum(2)  # (B * nh, hd, N)
+    return out.reshape(B, nh, hd, H, W).permute(0, 3, 4, 1, 2)
+
+
+@register_notrace_function
+def sampled_attention(
+        qkv: torch.Tensor,
+        offset: torch.Tensor,
+        rel: torch.Tensor,
+        scale: float,
+        attn_drop: float = 0.,
+        training: bool = False,
+) -> torch.Tensor:
+    """ DGMN2 sampled attention, dispatched to the fastest exact implementation.
+
+    Args:
+        qkv: (B, H, W, 3, nh, hd).
+        offset: (B, H, W, nh, 18) walks, (dy, dx) per node.
+        rel: (B, H, W, nh, 9) logits added before the softmax.
+        scale: logit scale (hd ** -0.5).
+        attn_drop: dropout on the attention weights (used when ``training``).
+
+    Returns:
+        (B, H, W, nh, hd).
+
+    CUDA tensors go to the fused Triton kernel when Triton is installed; ONNX export and
+    attention dropout use the portable ``grid_sample`` path; everything else the gather
+    path (``sampled_attention_cpu``).
+    """
+    if torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training):
+        return sampled_attention_portable(qkv, offset, rel, scale, attn_drop, training)
+    if qkv.is_cuda and triton_available():
+        from .triton_sampled_attention import sampled_attention_triton
+        return sampled_attention_triton(qkv, offset, rel, scale)
+    return sampled_attention_cpu(qkv, offset, rel, scale)

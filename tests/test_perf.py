@@ -1,0 +1,379 @@
+""" The fast sampled attention against an independent, slow, float64 reference (spec sections 2-3).
+
+The reference below is written from the spec only: explicit loops over nodes and bilinear
+corners, explicit loops over (y, x, m) for the position term, explicit resize matrices.
+Every fast path (CPU gather path, portable grid_sample path, Triton kernel in interpreter
+mode) is compared to it, forward and gradients.
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dgmn_timm  # noqa: F401
+from dgmn_timm.kernels import sampled_attention, sampled_attention_cpu, sampled_attention_portable
+from dgmn_timm.models.dgmn2 import DynamicGraphAttention, rel_pos_logits, rel_pos_term
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 9
+
+
+# ---------------------------------------------------------------- independent reference
+
+def _resize_matrix(n_in, n_out):
+    """ (n_out, n_in) matrix of a 1-d bilinear resize, align_corners=False. """
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.)
+        lo = min(int(math.floor(src)), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        m[i, lo] += 1 - (src - lo)
+        m[i, hi] += src - lo
+    return m
+
+
+def ref_rel_pos(q, rel_height, rel_width, released=True):
+    """ q (B, H, W, nh, c) -> (B, H, W, nh, K), loops over (y, x, m) as in spec section 3. """
+    B, H, W, nh, c = q.shape
+    th = _resize_matrix(rel_height.shape[0], H + K - 1) @ rel_height.double()
+    tw = _resize_matrix(rel_width.shape[0], W + K - 1) @ rel_width.double()
+    rw = q.new_zeros(B, H, W, nh, K)
+    rh_t = q.new_zeros(B, W, H, nh, K)  # Rh'[x, y]
+    rh = q.new_zeros(B, H, W, nh, K)
+    for y in range(H):
+        for x in range(W):
+            for m in range(K):
+                rw[:, y, x, :, m] = q[:, y, x] @ tw[W - 1 - x + m]
+                rh_t[:, x, y, :, m] = q[:, y, x] @ th[H - 1 - y + m]
+                rh[:, y, x, :, m] = q[:, y, x] @ th[H - 1 - y + m]
+    if released:
+        # the (W, H) grid resized as an image to (H, W), added position by position
+        rh = torch.einsum('iw,bwhnm,jh->bijnm', _resize_matrix(W, H), rh_t, _resize_matrix(H, W))
+    return rw + rh
+
+
+def ref_bilinear(img, py, px):
+    """ img (B, H, W, C); py, px (B, ...) pixel coordinates -> (B, ..., C); outside corners read 0. """
+    B, H, W, C = img.shape
+    out = 0.
+    y0, x0 = torch.floor(py), torch.floor(px)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yi, xi = y0 + dy, x0 + dx
+            weight = (1 - (py - yi).abs()) * (1 - (px - xi).abs())
+            inside = ((yi >= 0) & (yi <= H - 1) & (xi >= 0) & (xi <= W - 1)).to(img.dtype)
+            yc, xc = yi.clamp(0, H - 1).long(), xi.clamp(0, W - 1).long()
+            vals = torch.stack([img[b][yc[b], xc[b]] for b in range(B)])
+            out = out + vals * (weight * inside).unsqueeze(-1)
+    return out
+
+
+def ref_attention(qkv, offset, rel, scale):
+    """ qkv (B, H, W, 3, nh, c), offset (B, H, W, nh, 18), rel (B, H, W, nh, K) -> (B, H, W, nh, c). """
+    B, H, W, _, nh, c = qkv.shape
+    ys = torch.arange(H, dtype=torch.float64).view(1, H, 1)
+    xs = torch.arange(W, dtype=torch.float64).view(1, 1, W)
+    heads = []
+    for h in range(nh):
+        q, k, v = qkv[:, :, :, 0, h], qkv[:, :, :, 1, h], qkv[:, :, :, 2, h]
+        logits, values = [], []
+        for node in range(K):
+            i, j = divmod(node, 3)
+            py = ys - 1 + i + offset[:, :, :, h, 2 * node]
+            px = xs - 1 + j + offset[:, :, :, h, 2 * node + 1]
+            k_n = ref_bilinear(k, py, px)
+            v_n = ref_bilinear(v, py, px)
+            logits.append(scale * (q * k_n).sum(-1) + rel[:, :, :, h, node])
+            values.append(v_n)
+        p = torch.stack(logits, -1).softmax(-1)
+        heads.append(sum(p[..., n, None] * values[n] for n in range(K)))
+    return torch.stack(heads, 3)
+
+
+def ref_module(m: DynamicGraphAttention, x):
+    """ Whole DynamicGraphAttention from its parameters, float64. """
+    x = x.double()
+    B, H, W, C = x.shape
+    nh, c = m.num_heads, m.head_dim
+    qkv = (x @ m.qkv.weight.double().t() + m.qkv.bias.double()).view(B, H, W, 3, nh, c)
+    offset = x.view(B, H, W, nh, c) @ m.offset.weight.double().t() + m.offset.bias.double()
+    rel = ref_rel_pos(qkv[:, :, :, 0], m.rel_height, m.rel_width, m.rel_pos_released)
+    out = ref_attention(qkv, offset, rel, m.scale).reshape(B, H, W, C)
+    return out @ m.proj.weight.double().t() + m.proj.bias.double()
+
+
+# ---------------------------------------------------------------- helpers
+
+def _inputs(B, H, W, nh, c, dtype=torch.float64, walk=1.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, H, W, 3, nh, c, generator=g, dtype=torch.float64)
+    offset = torch.randn(B, H, W, nh, 2 * K, generator=g, dtype=torch.float64) * walk
+    rel = torch.randn(B, H, W, nh, K, generator=g, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (qkv, offset, rel)]
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    return torch.autograd.grad(out, inputs, go)
+
+
+def _assert_close(a, b, atol, rtol=0.):
+    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol)
+
+
+SIZES = [
+    (2, 5, 5, 1, 8),
+    (1, 4, 7, 2, 4),   # non-square
+    (2, 6, 3, 3, 5),   # taller than wide
+    (1, 1, 1, 2, 6),   # 1x1 map: every neighbour but the centre is outside
+    (1, 2, 9, 1, 3),
+]
+
+
+# ---------------------------------------------------------------- sampled attention
+
+@pytest.mark.parametrize('B,H,W,nh,c', SIZES)
+@pytest.mark.parametrize('impl', ['cpu', 'portable'])
+def test_attention_matches_reference_float64(B, H, W, nh, c, impl):
+    inputs = _inputs(B, H, W, nh, c)
+    scale = c ** -0.5
+    fn = sampled_attention_cpu if impl == 'cpu' else sampled_attention_portable
+    out = fn(*inputs, scale)
+    ref = ref_attention(*inputs, scale)
+    _assert_close(out, ref, 1e-12)
+    for g, r in zip(_grads(out, inputs), _grads(ref, inputs)):
+        _assert_close(g, r, 1e-10)
+
+
+@pytest.mark.parametrize('B,H,W,nh,c', SIZES[:3])
+def test_attention_float32_within_1e5(B, H, W, nh, c):
+    inputs = _inputs(B, H, W, nh, c)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
+    scale = c ** -0.5
+    out = sampled_attention_cpu(*inputs32, scale)
+    ref = ref_attention(*inputs, scale)
+    assert out.dtype == torch.float32
+    _assert_close(out, ref, 1e-5)
+    for g, r in zip(_grads(out, inputs32), _grads(ref, inputs)):
+        _assert_close(g, r, 1e-5, 1e-5)
+
+
+def test_attention_bfloat16_within_tolerance():
+    inputs = _inputs(2, 6, 5, 2, 8)
+    with torch.no_grad():
+        # bf16 rounds small walks to integers, where the bilinear gradient has a kink: keep
+        # positions a quarter pixel off the grid, exactly representable in bf16
+        inputs[1].copy_(inputs[1].round() + 0.25)
+    bf = [t.detach().bfloat16().requires_grad_() for t in inputs]
+    rounded = [t.detach().double().requires_grad_() for t in bf]
+    out = sampled_attention_cpu(*bf, 8 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    ref = ref_attention(*rounded, 8 ** -0.5)
+    _assert_close(out, ref, 2e-2, 2e-2)
+    for g, r in zip(_grads(out, bf), _grads(ref, rounded)):
+        assert g.dtype == torch.bfloat16
+        _assert_close(g, r, 5e-2, 5e-2)
+
+
+def test_walks_far_outside_read_zero_and_have_no_gradient():
+    qkv, offset, rel = _inputs(1, 4, 5, 1, 4)
+    with torch.no_grad():
+        offset[..., :4] = 1e4  # nodes 0 and 1 far below / right of the map
+        offset[..., 4:6] = -1e4
+    out = sampled_attention_cpu(qkv, offset, rel, 0.5)
+    ref = ref_attention(qkv, offset, rel, 0.5)
+    _assert_close(out, ref, 1e-12)
+    g_off = _grads(out, [offset])[0]
+    assert (g_off[..., :6] == 0).all()
+    _assert_close(g_off, _grads(ref, [offset])[0], 1e-10)
+
+
+def test_walks_partly_outside_match_reference():
+    # positions within one pixel outside the map: one of each pair of corners is a zero read
+    qkv, offset, rel = _inputs(1, 3, 4, 2, 4, walk=0.)
+    with torch.no_grad():
+        offset.uniform_(-2.6, 2.6)
+    out = sampled_attention_cpu(qkv, offset, rel, 0.5)
+    ref = ref_attention(qkv, offset, rel, 0.5)
+    _assert_close(out, ref, 1e-12)
+    for g, r in zip(_grads(out, [qkv, offset, rel]), _grads(ref, [qkv, offset, rel])):
+        _assert_close(g, r, 1e-10)
+
+
+def test_dispatch_and_dropout_path():
+    qkv, offset, rel = _inputs(1, 4, 4, 2, 4, dtype=torch.float32)
+    a = sampled_attention(qkv, offset, rel, 0.5)
+    b = sampled_attention_cpu(qkv, offset, rel, 0.5)
+    assert torch.equal(a, b)
+    # attention dropout (training only) goes to the portable path; p = 0 in eval is the same function
+    c = sampled_attention(qkv, offset, rel, 0.5, attn_drop=0.5, training=False)
+    assert torch.equal(c, b)
+    torch.manual_seed(0)
+    d = sampled_attention(qkv, offset, rel, 0.5, attn_drop=0.5, training=True)
+    assert d.shape == b.shape and not torch.allclose(d, b)
+    d.sum().backward()
+
+
+def test_gradcheck_cpu_path():
+    inputs = _inputs(1, 3, 4, 2, 3, walk=1.2, seed=3)
+    assert torch.autograd.gradcheck(lambda a, b, c: sampled_attention_cpu(a, b, c, 0.7), inputs)
+
+
+# ---------------------------------------------------------------- position term and the module
+
+@pytest.mark.parametrize('H,W,nh', [(5, 5, 2), (4, 6, 1), (7, 3, 3), (1, 1, 2)])
+@pytest.mark.parametrize('released', [True, False])
+def test_rel_pos_logits_match_reference(H, W, nh, released):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, H, W, nh, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    rel_h = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    rel_w = torch.randn(13, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    out = rel_pos_logits(q, rel_h, rel_w, released)
+    ref = ref_rel_pos(q, rel_h, rel_w, released)
+    _assert_close(out, ref, 1e-12)
+    for a, b in zip(_grads(out, [q, rel_h, rel_w]), _grads(ref, [q, rel_h, rel_w])):
+        _assert_close(a, b, 1e-10)
+    # the public (N, c, H, W) form is the same function
+    legacy = rel_pos_term(q.detach()[:, :, :, 0].permute(0, 3, 1, 2), rel_h, rel_w, released)
+    _assert_close(legacy, ref[:, :, :, 0].permute(0, 3, 1, 2).detach(), 1e-12)
+
+
+def _module(dim, nh, table, dtype=torch.float64, released=True, seed=0):
+    torch.manual_seed(seed)
+    m = DynamicGraphAttention(dim, nh, table_size=table, rel_pos_released=released).to(dtype)
+    torch.nn.init.normal_(m.offset.weight, std=0.5)
+    torch.nn.init.normal_(m.offset.bias, std=1.0)
+    return m
+
+
+@pytest.mark.parametrize('H,W,dim,nh', [(5, 5, 8, 1), (4, 6, 12, 3), (6, 4, 8, 2), (1, 1, 10, 5)])
+@pytest.mark.parametrize('released', [True, False])
+def test_module_matches_reference(H, W, dim, nh, released):
+    m = _module(dim, nh, (3, 5), released=released)
+    x = torch.randn(2, H, W, dim, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    ref = ref_module(m, x)
+    _assert_close(out, ref, 1e-12)
+    params = [x] + list(m.parameters())
+    for a, b in zip(_grads(out, params), _grads(ref, params)):
+        _assert_close(a, b, 1e-10)
+
+
+def test_module_float32_matches_reference():
+    m = _module(16, 2, (4, 4), dtype=torch.float32)
+    x = torch.randn(2, 6, 5, 16)
+    out = m(x)
+    m64 = _module(16, 2, (4, 4))
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    ref = ref_module(m64, x.double())
+    _assert_close(out, ref, 1e-5, 1e-5)
+
+
+def test_scripted_module_matches_eager():
+    m = _module(12, 3, (4, 4), dtype=torch.float32).eval()
+    x = torch.randn(2, 5, 6, 12)
+    scripted = torch.jit.script(m)
+    torch.testing.assert_close(scripted(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_graph_consistent_with_forward():
+    m = _module(8, 2, (4, 4))
+    x = torch.randn(1, 4, 5, 8, dtype=torch.float64)
+    positions, weights = m.sampling_graph(x)
+    B, H, W, C = x.shape
+    assert positions.shape == (B, 2, K, H, W, 2) and weights.shape == (B, 2, K, H, W)
+    # the forward output equals sum_k weight_k * value read at position_k
+    v = m.qkv(x).view(B, H, W, 3, 2, 4)[:, :, :, 2]
+    heads = []
+    for h in range(2):
+        vals = [ref_bilinear(v[:, :, :, h], positions[:, h, n, ..., 0], positions[:, h, n, ..., 1]) for n in range(K)]
+        heads.append(sum(weights[:, h, n, ..., None] * vals[n] for n in range(K)))
+    out = torch.stack(heads, 3).reshape(B, H, W, C)
+    _assert_close(m.proj(out), m(x), 1e-12)
+    _assert_close(weights.sum(2), torch.ones(B, 2, H, W), 1e-12)
+
+
+def test_model_forward_backward_float32():
+    import timm
+    model = timm.create_model('dgmn2_tiny', num_classes=3)
+    x = torch.randn(2, 3, 64, 96)
+    out = model(x)
+    out.sum().backward()
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------- Triton kernel (interpreter mode on CPU)
+
+def _triton_importable():
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _triton_importable(), reason='triton not installed')
+def test_triton_kernel_interpreter_matches_reference():
+    """ Runs the Triton kernel on CPU tensors with TRITON_INTERPRET=1 (set before triton is imported,
+    hence a subprocess) and compares forward and gradients with the float64 reference. """
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name('triton_interpret_check.py'))],
+        env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode == 77:
+        pytest.skip('Triton interpreter unavailable: ' + r.stdout[-500:])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _triton_importable(), reason='needs CUDA and triton')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernel_cuda_matches_reference(dtype):
+    from dgmn_timm.kernels.triton_sampled_attention import sampled_attention_triton
+    inputs = _inputs(2, 9, 7, 2, 32)
+    dev = [t.detach().to('cuda', dtype).requires_grad_() for t in inputs]
+    rounded = [t.detach().double().cpu().requires_grad_() for t in dev]
+    out = sampled_attention_triton(*dev, 32 ** -0.5)
+    ref = ref_attention(*rounded, 32 ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    _assert_close(out.cpu(), ref, tol, tol)
+    for g, r in zip(_grads(out, dev), _grads(ref, rounded)):
+        _assert_close(g.cpu(), r, 5 * tol, 5 * tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_model_dispatch_and_autocast():
+    import timm
+    model = timm.create_model('dgmn2_tiny').cuda().eval()
+    x = torch.randn(2, 3, 96, 128, device='cuda')
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            low = model(x)
+    torch.testing.assert_close(low.float(), ref, atol=0.15, rtol=0.05)
+    cpu = timm.create_model('dgmn2_tiny').eval()
+    cpu.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(cpu(x.cpu()), ref.cpu(), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- benchmark script
+
+def test_benchmark_script_tiny(tmp_path):
+    cmd = [
+        sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--models', 'dgmn2_tiny,pvt_v2_b1',
+        '--img-size', '64', '--batch-size', '1', '--iters', '2', '--warmup', '1', '--sweep', '64,96',
+        '--output-dir', str(tmp_path), '--no-progress',
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'dgmn2_tiny' in r.stdout and 'vs pvt_v2_b1' in r.stdout
+    for name in ('throughput.csv', 'sweep.csv', 'sweep.png'):
+        assert (tmp_path / name).stat().st_size > 0
+    lines = (tmp_path / 'throughput.csv').read_text().splitlines()
+    assert lines[0].startswith('model,') and len(lines) == 1 + 2 * 2  # 2 models x (infer, train)
