@@ -255,26 +255,21 @@ class _SampledAttentionCPU(torch.autograd.Function):
 
         grad_qkv = grad_offset = grad_rel = None
         if ctx.needs_input_grad[0]:
-            grad_qkv = torch.empty((B, H, W, 3, nh, hd), device=go.device, dtype=qkv_dtype)
-            dq = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)).view(B, H, W, nh, hd)
-            if qkv_dtype == cdt:
-                torch.mul(dq, ctx.scale, out=grad_qkv[:, :, :, 0])
-            else:
-                grad_qkv[:, :, :, 0] = dq * ctx.scale
+            dq = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)) * ctx.scale
             # the scatter into the table, written as gathers: sort the corner entries by row,
             # then one bag per row over the queries that read it
-            flat = idx.view(-1)
-            order = torch.argsort(flat)
-            counts = torch.bincount(flat, minlength=table.shape[0])
-            bag_offsets = F.pad(counts.cumsum(0), (1, 0))
+            sorted_rows, order = torch.sort(idx.view(-1))
+            bag_offsets = torch.searchsorted(
+                sorted_rows, torch.arange(table.shape[0] + 1, device=idx.device, dtype=idx.dtype))
             src = order // (_NUM_NODES * _NUM_CORNERS)
             grad_table = F.embedding_bag(
                 src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1)[order], include_last_offset=True)
             grad_v = F.embedding_bag(
                 src, go, bag_offsets, mode='sum', per_sample_weights=(w * p.unsqueeze(-1)).view(-1)[order],
                 include_last_offset=True)
-            grad_table[nh:] += grad_v[:-nh]
-            grad_qkv[:, :, :, 1:] = grad_table.view(B, Hp, Wp, 2, nh, hd)[:, 1:H + 1, 1:W + 1]
+            grad_table[nh:] += grad_v[:-nh]  # value rows are key rows + nh
+            grad_kv = grad_table.view(B, Hp, Wp, 2, nh, hd)[:, 1:H + 1, 1:W + 1]
+            grad_qkv = torch.cat((dq.view(B, H, W, 1, nh, hd), grad_kv), dim=3).to(qkv_dtype)
         if ctx.needs_input_grad[1]:
             # d/dw_kc, then through w_kc = gy * gx (fy, fx = position - floor)
             dw = (vdots * p.unsqueeze(-1) + dots * dlogits.unsqueeze(-1)).view(M, _NUM_NODES, 2, 2)
@@ -350,13 +345,14 @@ def sampled_attention(
     Returns:
         (B, H, W, nh, hd).
 
-    CUDA tensors go to the fused Triton kernel when Triton is installed; ONNX export and
+    CUDA tensors (float32 / bfloat16 / float16) go to the fused Triton kernel when Triton is
+    installed; ONNX export and
     attention dropout use the portable ``grid_sample`` path; everything else the gather
     path (``sampled_attention_cpu``).
     """
     if torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training):
         return sampled_attention_portable(qkv, offset, rel, scale, attn_drop, training)
-    if qkv.is_cuda and triton_available():
+    if qkv.is_cuda and qkv.dtype != torch.float64 and triton_available():
         from .triton_sampled_attention import sampled_attention_triton
         return sampled_attention_triton(qkv, offset, rel, scale)
     return sampled_attention_cpu(qkv, offset, rel, scale)

@@ -46,9 +46,18 @@ _VARIANT_DEPTHS = {
 }
 
 
-def _resize_table(table: torch.Tensor, rows: int) -> torch.Tensor:
-    """ Resize a (L, c) position table along its rows, as a bilinear image resize. """
-    if table.shape[0] == rows:
+def _exporting() -> bool:
+    """ True while tracing / exporting, where a shape-dependent Python branch would be baked in. """
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def _resize_table(table: torch.Tensor, rows: int, branch_free: bool = False) -> torch.Tensor:
+    """ Resize a (L, c) position table along its rows, as a bilinear image resize.
+
+    A bilinear resize to the same size is exactly the identity, so ``branch_free`` (used while
+    exporting with dynamic sizes) always resizes instead of testing the size.
+    """
+    if not branch_free and table.shape[0] == rows:
         return table
     return F.interpolate(
         table[None, None], size=(rows, table.shape[1]), mode='bilinear', align_corners=False)[0, 0]
@@ -106,8 +115,12 @@ def rel_pos_logits(
     so the largest intermediate is the (B, H, W, nh, K) result itself.
     """
     B, H, W, nh, c = q.shape
-    table_h = _resize_table(rel_height, H + 8)[_window_index(H, q.device)].to(q.dtype)  # (H, K, c)
-    table_w = _resize_table(rel_width, W + 8)[_window_index(W, q.device)].to(q.dtype)  # (W, K, c)
+    if torch.jit.is_scripting():
+        branch_free = False
+    else:
+        branch_free = _exporting()
+    table_h = _resize_table(rel_height, H + 8, branch_free)[_window_index(H, q.device)].to(q.dtype)  # (H, K, c)
+    table_w = _resize_table(rel_width, W + 8, branch_free)[_window_index(W, q.device)].to(q.dtype)  # (W, K, c)
     # width term Rw[y, x, m] = <q[y, x], rel_width[W - 1 - x + m]>: a product per column x
     out = torch.einsum('byxhc,xmc->byxhm', q, table_w)
     # clean height term <q[y, x], rel_height[H - 1 - y + m]>: a product per row y
@@ -115,7 +128,7 @@ def rel_pos_logits(
     if released:
         # Rh'[x, y] is the clean term at (y, x): a (W, H) grid that is read as (H, W)
         height = height.transpose(1, 2)
-        if H != W:
+        if branch_free or H != W:  # (an identity resize for square maps)
             height = F.interpolate(
                 height.reshape(B, W, H, nh * 9).permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
                 align_corners=False).permute(0, 2, 3, 1).reshape(B, H, W, nh, 9)

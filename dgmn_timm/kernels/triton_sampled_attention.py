@@ -1,0 +1,205 @@
+""" Fused Triton kernel for DGMN2's sampled attention (sample 9 nodes + attend), CUDA.
+
+Same function and layout as ``dgmn_timm.kernels.sampled_attention`` (qkv (B, H, W, 3, nh, hd),
+offset (B, H, W, nh, 18), rel (B, H, W, nh, 9) -> (B, H, W, nh, hd)).
+
+Forward: one program handles BLOCK_Q (query, head) rows x all hd channels. For each of the
+9 nodes it computes the bilinear position, reads the 4 corner key and value rows straight
+from the qkv tensor (masked: a corner outside the map reads zero), forms the sampled key
+and value in registers, and folds the node into an online softmax (running max, running
+sum, running weighted value). Sampled keys and values are never written to memory; the
+kernel stores the output and the log-sum-exp of the logits (4 bytes per row).
+
+Backward: one program per BLOCK_Q rows recomputes the corners and p_k = exp(logit_k - lse),
+writes dq, d rel and d offset directly (each row is owned by one program) and scatters the
+key / value gradients into the 4 corners with float32 atomic adds.
+
+All arithmetic is float32 (inputs may be float32, bfloat16 or float16; results are cast
+back). float64 inputs are not handled here (the gather path serves them).
+
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (used by the tests without a GPU).
+"""
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ['sampled_attention_triton']
+
+
+@triton.jit
+def _node_position(OFF, rows, rmask, y, x, k: tl.constexpr):
+    dy = tl.load(OFF + rows * 18 + 2 * k, mask=rmask, other=0.).to(tl.float32)
+    dx = tl.load(OFF + rows * 18 + 2 * k + 1, mask=rmask, other=0.).to(tl.float32)
+    py = y.to(tl.float32) + (k // 3 - 1) + dy
+    px = x.to(tl.float32) + (k % 3 - 1) + dx
+    y0f = tl.floor(py)
+    x0f = tl.floor(px)
+    return py - y0f, px - x0f, y0f, x0f
+
+
+@triton.jit
+def _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, cy: tl.constexpr, cx: tl.constexpr):
+    # clamp before the int conversion: far-away corners are outside either way
+    yi = tl.minimum(tl.maximum(y0f, -2.), H + 1.).to(tl.int32) + cy
+    xi = tl.minimum(tl.maximum(x0f, -2.), W + 1.).to(tl.int32) + cx
+    wy = fy * cy + (1. - fy) * (1 - cy)
+    wx = fx * cx + (1. - fx) * (1 - cx)
+    inb = rmask & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
+    src = (bimg * H + yi) * W + xi
+    return wy, wx, inb, src
+
+
+@triton.jit
+def _fwd_kernel(
+        QKV, OFF, REL, OUT, LSE,
+        M, H, W, NH, HD, scale,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rmask = rows < M
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HD
+    h = rows % NH
+    pix = rows // NH
+    x = pix % W
+    y = (pix // W) % H
+    bimg = pix // (H * W)
+    C = NH * HD
+    pstride = 3 * C
+    m2 = rmask[:, None] & dmask[None, :]
+    q = tl.load(QKV + pix[:, None] * pstride + h[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
+    m_i = tl.full([BLOCK_Q], -float('inf'), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for k in tl.static_range(9):
+        fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k)
+        ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        for c in tl.static_range(4):
+            wy, wx, inb, src = _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, c // 2, c % 2)
+            ptr = QKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
+            lm = inb[:, None] & dmask[None, :]
+            wgt = (wy * wx)[:, None]
+            ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
+            vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
+        logit = tl.sum(q * ks, 1) * scale + tl.load(REL + rows * 9 + k, mask=rmask, other=0.).to(tl.float32)
+        m_new = tl.maximum(m_i, logit)
+        alpha = tl.exp(m_i - m_new)
+        pk = tl.exp(logit - m_new)
+        l_i = l_i * alpha + pk
+        acc = acc * alpha[:, None] + pk[:, None] * vs
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + rows[:, None] * HD + d[None, :], out.to(OUT.dtype.element_ty), mask=m2)
+    tl.store(LSE + rows, m_i + tl.log(l_i), mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(
+        QKV, OFF, REL, OUT, LSE, DO, DQKV, DOFF, DREL,
+        M, H, W, NH, HD, scale,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rmask = rows < M
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HD
+    h = rows % NH
+    pix = rows // NH
+    x = pix % W
+    y = (pix // W) % H
+    bimg = pix // (H * W)
+    C = NH * HD
+    pstride = 3 * C
+    m2 = rmask[:, None] & dmask[None, :]
+    q = tl.load(QKV + pix[:, None] * pstride + h[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
+    go = tl.load(DO + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
+    o = tl.load(OUT + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
+    delta = tl.sum(go * o, 1)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.)
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for k in tl.static_range(9):
+        fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k)
+        ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        for c in tl.static_range(4):
+            wy, wx, inb, src = _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, c // 2, c % 2)
+            ptr = QKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
+            lm = inb[:, None] & dmask[None, :]
+            wgt = (wy * wx)[:, None]
+            ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
+            vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
+        logit = tl.sum(q * ks, 1) * scale + tl.load(REL + rows * 9 + k, mask=rmask, other=0.).to(tl.float32)
+        p = tl.exp(logit - lse)
+        dl = p * (tl.sum(go * vs, 1) - delta)
+        tl.store(DREL + rows * 9 + k, dl, mask=rmask)
+        dq += dl[:, None] * ks
+        dfy = tl.zeros([BLOCK_Q], tl.float32)
+        dfx = tl.zeros([BLOCK_Q], tl.float32)
+        for c in tl.static_range(4):
+            cy = c // 2
+            cx = c % 2
+            wy, wx, inb, src = _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, cy, cx)
+            ptr = QKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
+            lm = inb[:, None] & dmask[None, :]
+            kc = tl.load(ptr, mask=lm, other=0.).to(tl.float32)
+            vc = tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
+            # d loss / d w_c, then w_c = wy * wx with d wy / d fy = +-1
+            dw = p * tl.sum(go * vc, 1) + dl * scale * tl.sum(q * kc, 1)
+            dfy += dw * wx * (2 * cy - 1)
+            dfx += dw * wy * (2 * cx - 1)
+            wgt = wy * wx
+            gptr = DQKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
+            tl.atomic_add(gptr, (wgt * dl * scale)[:, None] * q, mask=lm)
+            tl.atomic_add(gptr + C, (wgt * p)[:, None] * go, mask=lm)
+        tl.store(DOFF + rows * 18 + 2 * k, dfy, mask=rmask)
+        tl.store(DOFF + rows * 18 + 2 * k + 1, dfx, mask=rmask)
+    tl.store(DQKV + pix[:, None] * pstride + h[:, None] * HD + d[None, :], dq * scale, mask=m2)
+
+
+def _launch_cfg(hd: int):
+    block_d = max(16, triton.next_power_of_2(hd))
+    block_q = 32 if block_d <= 64 else 16
+    return block_q, block_d
+
+
+class _SampledAttentionTriton(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, W, _, nh, hd = qkv.shape
+        qkv = qkv.contiguous()
+        offset = offset.contiguous()
+        rel = rel.contiguous()
+        M = B * H * W * nh
+        out = torch.empty((B, H, W, nh, hd), device=qkv.device, dtype=qkv.dtype)
+        lse = torch.empty((M,), device=qkv.device, dtype=torch.float32)
+        block_q, block_d = _launch_cfg(hd)
+        grid = (triton.cdiv(M, block_q),)
+        _fwd_kernel[grid](qkv, offset, rel, out, lse, M, H, W, nh, hd, float(scale),
+                          BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+        ctx.save_for_backward(qkv, offset, rel, out, lse)
+        ctx.scale = float(scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        qkv, offset, rel, out, lse = ctx.saved_tensors
+        B, H, W, _, nh, hd = qkv.shape
+        M = B * H * W * nh
+        go = grad_out.contiguous()
+        dqkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
+        doff = torch.empty(offset.shape, device=qkv.device, dtype=torch.float32)
+        drel = torch.empty(rel.shape, device=qkv.device, dtype=torch.float32)
+        block_q, block_d = _launch_cfg(hd)
+        grid = (triton.cdiv(M, block_q),)
+        _bwd_kernel[grid](qkv, offset, rel, out, lse, go, dqkv, doff, drel, M, H, W, nh, hd, ctx.scale,
+                          BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+        return dqkv.to(qkv.dtype), doff.to(offset.dtype), drel.to(rel.dtype), None
+
+
+def sampled_attention_triton(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+    """ Fused sample + attend (float32 / bfloat16 / float16); see the module doc. """
+    return _SampledAttentionTriton.apply(qkv, offset, rel, scale)
