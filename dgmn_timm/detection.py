@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from .state_dicts import abbrev, mismatch_error
 
 __all__ = [
     'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
@@ -215,24 +217,12 @@ def load_backbone_checkpoint(
         '.'.join(k.split('.')[:i]) in loaded_modules for i in range(2, len(k.split('.'))))]
     if missing or mismatched or unexpected:
         arch = (getattr(body, 'pretrained_cfg', None) or {}).get('architecture', type(body).__name__)
-        msg = [f'Backbone checkpoint does not match {arch}.']
-        if missing:
-            msg.append(f'Missing keys ({len(missing)}): {_abbrev(missing)}')
-        if unexpected:
-            msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
-        if mismatched:
-            msg.append(f'Shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}')
-        raise RuntimeError('\n  '.join(msg))
+        raise mismatch_error(f'Backbone checkpoint does not match {arch}.', missing, unexpected, mismatched)
     body.load_state_dict(mapped, strict=False)
     unused = [k for k in state_dict if k not in used]
     if unused:
-        _logger.info(f'Backbone checkpoint: {len(unused)} unused keys ({_abbrev(unused)})')
+        _logger.info(f'Backbone checkpoint: {len(unused)} unused keys ({abbrev(unused)})')
     return unused
-
-
-def _abbrev(items: Sequence[str], n: int = 6) -> str:
-    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
-    return ', '.join(items[:n]) + more
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
 from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
+from ..state_dicts import mismatch_error, shape_mismatches
 from ..sampling import NUM_NODES, sample_nodes
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_term', 'MIN_INPUT_SIZE']
@@ -603,26 +604,10 @@ class DGMN2(nn.Module):
                     f'but the model is {name} (blocks per stage {own_depths}).')
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
-        mismatched = [
-            f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-            for k, v in state_dict.items()
-            if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
-        ]
+        mismatched = shape_mismatches(state_dict, own)
         if mismatched or (strict and (missing or unexpected)):
-            msg = [f'Checkpoint does not match {name}.']
-            if missing:
-                msg.append(f'Missing keys ({len(missing)}): {_abbrev(missing)}')
-            if unexpected:
-                msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
-            if mismatched:
-                msg.append(f'Shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}')
-            raise RuntimeError('\n  '.join(msg))
+            raise mismatch_error(f'Checkpoint does not match {name}.', missing, unexpected, mismatched)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def _abbrev(items: List[str], n: int = 8) -> str:
-    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
-    return ', '.join(items[:n]) + more
 
 
 def _depths_in(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:

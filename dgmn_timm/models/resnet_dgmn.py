@@ -20,10 +20,11 @@ from typing import Any, Dict, List, Mapping, Sequence, Type
 import torch
 import torch.nn as nn
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.dgmn import DGMN
+from ..state_dicts import mismatch_error, shape_mismatches
 
 __all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']
 
@@ -148,22 +149,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ResNetDGMN) -> Di
     unexpected = [k for k in state_dict if k not in own and not k.startswith(head)]
     missing = [k for k in own if k not in state_dict]
     bad_missing = [k for k in missing if not _is_dgmn_key(k)]
-    mismatched = [
-        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-        for k, v in state_dict.items()
-        if k in own and not k.startswith(head) and k not in stem
-        and isinstance(v, torch.Tensor) and v.shape != own[k].shape
-    ]
+    mismatched = shape_mismatches(state_dict, own, skip={k for k in own if k.startswith(head)} | stem)
     if unexpected or bad_missing or mismatched:
-        msg = ['Checkpoint does not fit the ResNet part of this DGMN model '
-               '(only DGMN keys may be missing).']
-        if bad_missing:
-            msg.append(f'Missing non-DGMN keys ({len(bad_missing)}): {_abbrev(bad_missing)}')
-        if unexpected:
-            msg.append(f'Unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}')
-        if mismatched:
-            msg.append(f'Shape mismatches ({len(mismatched)}): {_abbrev(mismatched)}')
-        raise RuntimeError('\n  '.join(msg))
+        raise mismatch_error(
+            'Checkpoint does not fit the ResNet part of this DGMN model (only DGMN keys may be missing).',
+            bad_missing, unexpected, mismatched, missing_label='Missing non-DGMN keys')
     out = dict(state_dict)
     if missing:
         for k in missing:
@@ -183,13 +173,10 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in s.replace('.', ' . ').split()]
 
 
-def _abbrev(items: List[str], n: int = 8) -> str:
-    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
-    return ', '.join(items[:n]) + more
-
-
 def _create_resnet_dgmn(variant: str, pretrained: bool = False, **kwargs) -> ResNetDGMN:
-    return build_model_with_cfg(
+    # build_model_with_cfg, with errors that name the weights' source when they cannot be loaded
+    from ..hub import build_model_with_pretrained_checks
+    return build_model_with_pretrained_checks(
         ResNetDGMN,
         variant,
         pretrained,
