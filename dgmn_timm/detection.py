@@ -40,7 +40,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .state_dicts import abbrev, mismatch_error
+from .state_dicts import abbrev, mismatch_error, safe_load
 
 __all__ = [
     'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
@@ -106,7 +106,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         from safetensors.torch import load_file
         return dict(load_file(path, device='cpu'))
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = safe_load(path)
     except Exception as e:  # pickle.UnpicklingError and friends
         raise RuntimeError(
             f'Could not read {path} with torch.load(weights_only=True): {e}\n'

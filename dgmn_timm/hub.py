@@ -40,6 +40,8 @@ from timm.models import (
     split_model_name_tag,
 )
 
+from .state_dicts import safe_load
+
 __all__ = [
     'PretrainedWeightsError', 'PretrainedWeightsNotFoundError', 'ConversionResult',
     'CONVERTER_SCRIPT', 'PAPER_METRICS',
@@ -429,11 +431,7 @@ def load_released_checkpoint(path: Union[str, Path]) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint {path} does not exist.')
     try:
-        if argparse.Namespace in torch.serialization.get_safe_globals():  # registered by `import dgmn_timm`
-            return torch.load(path, map_location='cpu', weights_only=True)
-        # (the context manager clears what it allowed on exit, so only used when not registered already)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+        return safe_load(path)
     except pickle.UnpicklingError as e:
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
             raise PretrainedWeightsError(

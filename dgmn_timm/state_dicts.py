@@ -1,9 +1,24 @@
-""" Small helpers shared by the checkpoint loaders: describing a state dict that does not fit. """
-from typing import Any, Collection, List, Mapping, Sequence
+""" Small helpers shared by the checkpoint loaders: safe reading, describing a state dict that does not fit. """
+import argparse
+import os
+from typing import Any, Collection, List, Mapping, Sequence, Union
 
 import torch
 
-__all__ = ['abbrev', 'shape_mismatches', 'mismatch_error']
+__all__ = ['safe_load', 'abbrev', 'shape_mismatches', 'mismatch_error']
+
+
+def safe_load(path: Union[str, os.PathLike], map_location: Any = 'cpu', **kwargs) -> Any:
+    """ ``torch.load(weights_only=True)`` that also allows ``argparse.Namespace`` and nothing else.
+
+    The authors' DeiT-style checkpoints keep their training arguments as a Namespace under 'args'.
+    ``import dgmn_timm`` registers that class globally; but ``torch.serialization.safe_globals``
+    contexts (timm's loader uses one) remove it again on exit, so it is re-allowed here as needed.
+    """
+    if argparse.Namespace in torch.serialization.get_safe_globals():
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
 
 
 def abbrev(items: Sequence[str], n: int = 8) -> str:

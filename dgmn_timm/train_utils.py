@@ -31,6 +31,8 @@ from timm.data import ImageDataset
 from timm.data.readers.reader import Reader
 from timm.utils import natural_key
 
+from .state_dicts import safe_load
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -352,7 +354,7 @@ def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]
         with safe_open(path, framework='pt') as f:
             return f.get_slice(key).get_shape()[0] if key in f.keys() else None
     try:
-        sd = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        sd = safe_load(path, mmap=True)
     except Exception:
         return None
     for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):

@@ -4,11 +4,11 @@ import argparse
 import pytest
 import timm
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 import dgmn_timm  # noqa: F401
 from dgmn_timm.models.dgmn2 import checkpoint_filter_fn, to_released_layout
+from utils import randomise
 
 
 def _model(name='dgmn2_tiny', **kwargs):
@@ -19,17 +19,7 @@ def _model(name='dgmn2_tiny', **kwargs):
 @pytest.fixture(scope='module')
 def source():
     """ A tiny model with non-trivial weights everywhere (walks, BN statistics). """
-    model = _model()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'attn.offset' in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
+    return randomise(_model(), seed=3)
 
 
 @pytest.fixture(scope='module')

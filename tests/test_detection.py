@@ -14,6 +14,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import timm
 import dgmn_timm  # noqa: F401
+from dgmn_timm.models.dgmn2 import to_released_layout
+from dgmn_timm.state_dicts import safe_load
+from utils import load_script
 from dgmn_timm.detection import (
     create_feature_backbone, fasterrcnn_dgmn2, freeze_batch_norm, load_backbone_checkpoint,
     maskrcnn_dgmn2, retinanet_dgmn2, timm_fpn_backbone,
@@ -33,15 +36,6 @@ BUILDERS = {
     'fasterrcnn': (fasterrcnn_dgmn2, SMALL_RCNN),
     'maskrcnn': (maskrcnn_dgmn2, SMALL_RCNN),
 }
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # the test machine is shared; one thread is several times faster than oversubscribed ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _build(kind: str, **kwargs):
@@ -222,18 +216,8 @@ def test_frozen_stages():
 # --------------------------------------------------------------------------------------------
 
 def _to_released_layout(state_dict, prefix='backbone.'):
-    """ Our DGMN2 keys -> the authors' released key layout (spec section 4), with a prefix. """
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('head.'):
-            continue
-        k = re.sub(r'^stem\.', 'patch_embed1.', k)
-        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
-        k = re.sub(r'^stages\.(\d)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
-        k = k.replace('.attn.offset.', '.attn.conv_offset.')
-        k = k.replace('.attn.rel_height', '.attn.pos_emb.rel_height').replace('.attn.rel_width', '.attn.pos_emb.rel_width')
-        out[prefix + k] = v
-    return out
+    """ Our DGMN2 keys -> the authors' released key layout (spec section 4), headless, with a prefix. """
+    return {prefix + k: v for k, v in to_released_layout(state_dict).items() if not k.startswith('head.')}
 
 
 def _reference_model(variant='dgmn2_tiny', seed=1):
@@ -307,7 +291,7 @@ def test_mismatched_detection_checkpoint_raises(tmp_path):
     torch.save({'state_dict': _to_released_layout(timm.create_model('dgmn2_small').state_dict())}, path)
     with pytest.raises(RuntimeError, match='dgmn2_tiny'):
         create_feature_backbone('dgmn2_tiny', backbone_checkpoint=str(path))
-    truncated = {k: v for k, v in torch.load(path, weights_only=True)['state_dict'].items() if 'block4' not in k}
+    truncated = {k: v for k, v in safe_load(path)['state_dict'].items() if 'block4' not in k}
     body = timm.create_model('dgmn2_small', features_only=True)
     with pytest.raises(RuntimeError, match='Missing keys'):
         load_backbone_checkpoint(body, truncated)
@@ -363,14 +347,6 @@ def make_coco_dataset(root: Path, num_images: int = 4):
     return root / 'images', root / 'instances.json'
 
 
-def _load_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('train_detection', REPO / 'scripts' / 'train_detection.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Oracle(nn.Module):
     """ Returns given predictions in order, like a detector in eval mode. """
 
@@ -384,7 +360,7 @@ class _Oracle(nn.Module):
 
 def test_coco_evaluation_maps_categories(tmp_path):
     """ Ground-truth predictions score AP 1 (boxes and masks); shuffled labels do not. """
-    script = _load_script()
+    script = load_script('train_detection')
     images, ann = make_coco_dataset(tmp_path / 'data', num_images=3)
     dataset = script.CocoDetectionDataset(str(images), str(ann), with_masks=True)
     assert dataset.cat_ids == [3, 7] and len(dataset) == 3

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import dgmn_timm  # noqa: F401
 from dgmn_timm.profiling import count_model_macs
+from utils import randomise
 
 VARIANTS = ['dgmn2_tiny', 'dgmn2_small', 'dgmn2_medium', 'dgmn2_large']
 EXACT_PARAMS = {
@@ -25,20 +26,6 @@ def _model(name='dgmn2_tiny', **kwargs):
 
 def _x(h=64, w=64, b=2, c=3):
     return torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
-
-
-def _randomise(model):
-    """ Non-trivial offsets and BN stats, so that tests exercise walks and normalisation. """
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if 'attn.offset' in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def test_registered():
@@ -88,7 +75,7 @@ def test_default_cfg():
 @pytest.mark.parametrize('name', ['dgmn2_tiny', pytest.param('dgmn2_small', marks=BIG),
                                   pytest.param('dgmn2_medium', marks=BIG), pytest.param('dgmn2_large', marks=BIG)])
 def test_forward_backward_reaches_every_parameter(name):
-    model = _randomise(_model(name, num_classes=7))
+    model = randomise(_model(name, num_classes=7))
     model.train()
     out = model(_x(64, 48))
     assert out.shape == (2, 7) and torch.isfinite(out).all()
@@ -140,7 +127,7 @@ def test_features_only():
 @pytest.mark.parametrize('output_stride,reductions', [(16, [4, 8, 16, 16]), (8, [4, 8, 8, 8])])
 def test_output_stride(output_stride, reductions):
     assert _model(features_only=True, output_stride=output_stride).feature_info.reduction() == reductions
-    full = _randomise(_model())
+    full = randomise(_model())
     model = _model(output_stride=output_stride).eval()
     model.load_state_dict(full.state_dict())  # same parameters: strict load
     with torch.no_grad():
@@ -155,7 +142,7 @@ def _features_sd(model):
 
 
 def test_forward_intermediates_match_forward_features():
-    model = _randomise(_model()).eval()
+    model = randomise(_model()).eval()
     x = _x(64, 80)
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
@@ -180,7 +167,7 @@ def test_forward_intermediates_match_forward_features():
 
 
 def test_prune_intermediate_layers():
-    model = _randomise(_model()).eval()
+    model = randomise(_model()).eval()
     x = _x(64, 64)
     with torch.no_grad():
         inter = model.forward_intermediates(x, intermediates_only=True)
@@ -208,7 +195,7 @@ def test_reset_classifier():
 
 
 def test_grad_checkpointing_leaves_outputs_unchanged():
-    model = _randomise(_model(num_classes=4))
+    model = randomise(_model(num_classes=4))
     model.train()
     x = _x(64, 64)
     torch.manual_seed(0)
@@ -269,7 +256,7 @@ def test_no_weight_decay():
 
 
 def test_torchscript():
-    model = _randomise(_model()).eval()
+    model = randomise(_model()).eval()
     scripted = torch.jit.script(model)
     x = _x(64, 96)
     with torch.no_grad():
@@ -277,7 +264,7 @@ def test_torchscript():
 
 
 def test_fx_feature_extraction():
-    model = _randomise(_model())
+    model = randomise(_model())
     hooks = _model(features_only=True).eval()
     fx = _model(features_only=True, feature_cls='fx').eval()
     hooks.load_state_dict(_features_sd(model))
@@ -289,7 +276,7 @@ def test_fx_feature_extraction():
 
 
 def test_rel_pos_clean_option_changes_output():
-    a = _randomise(_model()).eval()
+    a = randomise(_model()).eval()
     b = _model(rel_pos_released=False).eval()
     b.load_state_dict(a.state_dict())
     x = _x(64, 64)

@@ -20,15 +20,6 @@ K = 9
 CITY_RATES = (1, 6, 12, 24, 36)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    # the inputs here are tiny: one thread is faster, and much faster on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _count(module, walks=True):
     return sum(p.numel() for n, p in module.named_parameters() if walks or not n.startswith('walk.'))
 

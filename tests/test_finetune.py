@@ -4,7 +4,6 @@ Default run: mechanics (loss falls, skipped unreadable images, summary and check
 exact --resume, a 2-process torchrun (gloo) run, the error paths.
 ``-m slow``: full digits, dgmn2_tiny from scratch, clearly above chance.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,29 +15,13 @@ import torch
 
 import timm
 import dgmn_timm  # noqa: F401
+from utils import load_script
 from dgmn_timm.train_utils import (
     DataDirError, create_model, scan_image_folder_tree, write_digits_imagefolder,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'finetune.py'
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """ One intra-op thread: on a shared, busy CPU, OpenMP threads that wait on each other are
-    10x slower than one thread (the scripts run in this process). """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f'_dgmn_script_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 finetune = load_script('finetune')

@@ -5,7 +5,6 @@ dgmn2_tiny re-keyed into the authors' layout (shared/spec section 4), converted,
 through every route, always against a temporary Hugging Face cache with HF_HUB_OFFLINE=1.
 """
 import argparse
-import importlib.util
 import json
 import re
 import shutil
@@ -18,6 +17,8 @@ import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 import dgmn_timm.hub as hub
+from dgmn_timm.models.dgmn2 import to_released_layout
+from utils import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HUB_ID = 'dgmn-timm/dgmn2_tiny.in1k'
@@ -25,21 +26,12 @@ SIZE = 64
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' layout, written independently of checkpoint_filter_fn (its inverse)
+# The authors' layout (tests/test_checkpoints.py checks to_released_layout against the spec's key names)
 
 
 def to_authors_layout(state_dict):
-    """ Our key names -> the released key names (spec section 4). """
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^stem\.', 'patch_embed1.', k)
-        k = re.sub(r'^stages\.(\d)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
-        k = re.sub(r'^stages\.(\d)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
-        k = k.replace('.attn.offset.', '.attn.conv_offset.')
-        k = k.replace('.attn.rel_height', '.attn.pos_emb.rel_height')
-        k = k.replace('.attn.rel_width', '.attn.pos_emb.rel_width')
-        out[k] = v.clone()
-    return out
+    """ Our key names -> the released key names (spec section 4), as independent copies. """
+    return {k: v.clone() for k, v in to_released_layout(state_dict).items()}
 
 
 def randomized_tiny():
@@ -71,15 +63,6 @@ def randomized_tiny():
 
 class NotAllowed:
     """ An object that must not be unpickled by the converter. """
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """ Tiny inputs: intra-op threading only costs time here (much of it on a shared machine). """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -153,13 +136,6 @@ def converted(released, tmp_path_factory):
 def run(model, x):
     with torch.inference_mode():
         return model.eval()(x)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +253,7 @@ def test_converter_script_respects_hf_home(released, tmp_path):
 
 def test_converter_refuses_unsafe_pickle(released, tmp_path):
     path = tmp_path / 'evil.pth'
-    ckpt = torch.load(released['cls'], weights_only=True)
+    ckpt = hub.load_released_checkpoint(released['cls'])
     ckpt['extra'] = NotAllowed()
     torch.save(ckpt, path)
     with pytest.raises(hub.PretrainedWeightsError, match='Refusing to read'):

@@ -1,5 +1,4 @@
 """ Semantic segmentation on DGMN2 (dgmn_timm.segmentation) and the segmentation training script. """
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,19 +11,12 @@ import torch
 import torch.nn as nn
 
 import dgmn_timm  # noqa: F401
+from utils import load_script
 from dgmn_timm.segmentation import (
     FCNHead, SemanticFPNHead, create_segmentation_model, fcn_dgmn2, semantic_fpn_dgmn2,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
@@ -114,15 +106,8 @@ def test_bad_arguments():
 # training script
 # --------------------------------------------------------------------------------------------
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location('train_segmentation', REPO / 'scripts' / 'train_segmentation.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_miou_computation():
-    script = _load_script()
+    script = load_script('train_segmentation')
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
     conf = script.confusion_matrix(pred, target, num_classes=4, ignore_index=255)

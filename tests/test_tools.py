@@ -1,5 +1,4 @@
 """ scripts/extract_features.py, scripts/visualize_sampling.py and dgmn_timm.visualize. """
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,27 +12,11 @@ import timm
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401
+from utils import load_script
 from dgmn_timm.train_utils import DataDirError, list_images, save_safetensors, seed_everything
 from dgmn_timm.visualize import image_to_stage, sampling_points, sampling_points_many, stage_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """ One intra-op thread: on a shared, busy CPU, OpenMP threads that wait on each other are
-    10x slower than one thread (the scripts run in this process). """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f'_dgmn_script_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 extract = load_script('extract_features')
