@@ -269,11 +269,14 @@ def main(argv=None):
                     line += f'{"n/a":>22s}'
             print(line)
         if len(sweep) >= 2 and not args.no_memory:
-            lo, hi = min(sweep), max(sweep)
-            print(f'\npeak memory growth {hi}^2 / {lo}^2 (pixels x{(hi / lo) ** 2:.2f}):')
+            hi = max(sweep)
+            lows = sorted(s for s in sweep if s < hi)
+            print(f'\npeak memory growth to {hi}^2 from ' + ', '.join(
+                f'{lo}^2 (pixels x{(hi / lo) ** 2:.2f})' for lo in lows) + ':')
             for n in names:
-                if lo in results[n] and hi in results[n] and results[n][lo][1]:
-                    print(f'  {n:32s} x{results[n][hi][1] / results[n][lo][1]:.2f}')
+                growth = [f'x{results[n][hi][1] / results[n][lo][1]:.2f}' for lo in lows
+                          if lo in results[n] and hi in results[n] and results[n][lo][1]]
+                print(f'  {n:32s} ' + '  '.join(growth))
         with open(os.path.join(args.output_dir, 'sweep.csv'), 'w', newline='') as f:
             w = csv.DictWriter(f, fieldnames=list(srows[0].keys()))
             w.writeheader()

@@ -64,6 +64,8 @@ _NUM_CORNERS = 4
 
 # base grids per (H, W, device, dtype); tiny, but building one costs ~10 small ops per call
 _BASE_GRIDS: Dict[Tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+# offsets / offset2bag of the fixed-size bags of the gather-dots, per (bags, size, device, dtype)
+_BAG_INDEX: Dict[Tuple[int, int, str, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
 _TRITON_OK: List[Optional[bool]] = [None]
 
 
@@ -117,7 +119,7 @@ def node_corners(
         width: int,
         num_heads: int,
         need_mask: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """ Corner rows and bilinear weights of the 9 nodes of every query and head.
 
     The table the rows index is the zero-padded key/value map (B, H + 3, W + 3, 2, nh, hd)
@@ -136,7 +138,8 @@ def node_corners(
             (y0 + 1, x0), (y0 + 1, x0 + 1); add nh for the value rows. int32 when the
             table has fewer than 2**31 rows, else int64.
         w: (M, 9, 4) bilinear weights (M = B * H * W * nh), float32 (float64 for float64 offsets).
-        g: (M, 9, 2, 2) 1-d weights: g[..., 0, :] = (1 - fy, fy), g[..., 1, :] = (1 - fx, fx).
+        gy, gx: (M, 9, 4) the row and column factors of w (w = gy * gx): gy = (1 - fy, 1 - fy, fy, fy),
+            gx = (1 - fx, fx, 1 - fx, fx) for fractional parts fy, fx of the position.
         mask: (M, 9, 2) bool or None.
     """
     B = offset.shape[0]
@@ -163,24 +166,37 @@ def node_corners(
     corner = corner + (torch.arange(B, device=device, dtype=itype) * (Hp * Wp * 2 * nh)).view(B, 1, 1, 1, 1, 1) \
         + torch.arange(nh, device=device, dtype=itype).view(1, 1, 1, nh, 1, 1)
     idx = ((fl * stride).sum(-1, dtype=itype).unsqueeze(-1) + corner).reshape(-1)
-    # (1 - f, f) per axis: g[..., axis, 0 / 1]
-    g = torch.addcmul(_lo_hi(device, cdt), frac.unsqueeze(-1), _lo_hi_sign(device, cdt))
-    w = (g[..., 0, :, None] * g[..., 1, None, :]).reshape(M, _NUM_NODES, _NUM_CORNERS)
-    return idx, w, g.reshape(M, _NUM_NODES, 2, 2), mask
+    # factors of the 4 corner weights, (1 - f) or f per axis; affine in f: base + f * sign
+    gy = torch.addcmul(_corner_const(0, device, cdt), frac[..., 0:1], _corner_const(1, device, cdt))
+    gx = torch.addcmul(_corner_const(2, device, cdt), frac[..., 1:2], _corner_const(3, device, cdt))
+    gy = gy.view(M, _NUM_NODES, _NUM_CORNERS)
+    gx = gx.view(M, _NUM_NODES, _NUM_CORNERS)
+    return idx, gy * gx, gy, gx, mask
 
 
-def _lo_hi(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor([1., 0.], device=device, dtype=dtype)
+def _corner_const(which: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """ Per-corner constants: 0 / 1 = base / sign of the row factor, 2 / 3 = of the column factor. """
+    table = ((1., 1., 0., 0.), (-1., -1., 1., 1.), (1., 0., 1., 0.), (-1., 1., -1., 1.))
+    return torch.tensor(table[which], device=device, dtype=dtype)
 
 
-def _lo_hi_sign(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.tensor([-1., 1.], device=device, dtype=dtype)
+def _build_bag_index(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype):
+    bags = torch.arange(num_bags, device=device, dtype=dtype)
+    return bags * bag_size, bags.view(num_bags, 1).expand(num_bags, bag_size).reshape(-1)
 
 
 def _bag_index(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ offsets and offset2bag of ``num_bags`` bags of ``bag_size`` consecutive entries. """
-    bags = torch.arange(num_bags, device=device, dtype=dtype)
-    return bags * bag_size, bags.view(num_bags, 1).expand(num_bags, bag_size).reshape(-1)
+    """ offsets and offset2bag of ``num_bags`` bags of ``bag_size`` consecutive entries (cached). """
+    if torch.compiler.is_compiling():
+        return _build_bag_index(num_bags, bag_size, device, dtype)
+    key = (num_bags, bag_size, str(device), dtype)
+    out = _BAG_INDEX.get(key)
+    if out is None:
+        if len(_BAG_INDEX) > 32:
+            _BAG_INDEX.clear()
+        out = _build_bag_index(num_bags, bag_size, device, dtype)
+        _BAG_INDEX[key] = out
+    return out
 
 
 def _gather_dot(rows_of: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, bag_size: int) -> torch.Tensor:
@@ -212,8 +228,9 @@ def _forward_core(
     """
     M = qs.shape[0]
     dots = _gather_dot(qs, table, idx, _NUM_NODES * _NUM_CORNERS).view(M, _NUM_NODES, _NUM_CORNERS)
-    logits = (w * dots).sum(-1) + rel
-    p = logits.softmax(dim=-1)
+    # rel + sum_c w_c dots_c as one tiny batched matmul per (query, node)
+    logits = torch.baddbmm(rel.reshape(-1, 1, 1), dots.view(-1, 1, _NUM_CORNERS), w.view(-1, _NUM_CORNERS, 1))
+    p = logits.view(M, _NUM_NODES).softmax(dim=-1)
     # value rows are key rows + nh: a view of the same table starting nh rows later
     out = _gather_sum(idx.view(M, -1), table[nh:], (w * p.unsqueeze(-1)).view(M, -1))
     return out, p, dots
@@ -227,11 +244,11 @@ class _SampledAttentionCPU(torch.autograd.Function):
         B, H, W, _, nh, hd = qkv.shape
         cdt = _compute_dtype(qkv.dtype)
         M = B * H * W * nh
-        idx, w, g, mask = node_corners(offset, H, W, nh, need_mask=ctx.needs_input_grad[1])
+        idx, w, gy, gx, mask = node_corners(offset, H, W, nh, need_mask=ctx.needs_input_grad[1])
         qs, table = _tables(qkv, scale, cdt)
         out, p, dots = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(qs, table, idx, w, g, mask, p, dots)
+            ctx.save_for_backward(qs, table, idx, w, gy, gx, mask, p, dots)
             ctx.scale = scale
             ctx.dims = (B, H, W, nh, hd)
             ctx.dtypes = (qkv.dtype, offset.dtype, rel.dtype)
@@ -239,7 +256,7 @@ class _SampledAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        qs, table, idx, w, g, mask, p, dots = ctx.saved_tensors
+        qs, table, idx, w, gy, gx, mask, p, dots = ctx.saved_tensors
         B, H, W, nh, hd = ctx.dims
         qkv_dtype, offset_dtype, rel_dtype = ctx.dtypes
         Hp, Wp = H + 3, W + 3
@@ -249,8 +266,9 @@ class _SampledAttentionCPU(torch.autograd.Function):
 
         # d out / d (p_k w_kc) = <go, V[i_kc]>
         vdots = _gather_dot(go, table[nh:], idx, _NUM_NODES * _NUM_CORNERS).view(M, _NUM_NODES, _NUM_CORNERS)
-        dp = (w * vdots).sum(-1)
-        dlogits = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward, (M, 9)
+        dp = torch.bmm(vdots.view(-1, 1, _NUM_CORNERS), w.view(-1, _NUM_CORNERS, 1)).view(M, _NUM_NODES)
+        # softmax backward, (M, 9)
+        dlogits = p * (dp - torch.bmm(p.view(M, 1, _NUM_NODES), dp.view(M, _NUM_NODES, 1)).view(M, 1))
         wk = w * dlogits.unsqueeze(-1)  # d logits / d (scaled q . K[i_kc])
 
         grad_qkv = grad_offset = grad_rel = None
@@ -263,18 +281,18 @@ class _SampledAttentionCPU(torch.autograd.Function):
                 sorted_rows, torch.arange(table.shape[0] + 1, device=idx.device, dtype=idx.dtype))
             src = order // (_NUM_NODES * _NUM_CORNERS)
             grad_table = F.embedding_bag(
-                src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1)[order], include_last_offset=True)
+                src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1).index_select(0, order), include_last_offset=True)
             grad_v = F.embedding_bag(
-                src, go, bag_offsets, mode='sum', per_sample_weights=(w * p.unsqueeze(-1)).view(-1)[order],
+                src, go, bag_offsets, mode='sum', per_sample_weights=(w * p.unsqueeze(-1)).view(-1).index_select(0, order),
                 include_last_offset=True)
             grad_table[nh:] += grad_v[:-nh]  # value rows are key rows + nh
             grad_kv = grad_table.view(B, Hp, Wp, 2, nh, hd)[:, 1:H + 1, 1:W + 1]
             grad_qkv = torch.cat((dq.view(B, H, W, 1, nh, hd), grad_kv), dim=3).to(qkv_dtype)
         if ctx.needs_input_grad[1]:
-            # d/dw_kc, then through w_kc = gy * gx (fy, fx = position - floor)
-            dw = (vdots * p.unsqueeze(-1) + dots * dlogits.unsqueeze(-1)).view(M, _NUM_NODES, 2, 2)
-            dfy = ((dw[:, :, 1] - dw[:, :, 0]) * g[:, :, 1]).sum(-1)
-            dfx = ((dw[:, :, :, 1] - dw[:, :, :, 0]) * g[:, :, 0]).sum(-1)
+            # d/dw_kc, then through w_kc = gy * gx with d gy / d fy = +-1 (fy = position - floor)
+            dw = vdots * p.unsqueeze(-1) + dots * dlogits.unsqueeze(-1)
+            dfy = torch.matmul(dw * gx, _corner_const(1, dw.device, dw.dtype))
+            dfx = torch.matmul(dw * gy, _corner_const(3, dw.device, dw.dtype))
             grad_offset = torch.stack((dfy, dfx), dim=-1)
             if mask is not None:
                 grad_offset = grad_offset * mask
@@ -294,7 +312,7 @@ def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor
     B, H, W, _, nh, hd = qkv.shape
     cdt = _compute_dtype(qkv.dtype)
     M = B * H * W * nh
-    idx, w, _, _ = node_corners(offset, H, W, nh)
+    idx, w, _, _, _ = node_corners(offset, H, W, nh)
     qs, table = _tables(qkv, scale, cdt)
     _, p, _ = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
     return p.view(B, H, W, nh, _NUM_NODES)
