@@ -308,6 +308,23 @@ def test_model_forward_backward_float32():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_model_cpu_autocast_bfloat16():
+    import timm
+    model = timm.create_model('dgmn2_tiny', num_classes=5)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x)
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    out.float().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 # ---------------------------------------------------------------- Triton kernel (interpreter mode on CPU)
 
 def _triton_importable():

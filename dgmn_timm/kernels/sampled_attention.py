@@ -241,6 +241,17 @@ class _SampledAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+        # the internal products must not be autocast: everything runs in float32 / float64
+        with torch.autocast(qkv.device.type, enabled=False):
+            return _SampledAttentionCPU._forward(ctx, qkv, offset, rel, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _SampledAttentionCPU._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
         B, H, W, _, nh, hd = qkv.shape
         cdt = _compute_dtype(qkv.dtype)
         M = B * H * W * nh
@@ -255,7 +266,7 @@ class _SampledAttentionCPU(torch.autograd.Function):
         return out.view(B, H, W, nh, hd).to(qkv.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def _backward(ctx, grad_out: torch.Tensor):
         qs, table, idx, w, gy, gx, mask, p, dots = ctx.saved_tensors
         B, H, W, nh, hd = ctx.dims
         qkv_dtype, offset_dtype, rel_dtype = ctx.dtypes
@@ -312,6 +323,13 @@ def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor
     B, H, W, _, nh, hd = qkv.shape
     cdt = _compute_dtype(qkv.dtype)
     M = B * H * W * nh
+    with torch.autocast(qkv.device.type, enabled=False):
+        return _attention_weights(qkv, offset, rel, scale, cdt, M)
+
+
+def _attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float, cdt: torch.dtype,
+                       M: int) -> torch.Tensor:
+    B, H, W, _, nh, hd = qkv.shape
     idx, w, _, _, _ = node_corners(offset, H, W, nh)
     qs, table = _tables(qkv, scale, cdt)
     _, p, _ = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
