@@ -41,6 +41,7 @@ tensor ops; autograd-native, TorchScript-scriptable and ONNX-exportable (``grid_
 becomes ONNX ``GridSample``, opset 16). Used under ``torch.jit.script``, ONNX export, and
 for attention dropout in training.
 """
+import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -79,6 +80,13 @@ def triton_available() -> bool:
         except Exception:  # pragma: no cover - depends on the install
             _TRITON_OK[0] = False
     return bool(_TRITON_OK[0])
+
+
+def _no_autocast(device_type: str):
+    """ Autocast disabled (the internal products keep float32 / float64), where autocast exists. """
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -242,12 +250,12 @@ class _SampledAttentionCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
         # the internal products must not be autocast: everything runs in float32 / float64
-        with torch.autocast(qkv.device.type, enabled=False):
+        with _no_autocast(qkv.device.type):
             return _SampledAttentionCPU._forward(ctx, qkv, offset, rel, scale)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _no_autocast(grad_out.device.type):
             return _SampledAttentionCPU._backward(ctx, grad_out)
 
     @staticmethod
@@ -323,7 +331,7 @@ def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor
     B, H, W, _, nh, hd = qkv.shape
     cdt = _compute_dtype(qkv.dtype)
     M = B * H * W * nh
-    with torch.autocast(qkv.device.type, enabled=False):
+    with _no_autocast(qkv.device.type):
         return _attention_weights(qkv, offset, rel, scale, cdt, M)
 
 
