@@ -45,7 +45,7 @@ def _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, cy: tl.constexpr, cx: tl.conste
     wy = fy * cy + (1. - fy) * (1 - cy)
     wx = fx * cx + (1. - fx) * (1 - cx)
     inb = rmask & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
-    src = (bimg * H + yi) * W + xi
+    src = ((bimg * H + yi) * W + xi).to(tl.int64)
     return wy, wx, inb, src
 
 
@@ -61,10 +61,10 @@ def _fwd_kernel(
     d = tl.arange(0, BLOCK_D)
     dmask = d < HD
     h = rows % NH
-    pix = rows // NH
-    x = pix % W
-    y = (pix // W) % H
-    bimg = pix // (H * W)
+    pix = (rows // NH).to(tl.int64)
+    x = (pix % W).to(tl.int32)
+    y = ((pix // W) % H).to(tl.int32)
+    bimg = (pix // (H * W)).to(tl.int32)
     C = NH * HD
     pstride = 3 * C
     m2 = rmask[:, None] & dmask[None, :]
@@ -107,10 +107,10 @@ def _bwd_kernel(
     d = tl.arange(0, BLOCK_D)
     dmask = d < HD
     h = rows % NH
-    pix = rows // NH
-    x = pix % W
-    y = (pix // W) % H
-    bimg = pix // (H * W)
+    pix = (rows // NH).to(tl.int64)
+    x = (pix % W).to(tl.int32)
+    y = ((pix // W) % H).to(tl.int32)
+    bimg = (pix // (H * W)).to(tl.int32)
     C = NH * HD
     pstride = 3 * C
     m2 = rmask[:, None] & dmask[None, :]
