@@ -32,7 +32,7 @@ from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, 
 
 from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
 from ..state_dicts import mismatch_error, shape_mismatches
-from ..sampling import NUM_NODES, sample_nodes
+from ..sampling import NUM_NODES
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_term', 'MIN_INPUT_SIZE']
 
