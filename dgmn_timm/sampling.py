@@ -16,8 +16,6 @@ channel 2k + 1 holds dx_k (columns).
 ``sample_nodes`` is the fast path used by the models. ``sample_nodes_reference`` is a
 slow float64 oracle written with explicit corner gathers; tests compare the two.
 """
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 

@@ -40,7 +40,7 @@ __all__ = [
     'FolderReader', 'SafeImageDataset', 'collate_skip', 'ShardSampler', 'DistInfo', 'init_distributed',
     'barrier', 'all_reduce_sum', 'create_model', 'checkpoint_num_classes', 'seed_everything',
     'rng_state', 'set_rng_state', 'patch_timm_posterize', 'save_safetensors', 'atomic_torch_save',
-    'atomic_write_text', 'autocast', 'resolve_amp_dtype',
+    'atomic_write_text', 'autocast', 'resolve_amp_dtype', 'backward_step',
     'write_digits_imagefolder',
 ]
 
@@ -304,7 +304,6 @@ def init_distributed(device: str = 'auto') -> DistInfo:
         if device.type == 'cuda' and device.index is not None:
             torch.cuda.set_device(device)
         return DistInfo(device=device)
-    rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if device.type == 'cuda':
         device = torch.device('cuda', local_rank)
@@ -561,3 +560,23 @@ def _main(argv=None):
 
 if __name__ == '__main__':
     _main()
+
+
+def backward_step(
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        parameters,
+        clip_grad: float = 0.,
+) -> None:
+    """ One optimiser update: zero grads, (scaled) backward, optional grad-norm clipping, step.
+
+    ``scaler`` may be disabled (``GradScaler(enabled=False)``), which makes it a no-op wrapper.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()

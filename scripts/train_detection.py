@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
+from dgmn_timm.train_utils import backward_step
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
@@ -175,13 +176,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: 
         loss = sum(losses.values())
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch}: {losses}')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        backward_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
         scheduler.step()
         count += 1
         totals['loss'] = totals.get('loss', 0.0) + loss.item()

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.segmentation import create_segmentation_model
+from dgmn_timm.train_utils import backward_step
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 
@@ -216,13 +217,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: 
         loss = F.cross_entropy(logits.float(), masks, ignore_index=args.ignore_index)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch}')
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        backward_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
         scheduler.step()
         total += loss.item()
         count += 1

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, register_notrace_function, trunc_normal_
-from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
 from ..state_dicts import mismatch_error, shape_mismatches
