@@ -32,13 +32,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
-from dgmn_timm.train_utils import backward_step
+from dgmn_timm.train_utils import backward_step, save_safetensors, seed_everything
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
@@ -230,20 +230,11 @@ def evaluate(model, dataset: CocoDetectionDataset, loader, device, args) -> Dict
     return metrics
 
 
-def save_checkpoint(model: torch.nn.Module, path: str, metadata: Dict[str, Any]):
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path + '.tmp'
-    save_file(state, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     device = torch.device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -310,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         losses = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device, epoch, args)
         record: Dict[str, Any] = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'],
                                   'time_s': time.time() - start, **losses}
-        save_checkpoint(model, ckpt_path, dict(meta, epoch=epoch))
+        save_safetensors(model.state_dict(), ckpt_path, dict(meta, epoch=epoch))
         if epoch % args.eval_interval == 0 or epoch == args.epochs:
             record['eval'] = evaluate(model, val_set, val_loader, device, args)
             history['eval'] = record['eval']

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.segmentation import create_segmentation_model
-from dgmn_timm.train_utils import backward_step
+from dgmn_timm.train_utils import backward_step, save_safetensors, seed_everything
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 
@@ -241,19 +241,11 @@ def evaluate(model, loader, device, args) -> Dict[str, Any]:
     return segmentation_metrics(conf)
 
 
-def save_checkpoint(model: torch.nn.Module, path: str, metadata: Dict[str, Any]):
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path + '.tmp', metadata={k: json.dumps(v) for k, v in metadata.items()})
-    os.replace(path + '.tmp', path)
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     device = torch.device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -317,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         record.update(train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device, epoch, args))
         record['lr'] = optimizer.param_groups[0]['lr']
         record['time_s'] = time.time() - start
-        save_checkpoint(model, ckpt_path, dict(meta, epoch=epoch))
+        save_safetensors(model.state_dict(), ckpt_path, dict(meta, epoch=epoch))
         if epoch % args.eval_interval == 0 or epoch == args.epochs:
             record['eval'] = history['eval'] = evaluate(model, val_loader, device, args)
         history['epochs'].append(record)
