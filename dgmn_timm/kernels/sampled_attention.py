@@ -108,17 +108,25 @@ def _build_base_grid(height: int, width: int, device: torch.device, dtype: torch
     return torch.stack((by, bx), dim=-1).view(height, width, 1, 9, 2)
 
 
-def _base_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _cached(cache: Dict, limit: int, build, a: int, b: int, device: torch.device, dtype: torch.dtype):
+    """ ``build(a, b, device, dtype)``, memoised in ``cache`` (emptied past ``limit`` entries).
+
+    Under torch.compile the value is built inline, so no Python-side state is traced.
+    """
     if torch.compiler.is_compiling():
-        return _build_base_grid(height, width, device, dtype)
-    key = (height, width, str(device), dtype)
-    grid = _BASE_GRIDS.get(key)
-    if grid is None:
-        if len(_BASE_GRIDS) > 64:
-            _BASE_GRIDS.clear()
-        grid = _build_base_grid(height, width, device, dtype)
-        _BASE_GRIDS[key] = grid
-    return grid
+        return build(a, b, device, dtype)
+    key = (a, b, str(device), dtype)
+    out = cache.get(key)
+    if out is None:
+        if len(cache) > limit:
+            cache.clear()
+        out = build(a, b, device, dtype)
+        cache[key] = out
+    return out
+
+
+def _base_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _cached(_BASE_GRIDS, 64, _build_base_grid, height, width, device, dtype)
 
 
 def node_corners(
@@ -195,16 +203,7 @@ def _build_bag_index(num_bags: int, bag_size: int, device: torch.device, dtype: 
 
 def _bag_index(num_bags: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """ offsets and offset2bag of ``num_bags`` bags of ``bag_size`` consecutive entries (cached). """
-    if torch.compiler.is_compiling():
-        return _build_bag_index(num_bags, bag_size, device, dtype)
-    key = (num_bags, bag_size, str(device), dtype)
-    out = _BAG_INDEX.get(key)
-    if out is None:
-        if len(_BAG_INDEX) > 32:
-            _BAG_INDEX.clear()
-        out = _build_bag_index(num_bags, bag_size, device, dtype)
-        _BAG_INDEX[key] = out
-    return out
+    return _cached(_BAG_INDEX, 32, _build_bag_index, num_bags, bag_size, device, dtype)
 
 
 def _gather_dot(rows_of: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, bag_size: int) -> torch.Tensor:
