@@ -657,6 +657,14 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+# attention parameters: (the authors' released name, ours); used in both directions
+_ATTN_RENAMES = (
+    ('.attn.conv_offset.', '.attn.offset.'),
+    ('.attn.pos_emb.rel_height', '.attn.rel_height'),
+    ('.attn.pos_emb.rel_width', '.attn.rel_width'),
+)
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """ Map the authors' released checkpoints (spec section 4) and wrapped ones to our key names.
 
@@ -672,9 +680,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
             k = 'stem.' + k[len('patch_embed1.'):]
         k = re.sub(r'^patch_embed([2-4])\.', lambda m: f'stages.{int(m.group(1)) - 1}.downsample.', k)
         k = re.sub(r'^block([1-4])\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.', k)
-        k = k.replace('.attn.conv_offset.', '.attn.offset.')
-        k = k.replace('.attn.pos_emb.rel_height', '.attn.rel_height')
-        k = k.replace('.attn.pos_emb.rel_width', '.attn.rel_width')
+        for released, ours in _ATTN_RENAMES:
+            k = k.replace(released, ours)
         out[k] = v
     if model is not None and 'stem.conv1.weight' in out:
         w = out['stem.conv1.weight']
@@ -695,9 +702,8 @@ def to_released_layout(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
             k = 'patch_embed1.' + k[len('stem.'):]
         k = re.sub(r'^stages\.(\d+)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
         k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
-        k = k.replace('.attn.offset.', '.attn.conv_offset.')
-        k = k.replace('.attn.rel_height', '.attn.pos_emb.rel_height')
-        k = k.replace('.attn.rel_width', '.attn.pos_emb.rel_width')
+        for released, ours in _ATTN_RENAMES:
+            k = k.replace(ours, released)
         out[k] = v
     return out
 
