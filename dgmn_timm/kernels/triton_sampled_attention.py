@@ -50,11 +50,8 @@ def _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, cy: tl.constexpr, cx: tl.conste
 
 
 @triton.jit
-def _fwd_kernel(
-        QKV, OFF, REL, OUT, LSE,
-        M, H, W, NH, HD, scale,
-        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _rows_and_query(QKV, M, H, W, NH, HD, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """ This program's (query, head) rows, their pixel coordinates and their queries (float32). """
     pid = tl.program_id(0)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = rows < M
@@ -69,6 +66,17 @@ def _fwd_kernel(
     pstride = 3 * C
     m2 = rmask[:, None] & dmask[None, :]
     q = tl.load(QKV + pix[:, None] * pstride + h[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
+    return rows, rmask, d, dmask, h, pix, y, x, bimg, C, pstride, m2, q
+
+
+@triton.jit
+def _fwd_kernel(
+        QKV, OFF, REL, OUT, LSE,
+        M, H, W, NH, HD, scale,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows, rmask, d, dmask, h, pix, y, x, bimg, C, pstride, m2, q = _rows_and_query(
+        QKV, M, H, W, NH, HD, BLOCK_Q, BLOCK_D)
     m_i = tl.full([BLOCK_Q], -float('inf'), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -101,20 +109,8 @@ def _bwd_kernel(
         M, H, W, NH, HD, scale,
         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rmask = rows < M
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HD
-    h = rows % NH
-    pix = (rows // NH).to(tl.int64)
-    x = (pix % W).to(tl.int32)
-    y = ((pix // W) % H).to(tl.int32)
-    bimg = (pix // (H * W)).to(tl.int32)
-    C = NH * HD
-    pstride = 3 * C
-    m2 = rmask[:, None] & dmask[None, :]
-    q = tl.load(QKV + pix[:, None] * pstride + h[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
+    rows, rmask, d, dmask, h, pix, y, x, bimg, C, pstride, m2, q = _rows_and_query(
+        QKV, M, H, W, NH, HD, BLOCK_Q, BLOCK_D)
     go = tl.load(DO + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
     o = tl.load(OUT + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
     delta = tl.sum(go * o, 1)
