@@ -325,6 +325,48 @@ def test_model_cpu_autocast_bfloat16():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_inference_in_place_paths_match_autograd_path():
+    """ Without autograd the MLP's GELU and the residual adds run in place; same numbers as with autograd. """
+    import timm
+    from dgmn_timm.models.dgmn2 import Mlp, gelu_, residual_add
+    model = timm.create_model('dgmn2_tiny', num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with_grad = model(x.requires_grad_())  # autograd path: out of place
+    with torch.inference_mode():
+        fast = model(x.detach())
+    torch.testing.assert_close(fast, with_grad.detach(), atol=1e-6, rtol=1e-6)
+
+    h = torch.randn(3, 7)
+    with torch.no_grad():
+        out = gelu_(h.clone())
+    torch.testing.assert_close(out, torch.nn.functional.gelu(h), atol=0, rtol=0)  # exact (erf) GELU
+    # with autograd the input survives (the backward needs it)
+    h2 = h.clone().requires_grad_()
+    gelu_(h2).sum().backward()
+    torch.testing.assert_close(h2.detach(), h)
+    # the MLP keeps timm's key names (checkpoints load unchanged)
+    assert set(Mlp(4, 8).state_dict()) == {'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'}
+    # a bfloat16 branch (autocast) does not turn the float32 residual stream into bfloat16
+    stream = torch.randn(2, 5)
+    assert residual_add(stream, torch.randn(2, 5, dtype=torch.bfloat16)).dtype == torch.float32
+    branch = torch.randn(2, 5)
+    assert residual_add(stream, branch) is branch
+
+
+def test_stage_outputs_are_channels_last_views():
+    """ Stage outputs are NCHW views of channels-last memory; values as from contiguous NCHW. """
+    import timm
+    model = timm.create_model('dgmn2_tiny', features_only=True).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = model(x)
+        feats_cl = model(x.contiguous(memory_format=torch.channels_last))
+    for f, g in zip(feats, feats_cl):
+        assert f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(f, g, atol=0, rtol=0)
+        torch.testing.assert_close(f.contiguous(), f)
+
+
 # ---------------------------------------------------------------- Triton kernel (interpreter mode on CPU)
 
 def _triton_importable():
