@@ -205,6 +205,26 @@ def test_walks_partly_outside_match_reference():
         _assert_close(g, r, 1e-10)
 
 
+@pytest.mark.parametrize('H,W', [(5, 6), (1, 4), (1, 1)])
+def test_integer_positions_gradient_is_right_derivative(H, W):
+    """ At integer positions (zero walks at init, walks onto or beyond the border) the walk gradient
+    is the one-sided derivative in the +walk direction, grid_sample's convention
+    (position - floor(position) as the fraction). """
+    qkv, offset, rel = _inputs(2, H, W, 2, 4)
+    with torch.no_grad():
+        offset.copy_(torch.randint(-W - 1, W + 2, offset.shape, generator=torch.Generator().manual_seed(3)).double())
+        offset[0].zero_()
+    go = torch.randn(2, H, W, 2, 4, dtype=torch.float64)
+    loss = lambda off: (sampled_attention_cpu(qkv, off, rel, 0.5) * go).sum()
+    grad = torch.autograd.grad(loss(offset), offset)[0]
+    direction = torch.rand(offset.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    eps = 1e-7
+    with torch.no_grad():
+        fd = (loss(offset + eps * direction) - loss(offset)) / eps
+    assert abs(fd.item() - (grad * direction).sum().item()) < 1e-5 * max(1., abs(fd.item()))
+    assert grad.abs().sum() > 0  # not vacuous: the walks do have gradient here
+
+
 def test_dispatch_and_dropout_path():
     qkv, offset, rel = _inputs(1, 4, 4, 2, 4, dtype=torch.float32)
     a = sampled_attention(qkv, offset, rel, 0.5)
