@@ -263,6 +263,51 @@ def test_rel_pos_logits_match_reference(H, W, nh, released):
     _assert_close(legacy, ref[:, :, :, 0].permute(0, 3, 1, 2).detach(), 1e-12)
 
 
+@pytest.mark.parametrize('H,W,nh,released', [(5, 5, 2, True), (1, 1, 1, True), (4, 6, 3, False), (6, 1, 1, False)])
+def test_fused_position_term_matches_reference(H, W, nh, released):
+    """ sampled_attention_cpu with the position tables: the band-GEMM position term, fused. """
+    qkv, offset, rel = _inputs(2, H, W, nh, 6)
+    g = torch.Generator().manual_seed(5)
+    th = torch.randn(H + 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tw = torch.randn(W + 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = 6 ** -0.5
+    out = sampled_attention_cpu(qkv, offset, rel, scale, th, tw, released)
+    ref = ref_attention(qkv, offset, rel + ref_rel_pos(qkv[:, :, :, 0], th, tw, released), scale)
+    _assert_close(out, ref, 1e-12)
+    inputs = [qkv, offset, rel, th, tw]
+    for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
+        _assert_close(a, b, 1e-10)
+    # without extra logits
+    out = sampled_attention_cpu(qkv, offset, None, scale, th, tw, released)
+    _assert_close(out, ref_attention(qkv, offset, ref_rel_pos(qkv[:, :, :, 0], th, tw, released), scale), 1e-12)
+
+
+def test_fused_position_term_bad_input():
+    qkv, offset, rel = _inputs(1, 4, 6, 1, 4)
+    th, tw = torch.randn(12, 4, dtype=torch.float64), torch.randn(14, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match='square'):
+        sampled_attention_cpu(qkv, offset, None, 0.5, th, tw, True)  # released term, non-square map
+    with pytest.raises(ValueError, match='H \\+ 8'):
+        sampled_attention_cpu(qkv, offset, None, 0.5, th[:5], tw, False)
+    with pytest.raises(ValueError, match='rel'):
+        sampled_attention_cpu(qkv, offset, None, 0.5)
+
+
+def test_module_uses_fused_position_term_on_cpu(monkeypatch):
+    """ The CPU module does not build the position logits separately (square map, or clean term). """
+    import dgmn_timm.models.dgmn2 as dgmn2_module
+    m = _module(8, 2, (4, 4), dtype=torch.float32)
+    x = torch.randn(2, 4, 4, 8)
+    expected = m(x)
+
+    def fail(*args, **kwargs):
+        raise AssertionError('rel_pos_logits called on the fused path')
+    monkeypatch.setattr(dgmn2_module, 'rel_pos_logits', fail)
+    torch.testing.assert_close(m(x), expected, atol=0, rtol=0)
+    with pytest.raises(AssertionError, match='fused path'):
+        m(torch.randn(2, 4, 5, 8))  # released height term on a non-square map: computed separately
+
+
 def _module(dim, nh, table, dtype=torch.float64, released=True, seed=0):
     torch.manual_seed(seed)
     m = DynamicGraphAttention(dim, nh, table_size=table, rel_pos_released=released).to(dtype)

@@ -16,9 +16,10 @@ from .sampled_attention import (
     node_corners,
     attention_weights,
     triton_available,
+    uses_gather_path,
 )
 
 __all__ = [
     'sampled_attention', 'sampled_attention_cpu', 'sampled_attention_portable', 'node_corners',
-    'attention_weights', 'triton_available',
+    'attention_weights', 'triton_available', 'uses_gather_path',
 ]

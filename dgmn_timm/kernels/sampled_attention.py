@@ -57,7 +57,7 @@ from ..sampling import sample_nodes
 
 __all__ = [
     'sampled_attention', 'sampled_attention_cpu', 'sampled_attention_portable', 'node_corners',
-    'attention_weights', 'triton_available',
+    'attention_weights', 'triton_available', 'uses_gather_path',
 ]
 
 _NUM_NODES = 9
@@ -243,14 +243,47 @@ def _forward_core(
     return out, p, dots
 
 
+def _rel_pos_bands(
+        G: torch.Tensor, B: int, H: int, W: int, nh: int, len_h: int, released: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ The position logits as two zero-copy views of G = q @ [table_h; table_w]^T.
+
+    G is (B * H * W * nh, L), a row per query (b, y, x, h), a column per row of the
+    resized height table (len_h = H + 8 columns) and then of the width table (W + 8).
+    The width term <q[y, x], table_w[W - 1 - x + m]> is the band G[row(y, x), len_h + W - 1 - x + m],
+    the clean height term the band G[row(y, x), H - 1 - y + m]; the released height term
+    (square maps) reads the transposed query grid, G[row(x, y), H - 1 - x + m]. Each band is
+    an ``as_strided`` view with a stride of (row stride - 1) along x or y.
+    Returns the (B, H, W, nh, 9) width and height views.
+    """
+    L = G.shape[1]
+    sb, sy, sx, sh = H * W * nh * L, W * nh * L, nh * L, L
+    size = (B, H, W, nh, _NUM_NODES)
+    width = torch.as_strided(G, size, (sb, sy, sx - 1, sh, 1), G.storage_offset() + len_h + W - 1)
+    if released:
+        height = torch.as_strided(G, size, (sb, sx, sy - 1, sh, 1), G.storage_offset() + H - 1)
+    else:
+        height = torch.as_strided(G, size, (sb, sy - 1, sx, sh, 1), G.storage_offset() + H - 1)
+    return width, height
+
+
 class _SampledAttentionCPU(torch.autograd.Function):
     """ Fused sample + attend with gather-only forward and backward (see module doc). """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(
+            ctx,
+            qkv: torch.Tensor,
+            offset: torch.Tensor,
+            rel: Optional[torch.Tensor],
+            scale: float,
+            table_h: Optional[torch.Tensor] = None,
+            table_w: Optional[torch.Tensor] = None,
+            released: bool = True,
+    ) -> torch.Tensor:
         # the internal products must not be autocast: everything runs in float32 / float64
         with _no_autocast(qkv.device.type):
-            return _SampledAttentionCPU._forward(ctx, qkv, offset, rel, scale)
+            return _SampledAttentionCPU._forward(ctx, qkv, offset, rel, scale, table_h, table_w, released)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -258,25 +291,38 @@ class _SampledAttentionCPU(torch.autograd.Function):
             return _SampledAttentionCPU._backward(ctx, grad_out)
 
     @staticmethod
-    def _forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
+    def _forward(ctx, qkv, offset, rel, scale, table_h, table_w, released) -> torch.Tensor:
         B, H, W, _, nh, hd = qkv.shape
         cdt = _compute_dtype(qkv.dtype)
         M = B * H * W * nh
         idx, w, gy, gx, mask = node_corners(offset, H, W, nh, need_mask=ctx.needs_input_grad[1])
         qs, table = _tables(qkv, scale, cdt)
-        out, p, dots = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(qs, table, idx, w, gy, gx, mask, p, dots)
+        tables = None
+        logits_in = None if rel is None else rel.reshape(M, _NUM_NODES).to(cdt)
+        if table_h is not None:
+            # position term as one GEMM against both tables, read through two band views
+            tables = torch.cat((table_h, table_w)).to(cdt)
+            G = torch.mm(qs, tables.t() * (1. / scale))
+            width, height = _rel_pos_bands(G, B, H, W, nh, table_h.shape[0], released)
+            pos = (width + height).view(M, _NUM_NODES)
+            logits_in = pos if logits_in is None else pos + logits_in
+        assert logits_in is not None
+        out, p, dots = _forward_core(qs, table, nh, idx, w.to(cdt), logits_in)
+        if any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[4:6]):
+            ctx.save_for_backward(qs, table, idx, w, gy, gx, mask, p, dots, tables)
             ctx.scale = scale
             ctx.dims = (B, H, W, nh, hd)
-            ctx.dtypes = (qkv.dtype, offset.dtype, rel.dtype)
+            ctx.dtypes = (qkv.dtype, offset.dtype, None if rel is None else rel.dtype,
+                          None if table_h is None else table_h.dtype)
+            ctx.len_h = 0 if table_h is None else table_h.shape[0]
+            ctx.released = released
         return out.view(B, H, W, nh, hd).to(qkv.dtype)
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        qs, table, idx, w, gy, gx, mask, p, dots = ctx.saved_tensors
+        qs, table, idx, w, gy, gx, mask, p, dots, tables = ctx.saved_tensors
         B, H, W, nh, hd = ctx.dims
-        qkv_dtype, offset_dtype, rel_dtype = ctx.dtypes
+        qkv_dtype, offset_dtype, rel_dtype, table_dtype = ctx.dtypes
         Hp, Wp = H + 3, W + 3
         M = qs.shape[0]
         cdt = qs.dtype
@@ -289,9 +335,23 @@ class _SampledAttentionCPU(torch.autograd.Function):
         dlogits = p * (dp - torch.bmm(p.view(M, 1, _NUM_NODES), dp.view(M, _NUM_NODES, 1)).view(M, 1))
         wk = w * dlogits.unsqueeze(-1)  # d logits / d (scaled q . K[i_kc])
 
-        grad_qkv = grad_offset = grad_rel = None
+        grad_qkv = grad_offset = grad_rel = grad_th = grad_tw = None
+        dG: Optional[torch.Tensor] = None
+        if tables is not None:
+            # the position term's gradient: dlogits written into the two bands of a dense dG
+            dG = qs.new_zeros(M, tables.shape[0])
+            d_width, d_height = _rel_pos_bands(dG, B, H, W, nh, ctx.len_h, ctx.released)
+            dl = dlogits.view(B, H, W, nh, _NUM_NODES)
+            d_width.copy_(dl)
+            d_height.copy_(dl)
+            if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+                d_tables = torch.mm(dG.t(), qs) * (1. / ctx.scale)
+                grad_th = d_tables[:ctx.len_h].to(table_dtype)
+                grad_tw = d_tables[ctx.len_h:].to(table_dtype)
         if ctx.needs_input_grad[0]:
             dq = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)) * ctx.scale
+            if dG is not None:
+                dq = torch.addmm(dq, dG, tables)  # + the position term's d q
             # the scatter into the table, written as gathers: sort the corner entries by row,
             # then one bag per row over the queries that read it
             sorted_rows, order = torch.sort(idx.view(-1))
@@ -317,12 +377,41 @@ class _SampledAttentionCPU(torch.autograd.Function):
             grad_offset = grad_offset.view(B, H, W, nh, 2 * _NUM_NODES).to(offset_dtype)
         if ctx.needs_input_grad[2]:
             grad_rel = dlogits.view(B, H, W, nh, _NUM_NODES).to(rel_dtype)
-        return grad_qkv, grad_offset, grad_rel, None
+        return grad_qkv, grad_offset, grad_rel, None, grad_th, grad_tw, None
 
 
-def sampled_attention_cpu(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
-    """ The gather-based path (any device; the default off CUDA). Shapes as in the module doc. """
-    return _SampledAttentionCPU.apply(qkv, offset, rel, scale)
+def sampled_attention_cpu(
+        qkv: torch.Tensor,
+        offset: torch.Tensor,
+        rel: Optional[torch.Tensor],
+        scale: float,
+        table_h: Optional[torch.Tensor] = None,
+        table_w: Optional[torch.Tensor] = None,
+        released: bool = True,
+) -> torch.Tensor:
+    """ The gather-based path (any device; the default off CUDA). Shapes as in the module doc.
+
+    With ``table_h`` / ``table_w`` (the position tables already resized to H + 8 / W + 8 rows)
+    the position term is computed inside (one GEMM read through band views, see
+    ``_rel_pos_bands``) and added to ``rel`` (which may then be None). ``released`` selects the
+    released height term, which this fused form supports for square maps only.
+    """
+    if table_h is not None:
+        B, H, W = qkv.shape[:3]
+        if table_w is None or table_h.shape[0] != H + 8 or table_w.shape[0] != W + 8:
+            raise ValueError('table_h / table_w must be resized to H + 8 / W + 8 rows')
+        if released and H != W:
+            raise ValueError('the released height term is fused for square maps only; pass rel instead')
+    elif rel is None:
+        raise ValueError('pass the position logits rel or the position tables')
+    return _SampledAttentionCPU.apply(qkv, offset, rel, scale, table_h, table_w, released)
+
+
+def uses_gather_path(qkv: torch.Tensor, attn_drop: float = 0., training: bool = False) -> bool:
+    """ True where ``sampled_attention`` runs ``sampled_attention_cpu`` (see its dispatch). """
+    if torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training):
+        return False
+    return not (qkv.is_cuda and qkv.dtype != torch.float64 and triton_available())
 
 
 def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
@@ -395,7 +484,7 @@ def sampled_attention(
     """
     if torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training):
         return sampled_attention_portable(qkv, offset, rel, scale, attn_drop, training)
-    if qkv.is_cuda and qkv.dtype != torch.float64 and triton_available():
+    if not uses_gather_path(qkv, attn_drop, training):
         from .triton_sampled_attention import sampled_attention_triton
         return sampled_attention_triton(qkv, offset, rel, scale)
     return sampled_attention_cpu(qkv, offset, rel, scale)

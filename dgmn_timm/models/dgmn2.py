@@ -30,7 +30,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
 
-from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
+from ..kernels import (
+    attention_weights, sampled_attention, sampled_attention_cpu, sampled_attention_portable, uses_gather_path)
 from ..state_dicts import mismatch_error, shape_mismatches
 from ..sampling import NUM_NODES
 
@@ -137,6 +138,37 @@ def rel_pos_logits(
 
 
 @register_notrace_function
+def graph_attention(
+        qkv: torch.Tensor,
+        offset: torch.Tensor,
+        rel_height: torch.Tensor,
+        rel_width: torch.Tensor,
+        scale: float,
+        released: bool = True,
+        attn_drop: float = 0.,
+        training: bool = False,
+) -> torch.Tensor:
+    """ Position term (:func:`rel_pos_logits`) plus sampled attention, (B, H, W, nh, hd) out.
+
+    On the gather path (CPU and other non-Triton devices, eager or compiled) the position term
+    is computed inside the attention's autograd function: one GEMM of the queries against
+    both tables, read through band views, and its gradient added straight into the queries'
+    gradient. Elsewhere (Triton, ONNX export, attention dropout, the released height term on
+    non-square maps) the logits are computed first and passed in, as they are on the meta
+    device, so that MAC counts (``dgmn_timm.profiling``) see the definition's 9-column products
+    rather than the full-table GEMM the fused path runs.
+    """
+    H, W = qkv.shape[1], qkv.shape[2]
+    if (uses_gather_path(qkv, attn_drop, training) and not _exporting() and qkv.device.type != 'meta'
+            and (H == W or not released)):
+        table_h = _resize_table(rel_height, H + NUM_NODES - 1)
+        table_w = _resize_table(rel_width, W + NUM_NODES - 1)
+        return sampled_attention_cpu(qkv, offset, None, scale, table_h, table_w, released)
+    rel = rel_pos_logits(qkv[:, :, :, 0], rel_height, rel_width, released)
+    return sampled_attention(qkv, offset, rel, scale, attn_drop, training)
+
+
+@register_notrace_function
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int):
     if x.dim() != 4:
         raise ValueError('DGMN2 expects a (B, C, H, W) image batch, got a tensor of shape ' + str(list(x.shape)))
@@ -211,23 +243,31 @@ class DynamicGraphAttention(nn.Module):
         positions = base + offset
         return positions, weights
 
-    def attention_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ qkv (B, H, W, 3, nh, hd), walks (B, H, W, nh, 2K) and position logits (B, H, W, nh, K). """
+    def qkv_and_walks(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ qkv (B, H, W, 3, nh, hd) and walks (B, H, W, nh, 2K). """
         B, H, W, C = x.shape
         nh, hd = self.num_heads, self.head_dim
         qkv = self.qkv(x).reshape(B, H, W, 3, nh, hd)
         # walks per head slice, weights shared by the heads; (dy, dx) of node k at 2k, 2k + 1
         offset = self.offset(x.reshape(B, H, W, nh, hd))
+        return qkv, offset
+
+    def attention_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ qkv (B, H, W, 3, nh, hd), walks (B, H, W, nh, 2K) and position logits (B, H, W, nh, K). """
+        qkv, offset = self.qkv_and_walks(x)
         rel = rel_pos_logits(qkv[:, :, :, 0], self.rel_height, self.rel_width, self.rel_pos_released)
         return qkv, offset, rel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv, offset, rel = self.attention_inputs(x)
         if torch.jit.is_scripting():
+            qkv, offset, rel = self.attention_inputs(x)
             x = sampled_attention_portable(qkv, offset, rel, self.scale, self.attn_drop.p, self.training)
         else:
-            x = sampled_attention(qkv, offset, rel, self.scale, self.attn_drop.p, self.training)
+            qkv, offset = self.qkv_and_walks(x)
+            x = graph_attention(
+                qkv, offset, self.rel_height, self.rel_width, self.scale, self.rel_pos_released,
+                self.attn_drop.p, self.training)
         x = self.proj(x.reshape(B, H, W, C))
         x = self.proj_drop(x)
         return x
