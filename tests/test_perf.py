@@ -306,6 +306,8 @@ def test_module_uses_fused_position_term_on_cpu(monkeypatch):
     torch.testing.assert_close(m(x), expected, atol=0, rtol=0)
     with pytest.raises(AssertionError, match='fused path'):
         m(torch.randn(2, 4, 5, 8))  # released height term on a non-square map: computed separately
+    with pytest.raises(AssertionError, match='fused path'):
+        m(torch.randn(1, 65, 65, 8))  # large map (H + W > 128): memory must stay linear in pixels
 
 
 def _module(dim, nh, table, dtype=torch.float64, released=True, seed=0):

@@ -38,6 +38,8 @@ from ..sampling import NUM_NODES
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_term', 'MIN_INPUT_SIZE']
 
 MIN_INPUT_SIZE = 32
+# largest H + W for which the position term is fused into the CPU attention (see graph_attention)
+FUSED_POSITION_MAX_SIDES = 128
 
 # variant name -> depths, used to name the variant a checkpoint belongs to
 _VARIANT_DEPTHS = {
@@ -157,10 +159,15 @@ def graph_attention(
     non-square maps) the logits are computed first and passed in, as they are on the meta
     device, so that MAC counts (``dgmn_timm.profiling``) see the definition's 9-column products
     rather than the full-table GEMM the fused path runs.
+
+    The GEMM computes H + W + 16 products per query where 18 are used, and its (queries, H + W + 16)
+    result would make memory grow faster than the pixel count, so it is used only for maps with
+    H + W <= ``FUSED_POSITION_MAX_SIDES`` (up to 64 x 64, e.g. stage 1 of a 256 x 256 image), where
+    one large GEMM beats the per-row products; larger maps use :func:`rel_pos_logits`.
     """
     H, W = qkv.shape[1], qkv.shape[2]
     if (uses_gather_path(qkv, attn_drop, training) and not _exporting() and qkv.device.type != 'meta'
-            and (H == W or not released)):
+            and H + W <= FUSED_POSITION_MAX_SIDES and (H == W or not released)):
         table_h = _resize_table(rel_height, H + NUM_NODES - 1)
         table_w = _resize_table(rel_width, W + NUM_NODES - 1)
         return sampled_attention_cpu(qkv, offset, None, scale, table_h, table_w, released)
