@@ -420,6 +420,41 @@ def test_inference_in_place_paths_match_autograd_path():
     assert residual_add(stream, branch) is branch
 
 
+def test_gelu_in_place_backward_matches_autograd_gelu():
+    """ The MLP's GELU backward runs in place on the incoming gradient; same numbers as F.gelu. """
+    from dgmn_timm.models.dgmn2 import gelu_
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    go = torch.randn(4, 5, 6, dtype=torch.float64)
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    (gelu_(a) * go).sum().backward()
+    (torch.nn.functional.gelu(b) * go).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
+    # double backward (create_graph) takes the differentiable out-of-place path
+    a2 = x.clone().requires_grad_()
+    b2 = x.clone().requires_grad_()
+    ga, = torch.autograd.grad((gelu_(a2) * go).sum(), a2, create_graph=True)
+    gb, = torch.autograd.grad((torch.nn.functional.gelu(b2) * go).sum(), b2, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(ga.sum(), a2)[0], torch.autograd.grad(gb.sum(), b2)[0])
+    # the whole model's parameter gradients equal those of an out-of-place GELU
+    import sys
+    import timm
+    dgmn2_module = sys.modules['dgmn_timm.models.dgmn2']
+    model = timm.create_model('dgmn2_tiny', num_classes=3)
+    img = torch.randn(2, 3, 64, 64)
+    model(img).sum().backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    original = dgmn2_module._gelu_inplace_grad
+    try:
+        dgmn2_module._gelu_inplace_grad = torch.nn.functional.gelu
+        model(img).sum().backward()
+    finally:
+        dgmn2_module._gelu_inplace_grad = original
+    for f, p in zip(fast, model.parameters()):
+        torch.testing.assert_close(f, p.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_stage_outputs_are_channels_last_views():
     """ Stage outputs are NCHW views of channels-last memory; values as from contiguous NCHW. """
     import timm
