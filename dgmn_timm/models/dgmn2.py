@@ -390,6 +390,44 @@ class Block(nn.Module):
         return x
 
 
+class _ReLUInplace(torch.autograd.Function):
+    """ In-place ReLU whose backward also runs in place, on the incoming gradient (see ``_GeluInplaceGrad``). """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu_(x)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        y, = ctx.saved_tensors
+        if torch.is_grad_enabled() or not grad.is_contiguous() or grad.dtype != y.dtype or grad.shape != y.shape:
+            return torch.ops.aten.threshold_backward(grad, y, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
+
+
+@torch.jit.ignore
+def _relu_inplace_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ReLUInplace.apply(x)
+
+
+@register_notrace_function
+def relu_(x: torch.Tensor) -> torch.Tensor:
+    """ In-place ReLU; with autograd its backward also runs in place (``_ReLUInplace``). """
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_scripting():
+        return _relu_inplace_grad(x)
+    return torch.relu_(x)
+
+
+class ReLU(nn.Module):
+    """ In-place ReLU (``nn.ReLU(inplace=True)``) with an in-place backward. """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return relu_(x)
+
+
 class Stem(nn.Module):
     """ Stage-1 patch embedding: three 3x3 Conv-BN-ReLU, strides 2, 1, 2 (output stride 4). """
 
@@ -403,7 +441,7 @@ class Stem(nn.Module):
         self.norm2 = nn.BatchNorm2d(hidden_dim)
         self.conv3 = nn.Conv2d(hidden_dim, embed_dim, 3, stride=2, padding=1, bias=False)
         self.norm3 = nn.BatchNorm2d(embed_dim)
-        self.act = nn.ReLU(inplace=True)
+        self.act = ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, self.min_size)
@@ -422,7 +460,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
         self.norm = nn.BatchNorm2d(out_chs)
-        self.act = nn.ReLU(inplace=True)
+        self.act = ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
