@@ -220,9 +220,15 @@ def _gather_sum(idx: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -
 
 def _tables(qkv: torch.Tensor, scale: float, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """ scaled queries (M, hd) and the padded key/value table (rows, hd), see ``node_corners``. """
-    hd = qkv.shape[-1]
+    B, H, W, _, nh, hd = qkv.shape
     qs = (qkv[:, :, :, 0].to(cdt) * scale).view(-1, hd)
-    kv = F.pad(qkv[:, :, :, 1:].to(cdt), (0, 0, 0, 0, 0, 0, 1, 2, 1, 2))  # (B, H + 3, W + 3, 2, nh, hd)
+    # (B, H + 3, W + 3, 2, nh, hd): zero only the border, copy the interior (F.pad fills it all first)
+    kv = qkv.new_empty((B, H + 3, W + 3, 2, nh, hd), dtype=cdt)
+    kv[:, :1].zero_()
+    kv[:, H + 1:].zero_()
+    kv[:, 1:H + 1, :1].zero_()
+    kv[:, 1:H + 1, W + 1:].zero_()
+    kv[:, 1:H + 1, 1:W + 1].copy_(qkv[:, :, :, 1:])
     return qs, kv.view(-1, hd)
 
 
