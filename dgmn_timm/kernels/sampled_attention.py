@@ -34,6 +34,12 @@ the scatter into the key/value tables is written as a gather too: the corner ind
 are sorted once (int32 radix sort) and the transposed bags are embedding bags over the
 queries (``include_last_offset``), which avoids ``index_add_`` over a 36x-sized tensor.
 
+Given the two resized position tables instead of (or besides) ``rel``, the CPU path also
+computes the position term (``dgmn_timm.models.dgmn2.graph_attention`` does this for small
+maps): one GEMM of the queries against both tables, whose 9 + 9 used columns per query are
+two ``as_strided`` band views (``_rel_pos_bands``); the backward writes the logits' gradient
+into the bands of a dense dG and adds dG @ tables straight into dq.
+
 Portable path (``sampled_attention_portable``)
 ----------------------------------------------
 ``sample_nodes`` (one ``grid_sample`` call for keys and values, channel-first) plus plain
