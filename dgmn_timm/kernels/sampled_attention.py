@@ -419,11 +419,18 @@ def sampled_attention_cpu(
     return _SampledAttentionCPU.apply(qkv, offset, rel, scale, table_h, table_w, released)
 
 
+def _needs_portable(attn_drop: float, training: bool) -> bool:
+    """ ONNX export and attention dropout take the portable path. """
+    return torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training)
+
+
+def _uses_triton(qkv: torch.Tensor) -> bool:
+    return qkv.is_cuda and qkv.dtype != torch.float64 and triton_available()
+
+
 def uses_gather_path(qkv: torch.Tensor, attn_drop: float = 0., training: bool = False) -> bool:
     """ True where ``sampled_attention`` runs ``sampled_attention_cpu`` (see its dispatch). """
-    if torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training):
-        return False
-    return not (qkv.is_cuda and qkv.dtype != torch.float64 and triton_available())
+    return not _needs_portable(attn_drop, training) and not _uses_triton(qkv)
 
 
 def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
@@ -494,9 +501,9 @@ def sampled_attention(
     attention dropout use the portable ``grid_sample`` path; everything else the gather
     path (``sampled_attention_cpu``).
     """
-    if torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training):
+    if _needs_portable(attn_drop, training):
         return sampled_attention_portable(qkv, offset, rel, scale, attn_drop, training)
-    if not uses_gather_path(qkv, attn_drop, training):
+    if _uses_triton(qkv):
         from .triton_sampled_attention import sampled_attention_triton
         return sampled_attention_triton(qkv, offset, rel, scale)
     return sampled_attention_cpu(qkv, offset, rel, scale)

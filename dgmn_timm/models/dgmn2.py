@@ -294,6 +294,16 @@ def residual_add(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     return x + branch
 
 
+def _can_overwrite(grad: torch.Tensor, like: torch.Tensor) -> bool:
+    """ Whether a backward may write its result into ``grad`` (the incoming gradient).
+
+    Not under double backward (``create_graph=True``: the backward must stay differentiable)
+    and only for a dense gradient of the tensor's own shape and dtype.
+    """
+    return (not torch.is_grad_enabled() and grad.is_contiguous() and grad.dtype == like.dtype
+            and grad.shape == like.shape)
+
+
 class _GeluInplaceGrad(torch.autograd.Function):
     """ Exact (erf) GELU whose backward writes d input into the incoming gradient's memory.
 
@@ -312,7 +322,7 @@ class _GeluInplaceGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, = ctx.saved_tensors
-        if torch.is_grad_enabled() or not grad.is_contiguous() or grad.dtype != x.dtype or grad.shape != x.shape:
+        if not _can_overwrite(grad, x):
             return torch.ops.aten.gelu_backward(grad, x)
         return torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=grad)
 
@@ -403,7 +413,7 @@ class _ReLUInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         y, = ctx.saved_tensors
-        if torch.is_grad_enabled() or not grad.is_contiguous() or grad.dtype != y.dtype or grad.shape != y.shape:
+        if not _can_overwrite(grad, y):
             return torch.ops.aten.threshold_backward(grad, y, 0)
         return torch.ops.aten.threshold_backward.grad_input(grad, y, 0, grad_input=grad)
 
