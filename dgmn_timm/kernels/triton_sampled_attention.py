@@ -70,6 +70,27 @@ def _rows_and_query(QKV, M, H, W, NH, HD, BLOCK_Q: tl.constexpr, BLOCK_D: tl.con
 
 
 @triton.jit
+def _sampled_node(
+        QKV, OFF, REL, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
+        k: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """ Node k of every row: its position, the bilinearly sampled key and value (registers only)
+    and its logit. """
+    fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k)
+    ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for c in tl.static_range(4):
+        wy, wx, inb, src = _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, c // 2, c % 2)
+        ptr = QKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
+        lm = inb[:, None] & dmask[None, :]
+        wgt = (wy * wx)[:, None]
+        ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
+        vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
+    logit = tl.sum(q * ks, 1) * scale + tl.load(REL + rows * 9 + k, mask=rmask, other=0.).to(tl.float32)
+    return fy, fx, y0f, x0f, ks, vs, logit
+
+
+@triton.jit
 def _fwd_kernel(
         QKV, OFF, REL, OUT, LSE,
         M, H, W, NH, HD, scale,
@@ -81,17 +102,8 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for k in tl.static_range(9):
-        fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k)
-        ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-        vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-        for c in tl.static_range(4):
-            wy, wx, inb, src = _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, c // 2, c % 2)
-            ptr = QKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
-            lm = inb[:, None] & dmask[None, :]
-            wgt = (wy * wx)[:, None]
-            ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
-            vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
-        logit = tl.sum(q * ks, 1) * scale + tl.load(REL + rows * 9 + k, mask=rmask, other=0.).to(tl.float32)
+        fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
+            QKV, OFF, REL, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale, k, BLOCK_Q, BLOCK_D)
         m_new = tl.maximum(m_i, logit)
         alpha = tl.exp(m_i - m_new)
         pk = tl.exp(logit - m_new)
@@ -117,17 +129,8 @@ def _bwd_kernel(
     lse = tl.load(LSE + rows, mask=rmask, other=0.)
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for k in tl.static_range(9):
-        fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k)
-        ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-        vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-        for c in tl.static_range(4):
-            wy, wx, inb, src = _corner(y0f, x0f, fy, fx, bimg, rmask, H, W, c // 2, c % 2)
-            ptr = QKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
-            lm = inb[:, None] & dmask[None, :]
-            wgt = (wy * wx)[:, None]
-            ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
-            vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
-        logit = tl.sum(q * ks, 1) * scale + tl.load(REL + rows * 9 + k, mask=rmask, other=0.).to(tl.float32)
+        fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
+            QKV, OFF, REL, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale, k, BLOCK_Q, BLOCK_D)
         p = tl.exp(logit - lse)
         dl = p * (tl.sum(go * vs, 1) - delta)
         tl.store(DREL + rows * 9 + k, dl, mask=rmask)
