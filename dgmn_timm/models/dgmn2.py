@@ -31,7 +31,7 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..kernels import (
-    attention_weights, sampled_attention, sampled_attention_cpu, sampled_attention_portable, uses_gather_path)
+    attention_weights, chunked_mlp, use_chunked_mlp, sampled_attention, sampled_attention_cpu, sampled_attention_portable, uses_gather_path)
 from ..state_dicts import mismatch_error, shape_mismatches
 from ..sampling import NUM_NODES
 
@@ -359,8 +359,28 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._blocked(x):
+                return chunked_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         x = self.drop1(gelu_(self.fc1(x)))
         return self.drop2(self.fc2(x))
+
+    @torch.jit.ignore
+    def _blocked(self, x: torch.Tensor) -> bool:
+        """ Whether to run the row-blocked MLP (``dgmn_timm.kernels.chunked_mlp``): large CPU maps,
+        no active dropout, and plain ``nn.Linear`` layers without hooks (a wrapped or hooked layer,
+        e.g. LoRA or a feature hook, must see its own call). FX tracing records the plain layers. """
+        if isinstance(x, torch.fx.Proxy):
+            return False
+        if self.training and (self.drop1.p > 0. or self.drop2.p > 0.):
+            return False
+        return (_plain_linear(self.fc1) and _plain_linear(self.fc2)
+                and use_chunked_mlp(x, self.fc1.out_features, self.fc1.weight))
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear and not (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 class Block(nn.Module):
