@@ -243,7 +243,7 @@ def _forward_core(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ qs (M, hd) scaled queries; table (rows, hd); idx (M * 36,) key rows; w (M, 9, 4); rel (M, 9).
 
-    Returns out (M, hd), p (M, 9), dots (M, 9, 4) = <qs, K[corner]>.
+    Returns out (M, hd), p (M, 9), dots (M, 9, 4) = <qs, K[corner]>, wp (M, 9, 4) = w * p.
     """
     M = qs.shape[0]
     dots = _gather_dot(qs, table, idx, _NUM_NODES * _NUM_CORNERS).view(M, _NUM_NODES, _NUM_CORNERS)
@@ -251,8 +251,9 @@ def _forward_core(
     logits = torch.baddbmm(rel.reshape(-1, 1, 1), dots.view(-1, 1, _NUM_CORNERS), w.view(-1, _NUM_CORNERS, 1))
     p = logits.view(M, _NUM_NODES).softmax(dim=-1)
     # value rows are key rows + nh: a view of the same table starting nh rows later
-    out = _gather_sum(idx.view(M, -1), table[nh:], (w * p.unsqueeze(-1)).view(M, -1))
-    return out, p, dots
+    wp = w * p.unsqueeze(-1)
+    out = _gather_sum(idx.view(M, -1), table[nh:], wp.view(M, -1))
+    return out, p, dots, wp
 
 
 def _rel_pos_bands(
@@ -277,6 +278,20 @@ def _rel_pos_bands(
     else:
         height = torch.as_strided(G, size, (sb, sy - 1, sx, sh, 1), G.storage_offset() + H - 1)
     return width, height
+
+
+def _row_offsets(rows: torch.Tensor, sorted_rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """ (num_rows + 1,) int64: where each row's entries start in ``sorted_rows`` (and the end).
+
+    Eager: the running count of entries per row (``bincount``, 2x faster than ``searchsorted``);
+    compiled: ``searchsorted``, whose output shape does not depend on the data.
+    """
+    if torch.compiler.is_compiling():
+        return torch.searchsorted(
+            sorted_rows, torch.arange(num_rows + 1, device=rows.device, dtype=rows.dtype)).long()
+    offsets = rows.new_zeros(num_rows + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(rows, minlength=num_rows), 0, out=offsets[1:])
+    return offsets
 
 
 class _SampledAttentionCPU(torch.autograd.Function):
@@ -319,9 +334,9 @@ class _SampledAttentionCPU(torch.autograd.Function):
             pos = (width + height).view(M, _NUM_NODES)
             logits_in = pos if logits_in is None else pos + logits_in
         assert logits_in is not None
-        out, p, dots = _forward_core(qs, table, nh, idx, w.to(cdt), logits_in)
+        out, p, dots, wp = _forward_core(qs, table, nh, idx, w.to(cdt), logits_in)
         if any(ctx.needs_input_grad[:3]) or any(ctx.needs_input_grad[4:6]):
-            ctx.save_for_backward(qs, table, idx, w, gy, gx, mask, p, dots, tables)
+            ctx.save_for_backward(qs, table, idx, w, gy, gx, mask, p, dots, wp, tables)
             ctx.scale = scale
             ctx.dims = (B, H, W, nh, hd)
             ctx.dtypes = (qkv.dtype, offset.dtype, None if rel is None else rel.dtype,
@@ -332,7 +347,7 @@ class _SampledAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: torch.Tensor):
-        qs, table, idx, w, gy, gx, mask, p, dots, tables = ctx.saved_tensors
+        qs, table, idx, w, gy, gx, mask, p, dots, wp, tables = ctx.saved_tensors
         B, H, W, nh, hd = ctx.dims
         qkv_dtype, offset_dtype, rel_dtype, table_dtype = ctx.dtypes
         Hp, Wp = H + 3, W + 3
@@ -367,20 +382,19 @@ class _SampledAttentionCPU(torch.autograd.Function):
             # the scatter into the table, written as gathers: sort the corner entries by row,
             # then one bag per row over the queries that read it
             sorted_rows, order = torch.sort(idx.view(-1))
-            bag_offsets = torch.searchsorted(
-                sorted_rows, torch.arange(table.shape[0] + 1, device=idx.device, dtype=idx.dtype))
+            bag_offsets = _row_offsets(idx.view(-1), sorted_rows, table.shape[0])
             src = order // (_NUM_NODES * _NUM_CORNERS)
             grad_table = F.embedding_bag(
                 src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1).index_select(0, order), include_last_offset=True)
             grad_v = F.embedding_bag(
-                src, go, bag_offsets, mode='sum', per_sample_weights=(w * p.unsqueeze(-1)).view(-1).index_select(0, order),
+                src, go, bag_offsets, mode='sum', per_sample_weights=wp.view(-1).index_select(0, order),
                 include_last_offset=True)
             grad_table[nh:] += grad_v[:-nh]  # value rows are key rows + nh
             grad_kv = grad_table.view(B, Hp, Wp, 2, nh, hd)[:, 1:H + 1, 1:W + 1]
             grad_qkv = torch.cat((dq.view(B, H, W, 1, nh, hd), grad_kv), dim=3).to(qkv_dtype)
         if ctx.needs_input_grad[1]:
             # d/dw_kc, then through w_kc = gy * gx with d gy / d fy = +-1 (fy = position - floor)
-            dw = vdots * p.unsqueeze(-1) + dots * dlogits.unsqueeze(-1)
+            dw = torch.addcmul(vdots * p.unsqueeze(-1), dots, dlogits.unsqueeze(-1))
             dfy = torch.matmul(dw * gx, _corner_const(1, dw.device, dw.dtype))
             dfx = torch.matmul(dw * gy, _corner_const(3, dw.device, dw.dtype))
             grad_offset = torch.stack((dfy, dfx), dim=-1)
@@ -447,7 +461,7 @@ def _attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tenso
     B, H, W, _, nh, hd = qkv.shape
     idx, w, _, _, _ = node_corners(offset, H, W, nh)
     qs, table = _tables(qkv, scale, cdt)
-    _, p, _ = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
+    _, p, _, _ = _forward_core(qs, table, nh, idx, w.to(cdt), rel.reshape(M, _NUM_NODES).to(cdt))
     return p.view(B, H, W, nh, _NUM_NODES)
 
 
