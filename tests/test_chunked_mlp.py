@@ -203,3 +203,17 @@ def test_model_blocked_mlp_matches_plain(monkeypatch):
     torch.testing.assert_close(out_b, out_p, rtol=1e-5, atol=1e-5)
     for gb, gp in zip(grads_b, grads_p):
         torch.testing.assert_close(gb, gp, rtol=1e-4, atol=1e-5)
+
+
+def test_ab_script_tiny():
+    """ scripts/ab_mlp.py runs (one tiny process, blocked path forced small) and reports its ratios. """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / 'scripts' / 'ab_mlp.py'), '--processes', '2', '--iters', '2',
+           '--batch-size', '2', '--img-size', '32', '--peer', 'none']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count('blocked vs plain') == 3 and 'geometric mean over 2 processes' in r.stdout
