@@ -240,7 +240,7 @@ def _tables(qkv: torch.Tensor, scale: float, cdt: torch.dtype) -> Tuple[torch.Te
 
 def _forward_core(
         qs: torch.Tensor, table: torch.Tensor, nh: int, idx: torch.Tensor, w: torch.Tensor, rel: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ qs (M, hd) scaled queries; table (rows, hd); idx (M * 36,) key rows; w (M, 9, 4); rel (M, 9).
 
     Returns out (M, hd), p (M, 9), dots (M, 9, 4) = <qs, K[corner]>, wp (M, 9, 4) = w * p.

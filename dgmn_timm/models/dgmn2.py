@@ -31,7 +31,8 @@ from timm.layers import DropPath, register_notrace_function, trunc_normal_
 from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..kernels import (
-    attention_weights, chunked_mlp, use_chunked_mlp, sampled_attention, sampled_attention_cpu, sampled_attention_portable, uses_gather_path)
+    attention_weights, chunked_mlp, sampled_attention, sampled_attention_cpu, sampled_attention_portable,
+    use_chunked_mlp, uses_gather_path)
 from ..state_dicts import mismatch_error, shape_mismatches
 from ..sampling import NUM_NODES
 
