@@ -123,6 +123,8 @@ def test_use_chunked_mlp_threshold_and_exclusions(monkeypatch):
     assert not use_chunked_mlp(small, 512, w)
     assert use_chunked_mlp(large, 512, w)
     assert not use_chunked_mlp(large.double(), 512, w)  # dtype differs from the weights
+    assert use_chunked_mlp(large.double(), 512, w.double())
+    assert not use_chunked_mlp(large.bfloat16(), 512, w.bfloat16())  # half types: plain path
     assert not use_chunked_mlp(large.to('meta'), 512, w.to('meta'))
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert not use_chunked_mlp(large, 512, w)

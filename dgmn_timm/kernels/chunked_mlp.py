@@ -41,12 +41,13 @@ CHUNKED_MLP_BLOCK_BYTES = 2 * 2 ** 20
 def use_chunked_mlp(x: torch.Tensor, hidden: int, weight: torch.Tensor) -> bool:
     """ Whether ``chunked_mlp`` is the faster choice for ``x`` (..., C) and a ``hidden``-wide layer.
 
-    CPU tensors only (CUDA has a caching allocator; there the plain path is used), same dtype
-    as the weights (autocast takes the plain path), eager mode only (not while tracing,
+    CPU tensors only (CUDA has a caching allocator; there the plain path is used), float32 or
+    float64 like the weights (autocast takes the plain path; bfloat16 / float16 weight gradients
+    would be rounded once per block instead of once), eager mode only (not while tracing,
     exporting, scripting or compiling), and a hidden activation of at least
     ``CHUNKED_MLP_MIN_BYTES``.
     """
-    if x.device.type != 'cpu' or x.dtype != weight.dtype or not x.dtype.is_floating_point:
+    if x.device.type != 'cpu' or x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.float64):
         return False
     if torch.is_autocast_enabled('cpu'):
         return False
