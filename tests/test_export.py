@@ -80,6 +80,14 @@ def _check_onnx(path, model, sizes, n_out):
             torch.testing.assert_close(torch.from_numpy(o), r, atol=1e-4, rtol=1e-4)
 
 
+def _dynamo_export(model, path, size, min_side, max_side):
+    """ The dynamo exporter (opset 18) on a (1, 3, size, size) example, height and width symbolic. """
+    h = torch.export.Dim('h', min=min_side, max=max_side)
+    w = torch.export.Dim('w', min=min_side, max=max_side)
+    torch.onnx.export(model, (torch.randn(1, 3, size, size),), path, dynamo=True, opset_version=18,
+                      dynamic_shapes={'x': {2: h, 3: w}})
+
+
 def test_onnx_legacy_export_dynamic_size(tmp_path):
     _onnx_runtime()
     model = _Features(_walking(timm.create_model('dgmn2_tiny', features_only=True))).eval()
@@ -105,10 +113,7 @@ def test_onnx_dynamo_export_block_dynamic_size(tmp_path):
 
     model = _walking(Wrap()).eval()
     path = str(tmp_path / 'block.onnx')
-    h = torch.export.Dim('h', min=2, max=512)
-    w = torch.export.Dim('w', min=2, max=512)
-    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), path, dynamo=True, opset_version=18,
-                      dynamic_shapes={'x': {2: h, 3: w}})
+    _dynamo_export(model, path, 8, 2, 512)
     _check_onnx(path, model, [(1, 8, 8), (1, 12, 8), (1, 5, 9)], 1)
 
 
@@ -117,8 +122,5 @@ def test_onnx_dynamo_export_model_dynamic_size(tmp_path):
     _onnx_runtime()
     model = _walking(timm.create_model('dgmn2_tiny', num_classes=10)).eval()
     path = str(tmp_path / 'dgmn2_tiny.onnx')
-    h = torch.export.Dim('h', min=32, max=2048)
-    w = torch.export.Dim('w', min=32, max=2048)
-    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), path, dynamo=True, opset_version=18,
-                      dynamic_shapes={'x': {2: h, 3: w}})
+    _dynamo_export(model, path, 64, 32, 2048)
     _check_onnx(path, model, [(1, 64, 64), (1, 96, 64), (1, 64, 128)], 1)
