@@ -420,42 +420,23 @@ def test_inference_in_place_paths_match_autograd_path():
     assert residual_add(stream, branch) is branch
 
 
-def test_relu_in_place_backward_matches_autograd_relu():
-    """ The stem's / patch embeddings' ReLU: in place forward and backward, same numbers as F.relu. """
-    from dgmn_timm.models.dgmn2 import relu_
-    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    x[0, 0, 0, :2] = 0.  # the kink: zero gradient, as F.relu
-    go = torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    a = x.clone().requires_grad_()
-    b = x.clone().requires_grad_()
-    ya = relu_(a * 1.)  # in place on a non-leaf
-    yb = torch.nn.functional.relu(b * 1.)
-    torch.testing.assert_close(ya, yb, atol=0, rtol=0)
-    (ya * go).sum().backward()
-    (yb * go).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
-    with torch.no_grad():
-        t = x.clone()
-        assert relu_(t) is t and (t >= 0).all()
-
-
 def test_gelu_in_place_backward_matches_autograd_gelu():
     """ The MLP's GELU backward runs in place on the incoming gradient; same numbers as F.gelu. """
-    from dgmn_timm.models.dgmn2 import gelu_
+    from dgmn_timm.models.dgmn2 import _gelu_inplace_grad
     x = torch.randn(4, 5, 6, dtype=torch.float64)
     go = torch.randn(4, 5, 6, dtype=torch.float64)
     a = x.clone().requires_grad_()
     b = x.clone().requires_grad_()
-    (gelu_(a) * go).sum().backward()
+    (_gelu_inplace_grad(a) * go).sum().backward()
     (torch.nn.functional.gelu(b) * go).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
     # double backward (create_graph) takes the differentiable out-of-place path
     a2 = x.clone().requires_grad_()
     b2 = x.clone().requires_grad_()
-    ga, = torch.autograd.grad((gelu_(a2) * go).sum(), a2, create_graph=True)
+    ga, = torch.autograd.grad((_gelu_inplace_grad(a2) * go).sum(), a2, create_graph=True)
     gb, = torch.autograd.grad((torch.nn.functional.gelu(b2) * go).sum(), b2, create_graph=True)
     torch.testing.assert_close(torch.autograd.grad(ga.sum(), a2)[0], torch.autograd.grad(gb.sum(), b2)[0])
-    # the whole model's parameter gradients equal those of out-of-place GELU and ReLU
+    # the whole model's parameter gradients equal those of out-of-place GELU
     import sys
     import timm
     dgmn2_module = sys.modules['dgmn_timm.models.dgmn2']
@@ -464,13 +445,12 @@ def test_gelu_in_place_backward_matches_autograd_gelu():
     model(img).sum().backward()
     fast = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    originals = dgmn2_module._gelu_inplace_grad, dgmn2_module._relu_inplace_grad
+    original = dgmn2_module._gelu_inplace_grad
     try:
         dgmn2_module._gelu_inplace_grad = torch.nn.functional.gelu
-        dgmn2_module._relu_inplace_grad = torch.relu
         model(img).sum().backward()
     finally:
-        dgmn2_module._gelu_inplace_grad, dgmn2_module._relu_inplace_grad = originals
+        dgmn2_module._gelu_inplace_grad = original
     for f, p in zip(fast, model.parameters()):
         torch.testing.assert_close(f, p.grad, atol=1e-6, rtol=1e-5)
 

@@ -1,0 +1,100 @@
+""" Gradients handed to users are never overwritten by the model's in-place backward passes.
+
+The MLP's GELU may write its input gradient into the incoming gradient's memory (a speed-up,
+``dgmn_timm.models.dgmn2._GeluInplaceGrad``), but only where that gradient is private: the
+fresh output of the hook-free fc2's backward. A gradient a user passes to ``backward``, or one
+a tensor hook or a module backward hook has seen, must keep its values.
+"""
+import pytest
+import torch
+import timm
+
+import dgmn_timm  # noqa: F401  (registers the models)
+from dgmn_timm.models.dgmn2 import Mlp, PatchEmbed, gelu_
+
+
+def _record(store):
+    """ A tensor hook that keeps the gradient it sees and a copy of its values at that moment. """
+    def hook(grad):
+        store.append((grad, grad.clone()))
+    return hook
+
+
+def _assert_unchanged(store, min_count=1):
+    assert len(store) >= min_count
+    for seen, copy in store:
+        torch.testing.assert_close(seen, copy, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('what', ['stem', 'patch_embed', 'gelu', 'mlp'])
+def test_gradient_passed_to_backward_is_not_modified(what):
+    torch.manual_seed(0)
+    if what == 'stem':
+        model = timm.create_model('dgmn2_tiny', num_classes=0)
+        out = model.stem(torch.randn(2, 3, 64, 64))
+    elif what == 'patch_embed':
+        out = PatchEmbed(8, 16)(torch.randn(2, 8, 10, 12, requires_grad=True))
+    elif what == 'gelu':
+        out = gelu_(torch.randn(4, 6, requires_grad=True) * 1.)
+    else:
+        out = Mlp(8, 32)(torch.randn(2, 5, 8, requires_grad=True))
+    # a negative, contiguous gradient: an in-place ReLU / GELU backward would change it
+    g = -torch.rand(out.shape) - 0.5
+    g0 = g.clone()
+    out.backward(g)
+    torch.testing.assert_close(g, g0, atol=0, rtol=0)
+
+
+def test_tensor_hooks_on_activations_keep_their_gradients():
+    """ Grad-CAM style: forward hooks register tensor hooks on the stem's ReLU outputs and on
+    the MLP's GELU output (what ``mlp.drop1`` receives); the gradients they saw stay intact. """
+    torch.manual_seed(0)
+    model = timm.create_model('dgmn2_tiny', num_classes=5)
+    store = []
+
+    def on_output(module, args, output):
+        output.register_hook(_record(store))
+
+    model.stem.act.register_forward_hook(on_output)
+    model.stages[1].blocks[0].mlp.drop1.register_forward_hook(on_output)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    _assert_unchanged(store, min_count=4)  # 3 stem ReLUs + 1 GELU
+
+
+def test_module_backward_hook_on_fc2_keeps_grad_input():
+    """ A full backward hook on fc2 sees d(GELU output); the GELU backward must not overwrite it. """
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    store = []
+    mlp.fc2.register_full_backward_hook(lambda m, gin, gout: store.append((gin[0], gin[0].clone())))
+    x = torch.randn(3, 8, requires_grad=True)
+    mlp(x).sum().backward()
+    _assert_unchanged(store)
+
+
+def test_private_gelu_gradient_is_still_overwritten_in_place():
+    """ The speed-up stays where it is safe: a hook-free MLP runs the in-place GELU backward. """
+    import sys
+    dgmn2 = sys.modules['dgmn_timm.models.dgmn2']
+    mlp = Mlp(8, 32)
+    x = torch.randn(3, 8, requires_grad=True)
+    calls = []
+    original = dgmn2._GeluInplaceGrad.backward
+
+    def spy(ctx, grad):
+        calls.append(dgmn2._can_overwrite(grad, ctx.saved_tensors[0]))
+        return original(ctx, grad)
+
+    dgmn2._GeluInplaceGrad.backward = staticmethod(spy)
+    try:
+        mlp(x).sum().backward()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+        try:
+            mlp(x).sum().backward()  # a global hook sees every module output: standard GELU
+        finally:
+            handle.remove()
+        mlp.fc2.register_forward_pre_hook(lambda m, args: None)
+        mlp(x).sum().backward()  # a hooked fc2: standard GELU
+    finally:
+        dgmn2._GeluInplaceGrad.backward = staticmethod(original)
+    assert calls == [True]  # only the hook-free call ran the in-place backward
