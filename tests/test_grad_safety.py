@@ -98,3 +98,24 @@ def test_private_gelu_gradient_is_still_overwritten_in_place():
     finally:
         dgmn2._GeluInplaceGrad.backward = staticmethod(original)
     assert calls == [True]  # only the hook-free call ran the in-place backward
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_forward_hooks_keep_module_outputs(grad):
+    """ Outputs that forward hooks keep (attention, MLP, fc1, fc2, proj) are not changed later by
+    the in-place residual add or the in-place GELU, with and without autograd. """
+    torch.manual_seed(0)
+    model = timm.create_model('dgmn2_tiny', num_classes=5).train(grad)
+    store = []
+
+    def keep(module, args, output):
+        store.append((output, output.clone()))
+
+    block = model.stages[0].blocks[0]  # stage 1: the blocked MLP at large maps, plain here
+    for m in (block.attn, block.mlp, model.stages[1].blocks[1].mlp.fc1, model.stages[2].blocks[0].mlp.fc2,
+              model.stages[3].blocks[0].attn.proj, model.stages[3].blocks[0].drop_path2):
+        m.register_forward_hook(keep)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(grad):
+        model(x).sum()
+    _assert_unchanged(store, min_count=6)
