@@ -69,6 +69,13 @@ __all__ = [
 _NUM_NODES = 9
 _NUM_CORNERS = 4
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "Double backward (create_graph=True, e.g. a gradient penalty) through DGMN2's fused sampled "
+    "attention is not supported on this device: its backward is hand-written. Use the "
+    "autograd-native grid_sample path: create the model after timm.layers.set_fused_attn(False) "
+    "(or with the environment variable TIMM_FUSED_ATTN=0), or set fused_attn = False on its "
+    "attention layers (for m in model.modules(): if hasattr(m, 'fused_attn'): m.fused_attn = False).")
+
 # base grids per (H, W, device, dtype); tiny, but building one costs ~10 small ops per call
 _BASE_GRIDS: Dict[Tuple[int, int, str, torch.dtype], torch.Tensor] = {}
 # offsets / offset2bag of the fixed-size bags of the gather-dots, per (bags, size, device, dtype)
@@ -314,6 +321,8 @@ class _SampledAttentionCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         with _no_autocast(grad_out.device.type):
             return _SampledAttentionCPU._backward(ctx, grad_out)
 
@@ -433,18 +442,18 @@ def sampled_attention_cpu(
     return _SampledAttentionCPU.apply(qkv, offset, rel, scale, table_h, table_w, released)
 
 
-def _needs_portable(attn_drop: float, training: bool) -> bool:
-    """ ONNX export and attention dropout take the portable path. """
-    return torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training)
+def _needs_portable(attn_drop: float, training: bool, fused: bool = True) -> bool:
+    """ ONNX export, attention dropout and ``fused=False`` take the portable path. """
+    return not fused or torch.onnx.is_in_onnx_export() or (attn_drop > 0. and training)
 
 
 def _uses_triton(qkv: torch.Tensor) -> bool:
     return qkv.is_cuda and qkv.dtype != torch.float64 and triton_available()
 
 
-def uses_gather_path(qkv: torch.Tensor, attn_drop: float = 0., training: bool = False) -> bool:
+def uses_gather_path(qkv: torch.Tensor, attn_drop: float = 0., training: bool = False, fused: bool = True) -> bool:
     """ True where ``sampled_attention`` runs ``sampled_attention_cpu`` (see its dispatch). """
-    return not _needs_portable(attn_drop, training) and not _uses_triton(qkv)
+    return not _needs_portable(attn_drop, training, fused) and not _uses_triton(qkv)
 
 
 def attention_weights(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
@@ -497,6 +506,7 @@ def sampled_attention(
         scale: float,
         attn_drop: float = 0.,
         training: bool = False,
+        fused: bool = True,
 ) -> torch.Tensor:
     """ DGMN2 sampled attention, dispatched to the fastest exact implementation.
 
@@ -506,16 +516,17 @@ def sampled_attention(
         rel: (B, H, W, nh, 9) logits added before the softmax.
         scale: logit scale (hd ** -0.5).
         attn_drop: dropout on the attention weights (used when ``training``).
+        fused: False selects the portable path everywhere (autograd-native, so it also supports
+            double backward, which the fused paths' hand-written backwards do not).
 
     Returns:
         (B, H, W, nh, hd).
 
     CUDA tensors (float32 / bfloat16 / float16) go to the fused Triton kernel when Triton is
-    installed; ONNX export and
-    attention dropout use the portable ``grid_sample`` path; everything else the gather
-    path (``sampled_attention_cpu``).
+    installed; ONNX export, attention dropout and ``fused=False`` use the portable
+    ``grid_sample`` path; everything else the gather path (``sampled_attention_cpu``).
     """
-    if _needs_portable(attn_drop, training):
+    if _needs_portable(attn_drop, training, fused):
         return sampled_attention_portable(qkv, offset, rel, scale, attn_drop, training)
     if _uses_triton(qkv):
         from .triton_sampled_attention import sampled_attention_triton

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sampled_attention import DOUBLE_BACKWARD_MESSAGE
+
 __all__ = ['sampled_attention_triton']
 
 
@@ -185,6 +187,8 @@ class _SampledAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
         qkv, offset, rel, out, lse = ctx.saved_tensors
         B, H, W, _, nh, hd = qkv.shape
         M = B * H * W * nh

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, trunc_normal_, use_fused_attn
 from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..kernels import (
@@ -150,6 +150,7 @@ def graph_attention(
         released: bool = True,
         attn_drop: float = 0.,
         training: bool = False,
+        fused: bool = True,
 ) -> torch.Tensor:
     """ Position term (:func:`rel_pos_logits`) plus sampled attention, (B, H, W, nh, hd) out.
 
@@ -167,13 +168,13 @@ def graph_attention(
     one large GEMM beats the per-row products; larger maps use :func:`rel_pos_logits`.
     """
     H, W = qkv.shape[1], qkv.shape[2]
-    if (uses_gather_path(qkv, attn_drop, training) and not _exporting() and qkv.device.type != 'meta'
+    if (uses_gather_path(qkv, attn_drop, training, fused) and not _exporting() and qkv.device.type != 'meta'
             and H + W <= FUSED_POSITION_MAX_SIDES and (H == W or not released)):
         table_h = _resize_table(rel_height, H + NUM_NODES - 1)
         table_w = _resize_table(rel_width, W + NUM_NODES - 1)
         return sampled_attention_cpu(qkv, offset, None, scale, table_h, table_w, released)
     rel = rel_pos_logits(qkv[:, :, :, 0], rel_height, rel_width, released)
-    return sampled_attention(qkv, offset, rel, scale, attn_drop, training)
+    return sampled_attention(qkv, offset, rel, scale, attn_drop, training, fused)
 
 
 @register_notrace_function
@@ -216,6 +217,9 @@ class DynamicGraphAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.rel_pos_released = rel_pos_released
+        # timm's switch (timm.layers.set_fused_attn / TIMM_FUSED_ATTN): False runs the
+        # autograd-native grid_sample path, e.g. for double backward (gradient penalties)
+        self.fused_attn = use_fused_attn()
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         # walks (dy, dx) of the K nodes, predicted per head slice, weights shared by all heads
@@ -275,7 +279,7 @@ class DynamicGraphAttention(nn.Module):
             qkv, offset = self.qkv_and_walks(x)
             x = graph_attention(
                 qkv, offset, self.rel_height, self.rel_width, self.scale, self.rel_pos_released,
-                self.attn_drop.p, self.training)
+                self.attn_drop.p, self.training, self.fused_attn)
         x = self.proj(x.reshape(B, H, W, C))
         x = self.proj_drop(x)
         return x
