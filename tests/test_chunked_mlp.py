@@ -171,6 +171,12 @@ def test_mlp_module_dispatch(monkeypatch):
     mlp(x)
     handle.remove()
     assert len(calls) == 1 and seen == [torch.Size([2, 5, 11, 24])]
+    # the blocked path skips the dropout modules too: their hooks must still fire
+    for drop in (mlp.drop1, mlp.drop2):
+        handle = drop.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        mlp(x)
+        handle.remove()
+    assert len(calls) == 1 and len(seen) == 3
 
     wrapped = Mlp(8, 24)
     wrapped.fc1 = nn.Sequential(nn.Linear(8, 24))

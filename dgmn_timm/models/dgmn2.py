@@ -376,13 +376,14 @@ class Mlp(nn.Module):
     @torch.jit.ignore
     def _blocked(self, x: torch.Tensor) -> bool:
         """ Whether to run the row-blocked MLP (``dgmn_timm.kernels.chunked_mlp``): large CPU maps,
-        no active dropout, and plain ``nn.Linear`` layers without hooks (a wrapped or hooked layer,
-        e.g. LoRA or a feature hook, must see its own call). FX tracing records the plain layers. """
+        no active dropout, plain ``nn.Linear`` layers and no hooks on the four submodules (a wrapped
+        or hooked module, e.g. LoRA or a feature hook, must see its own call). FX tracing records the plain layers. """
         if isinstance(x, torch.fx.Proxy):
             return False
         if self.training and (self.drop1.p > 0. or self.drop2.p > 0.):
             return False
-        return (_plain_linear(self.fc1) and _plain_linear(self.fc2)
+        # it bypasses all four submodules: a hook on any of them must see its own call
+        return (_linear_layers(self.fc1, self.fc2) and _hook_free(self.fc1, self.drop1, self.fc2, self.drop2)
                 and use_chunked_mlp(x, self.fc1.out_features, self.fc1.weight))
 
     @torch.jit.ignore
@@ -397,7 +398,7 @@ class Mlp(nn.Module):
         if isinstance(h, torch.fx.Proxy):
             return gelu_(h)
         if torch.is_grad_enabled() and h.requires_grad:
-            if _plain_linear(self.fc2) and _hook_free(self.drop1):
+            if _linear_layers(self.fc2) and _hook_free(self.drop1, self.fc2):
                 return _gelu_inplace_grad(h)
             return F.gelu(h)
         return gelu_(h) if _hook_free(self.fc1) else F.gelu(h)
@@ -416,8 +417,9 @@ def _hook_free(*modules: nn.Module) -> bool:
                    for m in modules)
 
 
-def _plain_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear and _hook_free(m)
+def _linear_layers(*modules: nn.Module) -> bool:
+    """ All plain ``nn.Linear`` (not a subclass or a wrapper such as LoRA, which must see its call). """
+    return all(type(m) is nn.Linear for m in modules)
 
 
 class Block(nn.Module):
