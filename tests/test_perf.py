@@ -420,7 +420,7 @@ def test_inference_in_place_paths_match_autograd_path():
     assert residual_add(stream, branch) is branch
 
 
-def test_gelu_in_place_backward_matches_autograd_gelu():
+def test_gelu_in_place_backward_matches_autograd_gelu(monkeypatch):
     """ The MLP's GELU backward runs in place on the incoming gradient; same numbers as F.gelu. """
     from dgmn_timm.models.dgmn2 import _gelu_inplace_grad
     x = torch.randn(4, 5, 6, dtype=torch.float64)
@@ -445,12 +445,8 @@ def test_gelu_in_place_backward_matches_autograd_gelu():
     model(img).sum().backward()
     fast = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    original = dgmn2_module._gelu_inplace_grad
-    try:
-        dgmn2_module._gelu_inplace_grad = torch.nn.functional.gelu
-        model(img).sum().backward()
-    finally:
-        dgmn2_module._gelu_inplace_grad = original
+    monkeypatch.setattr(dgmn2_module, '_gelu_inplace_grad', torch.nn.functional.gelu)
+    model(img).sum().backward()
     for f, p in zip(fast, model.parameters()):
         torch.testing.assert_close(f, p.grad, atol=1e-6, rtol=1e-5)
 
