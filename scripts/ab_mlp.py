@@ -84,8 +84,7 @@ def main():
                      f', plain {r["peer"]["ms"] / r["plain"]["ms"]:.3f}x')
         print(line, flush=True)
     if len(runs) > 1:
-        def gmean(vals):
-            return statistics.geometric_mean(vals)
+        gmean = statistics.geometric_mean
         line = (f'geometric mean over {len(runs)} processes: blocked vs plain '
                 f'{gmean([r["plain"]["ms"] / r["blocked"]["ms"] for r in runs]):.3f}x')
         if 'peer' in runs[0]:
