@@ -29,7 +29,7 @@ from .detection import FeatureBackbone, create_feature_backbone
 
 __all__ = [
     'SemanticFPNHead', 'FCNHead', 'SegmentationModel', 'create_segmentation_model',
-    'semantic_fpn_dgmn2', 'fcn_dgmn2',
+    'semantic_fpn_dgmn2', 'fcn_dgmn2', 'HEADS', 'HEAD_DEFAULTS',
 ]
 
 
@@ -167,6 +167,15 @@ class SegmentationModel(nn.Module):
         logits = self.head(self.backbone(x))
         return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=self.align_corners)
 
+    def training_loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """ The training objective for images ``x`` and label maps ``target`` (B, H, W).
+
+        Cross-entropy of the logits here; models with auxiliary or coarse branches override it
+        (they may need ``target`` inside their forward). Training scripts call this, never the loss
+        of a particular head.
+        """
+        return F.cross_entropy(self(x).float(), target, ignore_index=ignore_index)
+
 
 def create_segmentation_model(
         backbone: str = 'dgmn2_tiny',
@@ -196,7 +205,12 @@ def create_segmentation_model(
         **head_kwargs: passed to the head (``channels``, ``dropout``, ...).
     """
     if head not in ('fpn', 'fcn'):
-        raise ValueError(f"head must be 'fpn' or 'fcn', got {head!r}")
+        if head in HEADS:
+            return HEADS[head](backbone, num_classes=num_classes, output_stride=output_stride, out_indices=out_indices,
+                               pretrained=pretrained, pretrained_file=pretrained_file,
+                               backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn,
+                               frozen_stages=frozen_stages, backbone_kwargs=backbone_kwargs, **head_kwargs)
+        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     if output_stride is None:
         output_stride = 32 if head == 'fpn' else 8
     if out_indices is None:
@@ -223,3 +237,10 @@ def fcn_dgmn2(backbone: str = 'dgmn2_tiny', num_classes: int = 19, **kwargs) -> 
     """ FCN head on a dilated (output stride 8) DGMN2 backbone. See ``create_segmentation_model``. """
     kwargs.setdefault('output_stride', 8)
     return create_segmentation_model(backbone, num_classes=num_classes, head='fcn', **kwargs)
+
+
+# head name -> builder(backbone, num_classes=..., **create_segmentation_model kwargs) -> model with
+# forward(x) -> logits at input size and training_loss(x, target, ignore_index) -> scalar
+HEADS: Dict[str, Any] = {'fpn': semantic_fpn_dgmn2, 'fcn': fcn_dgmn2}
+# head name -> training-recipe defaults that scripts/train_segmentation.py applies unless set on its command line
+HEAD_DEFAULTS: Dict[str, Dict[str, Any]] = {'fpn': {}, 'fcn': {}}

@@ -213,8 +213,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: 
     for images, masks in bar:
         images, masks = images.to(device), masks.to(device)
         with torch.autocast(device_type=device.type, enabled=args.amp and device.type == 'cuda'):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=args.ignore_index)
+            loss = model.training_loss(images, masks, ignore_index=args.ignore_index)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch}')
         backward_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
