@@ -40,7 +40,7 @@ from timm.models import (
     split_model_name_tag,
 )
 
-from .state_dicts import safe_load
+from .checkpoints import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, read_checkpoint as safe_load
 
 __all__ = [
     'PretrainedWeightsError', 'PretrainedWeightsNotFoundError', 'ConversionResult',
@@ -87,12 +87,9 @@ _PAPERS: Dict[str, Dict[str, str]] = {
 }
 
 
-class PretrainedWeightsError(RuntimeError):
-    """ Pretrained weights were found but cannot be used (unreadable, another architecture, wrong shapes). """
-
-
-class PretrainedWeightsNotFoundError(FileNotFoundError):
-    """ Pretrained weights are neither reachable on the Hub nor in the local cache / given location. """
+# the errors the README promises, as the checkpoint module's
+PretrainedWeightsError = CheckpointError
+PretrainedWeightsNotFoundError = CheckpointNotFoundError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +397,7 @@ def build_model_with_pretrained_checks(
                 raise PretrainedWeightsNotFoundError(_not_found_message(variant, src, cache_dir, e)) from e
             raise PretrainedWeightsError(_unreadable_message(variant, src, e)) from e
         if phase[0] == 'load':
-            raise PretrainedWeightsError(_mismatch_message(variant, src, e)) from e
+            raise CheckpointMismatchError(_mismatch_message(variant, src, e)) from e
         raise
     except Exception as e:
         # e.g. safetensors.SafetensorError for a truncated file (not an OSError subclass)

@@ -1,0 +1,319 @@
+""" Reading weight files and loading them into models: one reader, one filter lookup, one error type.
+
+Every route that takes a weights file ends here: ``timm.create_model(checkpoint_path=...)``,
+``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:`` / ``hf-hub:`` sources of dgmn_timm models,
+torch.hub's ``checkpoint_path``, the detection / segmentation ``backbone_checkpoint``, the converter
+(``python -m dgmn_timm.convert``) and the scripts. A file that cannot be used raises ``CheckpointError``
+(a ``ValueError``) or a subclass, with one message that names the file, says what is wrong with it and
+what to do, the same on every route.
+
+The reader:
+
+* accepts ``.safetensors`` files, PyTorch files (``.pth`` / ``.pt`` / ``.bin`` / any name) and
+  converted folders (``model.safetensors`` or ``pytorch_model.bin`` inside, next to a ``config.json``);
+* reads PyTorch files with ``torch.load(weights_only=True)``, allowing ``argparse.Namespace`` for that
+  one call (DeiT-style training checkpoints keep their arguments in one), as timm's loader does;
+* unwraps a training checkpoint in this order: ``'model'``, then ``'state_dict'`` (the trained weights),
+  or with ``use_ema=True`` ``'model_ema'``, then ``'state_dict_ema'``; a plain state dict is taken as it is;
+* strips the ``module.`` / ``_orig_mod.`` wrapper prefixes (timm's ``clean_state_dict``) and keeps the
+  ``backbone.`` entries of a detection / segmentation checkpoint, prefix removed.
+
+``import dgmn_timm`` routes timm's own loaders through this module for dgmn_timm models only (see
+``install_timm_loaders``); other timm models load exactly as timm loads them.
+"""
+import argparse
+import functools
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    'CheckpointError', 'CheckpointNotFoundError', 'CheckpointMismatchError',
+    'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'filter_fn_for',
+    'architecture_of', 'folder_architecture', 'convert_command',
+    'shape_mismatches', 'mismatch_error', 'abbrev', 'install_timm_loaders',
+]
+
+PathLike = Union[str, os.PathLike]
+PACKAGE = __name__.split('.')[0]
+CONFIG_NAME = 'config.json'
+# weights files of a converted (timm / Hugging Face) folder, in the order timm prefers them
+FOLDER_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
+_MODEL_KEYS = ('model', 'state_dict')
+_EMA_KEYS = ('model_ema', 'state_dict_ema')
+_BACKBONE_PREFIX = 'backbone.'
+
+
+class CheckpointError(ValueError):
+    """ A weights file cannot be used: the message names the file, the problem and what to do. """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """ The weights file, folder or Hub repo does not exist or cannot be reached. """
+
+
+class CheckpointMismatchError(CheckpointError, RuntimeError):
+    """ The weights were read but do not fit the model (another variant or architecture, wrong shapes).
+
+    Also a RuntimeError, as ``nn.Module.load_state_dict`` raises for the same mistakes.
+    """
+
+
+def convert_command(model_name: str = 'dgmn2_tiny', cache: bool = True) -> str:
+    """ The command that turns an authors' released checkpoint into a loadable folder (pip users have it). """
+    arch = model_name.split('.')[0]
+    name = model_name if '.' in model_name else f'{arch}.in1k'
+    cmd = f'python -m {PACKAGE}.convert {arch}.pth --model {name} --output-dir {name}'
+    return cmd + ' --to-cache' if cache else cmd
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _weights_file(path: PathLike) -> Path:
+    """ The file to read for ``path`` (a file, or the weights file of a converted folder). """
+    p = Path(path)
+    if p.is_dir():
+        for name in FOLDER_WEIGHTS:
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointNotFoundError(
+            f'{p} is a folder without a weights file ({" or ".join(FOLDER_WEIGHTS)}). Give a weights file, or a '
+            f'folder written by `{convert_command(cache=False)}`.')
+    if not p.exists():
+        raise CheckpointNotFoundError(
+            f'{p} does not exist. Give the path of a weights file (.safetensors, .pth, .pt, .bin) or of a '
+            f'converted folder.')
+    if not p.is_file():
+        raise CheckpointError(f'{p} is not a regular file.')
+    if p.stat().st_size == 0:
+        raise CheckpointError(f'{p} is empty (0 bytes), not a weights file. Save, download or convert it again.')
+    return p
+
+
+def _file_kind(path: Path) -> str:
+    """ 'zip' (torch.save), 'pickle' (legacy torch.save), 'safetensors' or 'other', from the first bytes. """
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if head.startswith(b'PK'):
+        return 'zip'
+    if head[:1] == b'\x80':
+        return 'pickle'
+    if len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < (1 << 32):
+        return 'safetensors'
+    if path.suffix == '.safetensors' and len(head) < 9:
+        return 'safetensors'
+    return 'other'
+
+
+def _unreadable(path: Path, error: BaseException) -> CheckpointError:
+    detail = f'{type(error).__name__}: {error}'.strip().rstrip(':')
+    return CheckpointError(
+        f'{path} is truncated or corrupt: it cannot be read ({detail}). Save, download or convert it again.')
+
+
+def read_checkpoint(path: PathLike, map_location: Any = 'cpu') -> Any:
+    """ The object stored in a weights file (a training checkpoint or a state dict), read safely.
+
+    Safetensors files are read with ``safetensors``; PyTorch files with ``torch.load(weights_only=True)``,
+    allowing ``argparse.Namespace`` for this call only. A folder stands for its weights file.
+
+    Raises:
+        CheckpointNotFoundError: missing file, or a folder without a weights file.
+        CheckpointError: empty, truncated or corrupt file, not a weights file, or a pickle that would
+            need full (unsafe) unpickling.
+    """
+    p = _weights_file(path)
+    kind = _file_kind(p)
+    if kind == 'other':
+        raise CheckpointError(
+            f'{p} is not a weights file: it is neither a PyTorch checkpoint (torch.save) nor a safetensors file. '
+            f'Check the path.')
+    if kind == 'safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(p), device=str(map_location))
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad file
+            raise _unreadable(p, e) from e
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            unsafe = ''
+            try:
+                unsafe = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
+            except Exception:
+                pass
+            raise CheckpointError(
+                f'Refusing to read {p}: it holds Python objects other than tensors, containers and '
+                f'argparse.Namespace ({unsafe or "unsupported globals"}), which torch.load(weights_only=True) '
+                f'blocks because they would need full (unsafe) unpickling. If you trust the file, save its '
+                f"weights alone once: torch.save(torch.load(PATH, weights_only=False)['model'], 'weights.pth'), "
+                f'and use that.') from e
+        raise _unreadable(p, e) from e
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, IndexError, TypeError) as e:
+        raise _unreadable(p, e) from e
+
+
+def unwrap_state_dict(checkpoint: Any, use_ema: bool = False, source: PathLike = 'the checkpoint') -> Dict[str, Any]:
+    """ The state dict of a training checkpoint (see the module doc for the order), prefixes stripped. """
+    from timm.models import clean_state_dict
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict.')
+    keys = _EMA_KEYS if use_ema else _MODEL_KEYS
+    state_dict = next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), Mapping)), None)
+    if state_dict is None:
+        if use_ema:
+            raise CheckpointError(
+                f'{source} has no EMA weights ({" / ".join(_EMA_KEYS)}); load it without use_ema / --use-ema.')
+        state_dict = checkpoint
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors or len(tensors) < len(state_dict):
+        others = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+        raise CheckpointError(
+            f'{source} holds no state dict of tensors (entries that are not tensors: {abbrev(others, 5)}).')
+    state_dict = clean_state_dict(tensors)
+    if any(k.startswith(_BACKBONE_PREFIX) for k in state_dict):
+        state_dict = {k[len(_BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
+    return state_dict
+
+
+def read_state_dict(path: PathLike, use_ema: bool = False, map_location: Any = 'cpu') -> Dict[str, torch.Tensor]:
+    """ The weights in a file or converted folder: ``read_checkpoint`` + ``unwrap_state_dict``. """
+    return unwrap_state_dict(read_checkpoint(path, map_location=map_location), use_ema=use_ema, source=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def architecture_of(model: nn.Module) -> Optional[str]:
+    """ The registered timm architecture a model (or timm feature wrapper) was built as, if known. """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    arch = cfg.get('architecture')
+    return arch if isinstance(arch, str) else None
+
+
+def filter_fn_for(model_or_arch: Union[nn.Module, str]) -> Optional[Callable]:
+    """ The ``checkpoint_filter_fn`` of the module that registers the architecture (timm's convention). """
+    from timm.models import is_model, model_entrypoint
+    arch = model_or_arch if isinstance(model_or_arch, str) else architecture_of(model_or_arch)
+    if not arch or not is_model(arch.split('.')[0]):
+        return None
+    module = sys.modules.get(model_entrypoint(arch.split('.')[0]).__module__)
+    return getattr(module, 'checkpoint_filter_fn', None)
+
+
+def folder_architecture(path: PathLike) -> Optional[str]:
+    """ The architecture a converted folder's ``config.json`` names (None for files and folders without one). """
+    p = Path(path)
+    cfg_path = p / CONFIG_NAME if p.is_dir() else None
+    if cfg_path is None or not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{cfg_path} is not a valid JSON config ({e}). Convert the folder again.') from e
+    arch = cfg.get('architecture') if isinstance(cfg, dict) else None
+    return arch.split('.')[0] if isinstance(arch, str) else None
+
+
+def check_folder_architecture(path: PathLike, arch: Optional[str]) -> None:
+    """ Refuse a converted folder whose config.json names another architecture than ``arch``. """
+    folder_arch = folder_architecture(path)
+    if arch and folder_arch and folder_arch != arch.split('.')[0]:
+        raise CheckpointMismatchError(
+            f'{path} holds weights for {folder_arch} (named by its {CONFIG_NAME}) but the model is '
+            f"{arch.split('.')[0]}. Load the folder as it is with timm.create_model('local-dir:{path}', "
+            f'pretrained=True), or give {arch.split(".")[0]} weights converted for it.')
+
+
+def mismatch(path: PathLike, error: BaseException) -> CheckpointMismatchError:
+    """ The error for weights that were read from ``path`` but do not fit the model. """
+    return CheckpointMismatchError(f'{path} does not fit the model: {error}')
+
+
+def load_weights(
+        model: nn.Module,
+        path: PathLike,
+        strict: bool = True,
+        use_ema: bool = False,
+) -> Any:
+    """ Weights file (or converted folder) -> model, through the architecture's ``checkpoint_filter_fn``.
+
+    Reads with ``read_state_dict``, maps the keys with the filter of the module that registers the
+    model's architecture (the authors' released layout, a 'backbone.' prefix), and loads with
+    ``model.load_state_dict(strict=strict)``.
+
+    Returns:
+        What ``model.load_state_dict`` returns (missing and unexpected keys when not strict).
+
+    Raises:
+        CheckpointError / CheckpointNotFoundError: the file cannot be read (see ``read_checkpoint``).
+        CheckpointMismatchError: the weights do not fit the model (the message names the file, the
+            variant or architecture they are for, and the offending keys).
+    """
+    arch = architecture_of(model)
+    check_folder_architecture(path, arch)
+    state_dict = read_state_dict(path, use_ema=use_ema)
+    filter_fn = filter_fn_for(model)
+    try:
+        if filter_fn is not None:
+            state_dict = filter_fn(state_dict, model)
+        return model.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        raise mismatch(path, e) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing a state dict that does not fit
+
+
+def abbrev(items: Sequence[str], n: int = 8) -> str:
+    """ The first ``n`` items, comma-separated, with a count of the rest. """
+    items = list(items)
+    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
+    return ', '.join(items[:n]) + more
+
+
+def shape_mismatches(
+        state_dict: Mapping[str, Any],
+        own: Mapping[str, torch.Tensor],
+        skip: Collection[str] = (),
+) -> List[str]:
+    """ 'key: checkpoint (shape) vs model (shape)' for every tensor whose shape differs from the model's. """
+    return [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+        for k, v in state_dict.items()
+        if k in own and k not in skip and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+
+
+def mismatch_error(
+        title: str,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[str] = (),
+        missing_label: str = 'Missing keys',
+) -> CheckpointMismatchError:
+    """ An error whose message lists the missing, unexpected and mis-shaped keys under ``title``. """
+    msg = [title]
+    if missing:
+        msg.append(f'{missing_label} ({len(missing)}): {abbrev(missing)}')
+    if unexpected:
+        msg.append(f'Unexpected keys ({len(unexpected)}): {abbrev(unexpected)}')
+    if mismatched:
+        msg.append(f'Shape mismatches ({len(mismatched)}): {abbrev(mismatched)}')
+    return CheckpointMismatchError('\n  '.join(msg))
+
+
+def install_timm_loaders() -> None:
+    """ Placeholder until the timm routes are wired (see the module doc). """
