@@ -34,10 +34,8 @@ from tqdm import tqdm
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.train_utils import (
-    DataDirError, SafeImageDataset, atomic_write_text, autocast, barrier, collate_skip, create_model,
-    init_distributed, list_images, resolve_amp_dtype,
-)
+from dgmn_timm.data import DataDirError, SafeImageDataset, collate_skip, list_images
+from dgmn_timm.engine import atomic_write_text, autocast, barrier, create_model, init_distributed, resolve_amp_dtype
 
 _logger = logging.getLogger('extract_features')
 
@@ -188,7 +186,7 @@ def main(argv=None) -> dict:
                         outs.setdefault(k, []).append(v.float().cpu())
                     kept.extend(indices.tolist())
                 bar.update(len(indices) if indices is not None else 0)
-                bar.update(num_skipped)
+                bar.update(len(num_skipped))
         tensors = {k: torch.cat(v).contiguous() for k, v in outs.items()}
         skipped = sorted(set(chunk_range(c)) - set(kept))
         tmp = chunk_file(c) + '.tmp'

@@ -34,10 +34,13 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.train_utils import (
-    DataDirError, SafeImageDataset, ShardSampler, all_reduce_sum, atomic_torch_save, atomic_write_text, autocast,
-    barrier, collate_skip, create_model, init_distributed, patch_timm_posterize, resolve_amp_dtype, rng_state, save_safetensors,
-    scan_image_folder_tree, seed_everything, set_rng_state,
+from timm.utils import random_seed as seed_everything
+from dgmn_timm.data import (
+    DataDirError, SafeImageDataset, ShardSampler, collate_skip, patch_timm_posterize, scan_image_folder_tree,
+)
+from dgmn_timm.engine import (
+    all_reduce_sum, atomic_torch_save, atomic_write_text, autocast, barrier, create_model, init_distributed,
+    resolve_amp_dtype, rng_state, save_safetensors, set_rng_state,
 )
 
 _logger = logging.getLogger('finetune')
@@ -189,7 +192,7 @@ def evaluate(model, loader, device, amp_dtype, dist_info, num_classes, desc='val
     loss_sum = top1 = top5 = n = skipped = 0.
     with torch.no_grad():
         for images, targets, _, num_skipped in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            skipped += num_skipped
+            skipped += len(num_skipped)
             if images is None:
                 continue
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -369,7 +372,7 @@ def main(argv=None) -> dict:
             bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', disable=not progress,
                        dynamic_ncols=True)
             for images, targets, _, num_skipped in bar:
-                skipped += num_skipped
+                skipped += len(num_skipped)
                 if images is not None and mixup_fn is not None and images.shape[0] % 2:
                     images, targets = images[:-1], targets[:-1]  # mixup pairs samples up
                     if images.shape[0] == 0:

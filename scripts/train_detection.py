@@ -12,17 +12,17 @@ images resized to shorter side 800 / longer side <= 1333, random horizontal flip
         --output-dir runs/maskrcnn_dgmn2_tiny
 
 Writes to --output-dir: last.safetensors (model weights, with the epoch and the category ids in
-its metadata), metrics.json (per-epoch losses, COCO box / mask AP from pycocotools).
+its metadata), metrics.json (per-epoch losses, COCO box / mask AP from pycocotools) and
+train_state.pt (for --resume). A folder that holds a previous run is refused unless --resume or
+--overwrite is given.
 Categories are mapped to contiguous labels 1..K (0 is background); predictions are mapped back
 to the dataset's category ids for evaluation.
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -32,64 +32,52 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from safetensors.torch import load_file
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 import dgmn_timm  # noqa: F401  (registers the models)
+from dgmn_timm.data import DataDirError
 from dgmn_timm.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
-from dgmn_timm.train_utils import backward_step, save_safetensors, seed_everything
+from dgmn_timm.engine import (
+    HelpFormatter, add_dense_args, add_run_args, check_dense_args, clear_run_files, init_distributed,
+    load_model_weights, make_loader, run_cli, set_threads, train_dense,
+)
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
     data = p.add_argument_group('data')
     data.add_argument('--train-images', required=True, help='folder of training images')
     data.add_argument('--train-ann', required=True, help='COCO-format annotation JSON of the training images')
-    data.add_argument('--val-images', default=None, help='folder of validation images (default: training folder)')
-    data.add_argument('--val-ann', default=None, help='validation annotations (default: training annotations)')
-    data.add_argument('--workers', type=int, default=2, help='data loader workers')
-    model = p.add_argument_group('model')
-    model.add_argument('--model', choices=sorted(BUILDERS), default='retinanet')
-    model.add_argument('--backbone', default='dgmn2_tiny', help='timm model name (tags, local-dir: allowed)')
-    model.add_argument('--pretrained', action='store_true', help='ImageNet weights for the backbone (timm)')
-    model.add_argument('--pretrained-file', default=None, help='local ImageNet weight file for the backbone')
-    model.add_argument('--backbone-checkpoint', default=None,
-                       help="detection checkpoint whose 'backbone.' weights initialise the backbone")
-    model.add_argument('--weights', default=None, help='our safetensors checkpoint of the whole detector')
+    data.add_argument('--val-images', default=None, help='folder of validation images (default: the training folder)')
+    data.add_argument('--val-ann', default=None, help='validation annotations (default: the training annotations)')
+    groups = add_dense_args(p)
+    model = groups['model']
+    model.add_argument('--model', choices=sorted(BUILDERS), default='retinanet', help='detector')
     model.add_argument('--no-frozen-bn', action='store_true', help='train the backbone BatchNorm layers')
-    model.add_argument('--frozen-stages', type=int, default=-1, help='-1 none, 0 stem, n stem + n stages')
     model.add_argument('--drop-path', type=float, default=0.0, help='backbone stochastic depth rate')
     model.add_argument('--min-size', type=int, default=800, help='resize: shorter image side')
     model.add_argument('--max-size', type=int, default=1333, help='resize: longest image side cap')
     model.add_argument('--score-thresh', type=float, default=0.05, help='minimum score of a kept detection')
-    model.add_argument('--detections-per-img', type=int, default=100)
+    model.add_argument('--detections-per-img', type=int, default=100, help='most detections kept per image')
     model.add_argument('--detector-kwargs', type=json.loads, default={},
                        help='JSON dict of extra torchvision detector kwargs, e.g. '
                             '\'{"rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 256}\'')
-    train = p.add_argument_group('training')
-    train.add_argument('--epochs', type=int, default=12)
+    train = groups['train']
     train.add_argument('--lr-steps', type=int, nargs='*', default=[8, 11], help='epochs after which lr *= 0.1')
-    train.add_argument('--batch-size', type=int, default=2)
-    train.add_argument('--lr', type=float, default=1e-4)
-    train.add_argument('--weight-decay', type=float, default=1e-4)
-    train.add_argument('--warmup-iters', type=int, default=500)
-    train.add_argument('--warmup-ratio', type=float, default=1e-3)
-    train.add_argument('--clip-grad', type=float, default=0.0, help='max grad norm (0: off)')
+    train.add_argument('--warmup-iters', type=int, default=500, help='linear warm-up iterations')
+    train.add_argument('--warmup-ratio', type=float, default=1e-3, help='lr factor at the first iteration')
     train.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    train.add_argument('--amp', action='store_true', help='mixed precision (CUDA)')
-    train.add_argument('--eval-interval', type=int, default=1, help='evaluate every n epochs (and at the end)')
-    train.add_argument('--eval-only', action='store_true', help='only evaluate (use with --weights)')
-    run = p.add_argument_group('run')
-    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    run.add_argument('--output-dir', default='runs/detection')
-    run.add_argument('--seed', type=int, default=0)
-    run.add_argument('--num-threads', type=int, default=0, help='torch CPU threads (0: default)')
-    run.add_argument('--no-progress', action='store_true', help='no tqdm progress bar')
-    return p.parse_args(argv)
+    add_run_args(p, output_dir='runs/detection', workers=2)
+    p.set_defaults(epochs=12, batch_size=2, opt='adamw', lr=1e-4, weight_decay=1e-4)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return get_parser().parse_args(argv)
 
 
 class CocoDetectionDataset(torch.utils.data.Dataset):
@@ -112,7 +100,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         if train:  # like mmdetection: skip images without usable boxes
             ids = [i for i in ids if any(self._usable(a) for a in self.coco.imgToAnns.get(i, []))]
             if not ids:
-                raise ValueError(f'{ann_file} has no image with a usable (non-crowd) box')
+                raise DataDirError(f'{ann_file} has no image with a usable (non-crowd) box')
         self.ids = ids
 
     def _usable(self, ann: Dict[str, Any]) -> bool:
@@ -163,27 +151,12 @@ def lr_factor(it: int, iters_per_epoch: int, args: argparse.Namespace) -> float:
     return factor
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, args) -> Dict[str, float]:
-    model.train()
-    totals: Dict[str, float] = {}
-    count = 0
-    bar = tqdm(loader, desc=f'epoch {epoch}/{args.epochs}', disable=args.no_progress, dynamic_ncols=True)
-    for images, targets in bar:
-        images = [im.to(device) for im in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=device.type, enabled=args.amp and device.type == 'cuda'):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch}: {losses}')
-        backward_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
-        scheduler.step()
-        count += 1
-        totals['loss'] = totals.get('loss', 0.0) + loss.item()
-        for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + v.item()
-        bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
-    return {k: v / max(1, count) for k, v in totals.items()}
+def describe(metrics: Dict[str, Any]) -> str:
+    """ The AP part of the epoch line: box AP, and mask AP for Mask R-CNN. """
+    text = f'box AP {metrics["bbox"]["AP"]:.4f}'
+    if 'segm' in metrics:
+        text += f', mask AP {metrics["segm"]["AP"]:.4f}'
+    return text
 
 
 @torch.no_grad()
@@ -230,19 +203,32 @@ def evaluate(model, dataset: CocoDetectionDataset, loader, device, args) -> Dict
     return metrics
 
 
+def _dataset(image_dir: str, ann_file: str, what: str, **kwargs) -> CocoDetectionDataset:
+    if not os.path.isdir(image_dir):
+        raise DataDirError(f'The {what} image folder {image_dir} does not exist.')
+    if not os.path.isfile(ann_file):
+        raise DataDirError(f'The {what} annotation file {ann_file} does not exist.')
+    try:
+        return CocoDetectionDataset(image_dir, ann_file, **kwargs)
+    except DataDirError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not COCO-format
+        raise DataDirError(f'{ann_file} is not a COCO-format annotation file ({type(e).__name__}: {e})') from None
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    seed_everything(args.seed)
-    device = torch.device(args.device)
-    os.makedirs(args.output_dir, exist_ok=True)
-
+    # every check before anything is built
+    previous = check_dense_args(args)
     with_masks = args.model == 'maskrcnn'
-    train_set = CocoDetectionDataset(args.train_images, args.train_ann, with_masks, train=True, hflip=args.hflip)
-    val_set = CocoDetectionDataset(
-        args.val_images or args.train_images, args.val_ann or args.train_ann, with_masks,
-        cat_ids=train_set.cat_ids)
+    train_set = _dataset(args.train_images, args.train_ann, 'training', with_masks=with_masks, train=True,
+                         hflip=args.hflip)
+    val_set = _dataset(args.val_images or args.train_images, args.val_ann or args.train_ann, 'validation',
+                       with_masks=with_masks, cat_ids=train_set.cat_ids)
+    device = init_distributed(args.device).device
+    set_threads(args.threads, args.workers)
+    if args.overwrite:
+        clear_run_files(args.output_dir, previous)
     num_classes = len(train_set.cat_ids) + 1
 
     model = BUILDERS[args.model](
@@ -261,59 +247,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
            else {'box_detections_per_img': args.detections_per_img}),
         **args.detector_kwargs,
     )
-    if args.weights:
-        model.load_state_dict(load_file(args.weights, device='cpu'))
+    if args.checkpoint:
+        load_model_weights(model, args.checkpoint)
     model.to(device)
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, seed=args.seed,
+                               collate_fn=collate)
+    val_loader = make_loader(val_set, args.batch_size, args.workers, collate_fn=collate)
 
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, collate_fn=collate,
-        generator=generator, drop_last=False, persistent_workers=False)
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.batch_size, shuffle=False, num_workers=args.workers, collate_fn=collate)
+    def loss_fn(model, batch, device):
+        images, targets = batch
+        return model([im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    iters_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch, args))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == 'cuda')
-
-    meta = {'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes, 'cat_ids': train_set.cat_ids}
-    history: Dict[str, Any] = {
-        'args': vars(args), 'num_classes': num_classes, 'cat_ids': train_set.cat_ids,
-        'train_images': len(train_set), 'val_images': len(val_set), 'epochs': [], 'eval': None,
-    }
-    metrics_path = os.path.join(args.output_dir, 'metrics.json')
-    ckpt_path = os.path.join(args.output_dir, 'last.safetensors')
-
-    def write_metrics():
-        with open(metrics_path + '.tmp', 'w') as f:
-            json.dump(history, f, indent=2)
-        os.replace(metrics_path + '.tmp', metrics_path)
-
-    if args.eval_only:
-        history['eval'] = evaluate(model, val_set, val_loader, device, args)
-        write_metrics()
-        return history
-
-    for epoch in range(1, args.epochs + 1):
-        start = time.time()
-        losses = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device, epoch, args)
-        record: Dict[str, Any] = {'epoch': epoch, 'lr': optimizer.param_groups[0]['lr'],
-                                  'time_s': time.time() - start, **losses}
-        save_safetensors(model.state_dict(), ckpt_path, dict(meta, epoch=epoch))
-        if epoch % args.eval_interval == 0 or epoch == args.epochs:
-            record['eval'] = evaluate(model, val_set, val_loader, device, args)
-            history['eval'] = record['eval']
-        history['epochs'].append(record)
-        write_metrics()
-        print(f'epoch {epoch}: ' + ', '.join(f'{k} {v:.4f}' for k, v in losses.items())
-              + (f', box AP {record["eval"]["bbox"]["AP"]:.4f}' if 'eval' in record else ''))
-    history['checkpoint'] = ckpt_path
-    write_metrics()
-    return history
+    return train_dense(
+        args, model, train_loader, loss_fn, lambda m: evaluate(m, val_set, val_loader, device, args),
+        lambda it, n: lr_factor(it, n, args), describe,
+        history={'num_classes': num_classes, 'cat_ids': train_set.cat_ids, 'train_images': len(train_set),
+                 'val_images': len(val_set)},
+        meta={'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes,
+              'cat_ids': train_set.cat_ids})
 
 
 if __name__ == '__main__':
-    main()
-    sys.exit(0)
+    sys.exit(run_cli(main))

@@ -9,7 +9,9 @@ folders are searched recursively (Cityscapes: --image-suffix _leftImg8bit
 
 Defaults follow the paper's Semantic FPN recipe: AdamW lr 1e-4, weight decay 1e-4, poly lr
 decay (power 0.9) over all iterations, random rescaling 0.5-2.0, random crop (512x1024 for
-Cityscapes), horizontal flips; evaluation on whole images.
+Cityscapes), horizontal flips; evaluation on whole images. A head may bring its own recipe
+(``dgmn_timm.segmentation.HEAD_DEFAULTS``): its values replace these defaults for every option
+not given on the command line (listed at the end of --help).
 
     python scripts/train_segmentation.py --backbone dgmn2_tiny --pretrained --num-classes 19 \\
         --train-images cityscapes/leftImg8bit/train --train-masks cityscapes/gtFine/train \\
@@ -17,16 +19,15 @@ Cityscapes), horizontal flips; evaluation on whole images.
         --image-suffix _leftImg8bit --mask-suffix _gtFine_labelTrainIds \\
         --crop-size 512 1024 --batch-size 8 --epochs 107 --output-dir runs/semfpn_dgmn2_tiny
 
-Writes to --output-dir: last.safetensors (model weights) and metrics.json (per-epoch losses,
-mIoU, pixel accuracy, per-class IoU).
+Writes to --output-dir: last.safetensors (model weights), metrics.json (per-epoch losses,
+mIoU, pixel accuracy, per-class IoU) and train_state.pt (for --resume). A folder that holds a
+previous run is refused unless --resume or --overwrite is given.
 """
 import argparse
-import json
 import math
-import os
 import random
 import sys
-import time
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,92 +36,78 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 from PIL import Image
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.segmentation import create_segmentation_model
-from dgmn_timm.train_utils import backward_step, save_safetensors, seed_everything
+from dgmn_timm.data import find_pairs
+from dgmn_timm.engine import (
+    HelpFormatter, UsageError, add_dense_args, add_run_args, check_dense_args, clear_run_files, init_distributed,
+    load_model_weights, make_loader, run_cli, set_threads, train_dense,
+)
+from dgmn_timm.segmentation import HEAD_DEFAULTS, HEADS
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+# defaults of the options a head's recipe (HEAD_DEFAULTS) may replace
+RECIPE = dict(epochs=10, batch_size=8, opt='adamw', lr=1e-4, momentum=0.9, weight_decay=1e-4, poly_power=0.9,
+              min_lr=0.0, clip_grad=0.0, crop_size=[512, 1024], scale_range=[0.5, 2.0], hflip=0.5, drop_path=0.1,
+              output_stride=None)
+
+
+def _recipes_epilog() -> str:
+    def fill(title: str, values: Dict[str, Any]) -> str:
+        text = ', '.join(f'--{k.replace("_", "-")} {v}' for k, v in values.items())
+        return textwrap.fill(text, width=100, initial_indent=f'  {title}: ', subsequent_indent='    ')
+
+    lines = ['recipe defaults (for the options not given on the command line):', fill('every head', RECIPE)]
+    for head in sorted(HEADS):
+        changed = {k: v for k, v in HEAD_DEFAULTS.get(head, {}).items() if RECIPE.get(k, object()) != v}
+        if changed:
+            lines.append(fill(f'--head {head}', changed))
+    return '\n'.join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+                                epilog=_recipes_epilog())
+    data = p.add_argument_group('data')
+    data.add_argument('--train-images', required=True, help='folder of training images (searched recursively)')
+    data.add_argument('--train-masks', required=True, help='folder of training masks (single-channel PNGs)')
+    data.add_argument('--val-images', default=None, help='folder of validation images (default: the training images)')
+    data.add_argument('--val-masks', default=None, help='folder of validation masks (default: the training masks)')
+    data.add_argument('--image-suffix', default='', help='suffix of image names before the extension')
+    data.add_argument('--mask-suffix', default='', help='suffix of mask names before .png')
+    data.add_argument('--num-classes', type=int, required=True, help='number of classes (labels 0..N-1)')
+    data.add_argument('--ignore-index', type=int, default=255, help='mask value of unlabelled pixels')
+    groups = add_dense_args(p)
+    model = groups['model']
+    model.add_argument('--head', choices=sorted(HEADS), default='fpn', help='segmentation head')
+    model.add_argument('--output-stride', type=int, help='backbone output stride (default: the head\'s: fpn 32, fcn 8)')
+    model.add_argument('--frozen-bn', action='store_true', help='freeze the backbone BatchNorm layers')
+    model.add_argument('--drop-path', type=float, help='backbone stochastic depth rate (default: recipe)')
+    train = groups['train']
+    train.add_argument('--poly-power', type=float, help='power of the poly lr decay (default: recipe)')
+    train.add_argument('--min-lr', type=float, help='floor of the poly lr decay (default: recipe)')
+    train.add_argument('--crop-size', type=int, nargs=2, metavar=('H', 'W'), help='training crop (default: recipe)')
+    train.add_argument('--scale-range', type=float, nargs=2, metavar=('MIN', 'MAX'),
+                       help='random rescaling of training images (default: recipe)')
+    train.add_argument('--base-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                       help='resize images to this size before the random rescaling (default: as they are)')
+    train.add_argument('--hflip', type=float, help='horizontal flip probability (default: recipe)')
+    train.add_argument('--eval-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
+                       help='resize images to this size for evaluation (default: as they are; IoU at mask size)')
+    add_run_args(p, output_dir='runs/segmentation', workers=2)
+    p.set_defaults(**{k: None for k in RECIPE})
+    return p
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    data = p.add_argument_group('data')
-    data.add_argument('--train-images', required=True)
-    data.add_argument('--train-masks', required=True)
-    data.add_argument('--val-images', default=None, help='default: the training images')
-    data.add_argument('--val-masks', default=None, help='default: the training masks')
-    data.add_argument('--image-suffix', default='', help='suffix of image names before the extension')
-    data.add_argument('--mask-suffix', default='', help='suffix of mask names before .png')
-    data.add_argument('--num-classes', type=int, required=True)
-    data.add_argument('--ignore-index', type=int, default=255)
-    data.add_argument('--workers', type=int, default=2)
-    model = p.add_argument_group('model')
-    model.add_argument('--head', choices=('fpn', 'fcn'), default='fpn')
-    model.add_argument('--backbone', default='dgmn2_tiny', help='timm model name (tags, local-dir: allowed)')
-    model.add_argument('--output-stride', type=int, default=None, help='backbone output stride (fpn 32, fcn 8)')
-    model.add_argument('--pretrained', action='store_true')
-    model.add_argument('--pretrained-file', default=None)
-    model.add_argument('--backbone-checkpoint', default=None,
-                       help="segmentation / detection checkpoint whose 'backbone.' weights initialise the backbone")
-    model.add_argument('--weights', default=None, help='our safetensors checkpoint of the whole model')
-    model.add_argument('--frozen-bn', action='store_true', help='freeze the backbone BatchNorm layers')
-    model.add_argument('--frozen-stages', type=int, default=-1)
-    model.add_argument('--drop-path', type=float, default=0.1, help='backbone stochastic depth rate')
-    train = p.add_argument_group('training')
-    train.add_argument('--crop-size', type=int, nargs=2, default=[512, 1024], metavar=('H', 'W'))
-    train.add_argument('--scale-range', type=float, nargs=2, default=[0.5, 2.0], metavar=('MIN', 'MAX'),
-                       help='random rescaling of training images')
-    train.add_argument('--base-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                       help='resize images to this size before the random rescaling (default: as they are)')
-    train.add_argument('--hflip', type=float, default=0.5)
-    train.add_argument('--epochs', type=int, default=10)
-    train.add_argument('--batch-size', type=int, default=8)
-    train.add_argument('--lr', type=float, default=1e-4)
-    train.add_argument('--weight-decay', type=float, default=1e-4)
-    train.add_argument('--poly-power', type=float, default=0.9)
-    train.add_argument('--min-lr', type=float, default=0.0)
-    train.add_argument('--clip-grad', type=float, default=0.0)
-    train.add_argument('--amp', action='store_true', help='mixed precision (CUDA)')
-    train.add_argument('--eval-interval', type=int, default=1)
-    train.add_argument('--eval-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
-                       help='resize images to this size for evaluation (IoU still at mask resolution)')
-    train.add_argument('--eval-only', action='store_true')
-    run = p.add_argument_group('run')
-    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    run.add_argument('--output-dir', default='runs/segmentation')
-    run.add_argument('--seed', type=int, default=0)
-    run.add_argument('--num-threads', type=int, default=0, help='torch CPU threads (0: default)')
-    run.add_argument('--no-progress', action='store_true')
-    return p.parse_args(argv)
-
-
-def find_pairs(image_dir: str, mask_dir: str, image_suffix: str = '', mask_suffix: str = '') -> List[Tuple[Path, Path]]:
-    """ (image, mask) pairs matched by name (relative path without suffix and extension). """
-    def index(root: str, exts, suffix: str) -> Dict[str, Path]:
-        root_path = Path(root)
-        if not root_path.is_dir():
-            raise FileNotFoundError(f'Not a folder: {root}')
-        out = {}
-        for path in sorted(root_path.rglob('*')):
-            if path.suffix.lower() not in exts or not path.stem.endswith(suffix):
-                continue
-            stem = path.stem[:len(path.stem) - len(suffix)] if suffix else path.stem
-            out[str(path.relative_to(root_path).with_name(stem))] = path
-        return out
-
-    images = index(image_dir, IMAGE_EXTS, image_suffix)
-    masks = index(mask_dir, ('.png',), mask_suffix)
-    pairs = [(images[k], masks[k]) for k in sorted(images) if k in masks]
-    if not pairs:
-        raise ValueError(f'No image / mask pairs in {image_dir} and {mask_dir} '
-                         f'(image suffix {image_suffix!r}, mask suffix {mask_suffix!r})')
-    unmatched = len(images) - len(pairs)
-    if unmatched:
-        print(f'warning: {unmatched} images in {image_dir} have no mask, skipped', file=sys.stderr)
-    return pairs
+    """ The options, with the head's recipe (then ``RECIPE``) for every one not given. """
+    args = get_parser().parse_args(argv)
+    recipe = dict(RECIPE, **HEAD_DEFAULTS.get(args.head, {}))
+    args.head_kwargs = {k: v for k, v in recipe.items() if k not in RECIPE and not hasattr(args, k)}
+    for k, v in recipe.items():
+        if hasattr(args, k) and getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -206,24 +193,6 @@ def segmentation_metrics(conf: torch.Tensor) -> Dict[str, Any]:
     }
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch: int, args) -> Dict[str, float]:
-    model.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f'epoch {epoch}/{args.epochs}', disable=args.no_progress, dynamic_ncols=True)
-    for images, masks in bar:
-        images, masks = images.to(device), masks.to(device)
-        with torch.autocast(device_type=device.type, enabled=args.amp and device.type == 'cuda'):
-            loss = model.training_loss(images, masks, ignore_index=args.ignore_index)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch}')
-        backward_step(loss, optimizer, scaler, model.parameters(), args.clip_grad)
-        scheduler.step()
-        total += loss.item()
-        count += 1
-        bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
-    return {'loss': total / max(1, count)}
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, args) -> Dict[str, Any]:
     model.eval()
@@ -242,16 +211,23 @@ def evaluate(model, loader, device, args) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    seed_everything(args.seed)
-    device = torch.device(args.device)
-    os.makedirs(args.output_dir, exist_ok=True)
+    # every check before anything is built
+    if args.num_classes < 1:
+        raise UsageError(f'--num-classes must be at least 1, got {args.num_classes}')
+    previous = check_dense_args(args)
+    train_pairs, unmatched = find_pairs(args.train_images, args.train_masks, args.image_suffix, args.mask_suffix)
+    if unmatched:
+        tqdm.write(f'warning: {unmatched} images in {args.train_images} have no mask, skipped')
+    val_pairs, _ = find_pairs(args.val_images or args.train_images, args.val_masks or args.train_masks,
+                              args.image_suffix, args.mask_suffix)
+    device = init_distributed(args.device).device
+    set_threads(args.threads, args.workers)
+    if args.overwrite:
+        clear_run_files(args.output_dir, previous)
 
-    model = create_segmentation_model(
+    model = HEADS[args.head](
         args.backbone,
         num_classes=args.num_classes,
-        head=args.head,
         output_stride=args.output_stride,
         pretrained=args.pretrained,
         pretrained_file=args.pretrained_file,
@@ -259,67 +235,34 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         frozen_bn=args.frozen_bn,
         frozen_stages=args.frozen_stages,
         backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
+        **args.head_kwargs,
     )
-    if args.weights:
-        model.load_state_dict(load_file(args.weights, device='cpu'))
+    if args.checkpoint:
+        load_model_weights(model, args.checkpoint)
     model.to(device)
     cfg = model.pretrained_cfg
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
-
-    train_pairs = find_pairs(args.train_images, args.train_masks, args.image_suffix, args.mask_suffix)
-    val_pairs = find_pairs(args.val_images or args.train_images, args.val_masks or args.train_masks,
-                           args.image_suffix, args.mask_suffix)
     train_set = SegmentationFolder(train_pairs, mean, std, train=True, args=args)
     val_set = SegmentationFolder(val_pairs, mean, std, train=False, args=args)
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, generator=generator,
-        drop_last=len(train_set) > args.batch_size)
-    # whole images of different sizes: one at a time
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, shuffle=False, num_workers=args.workers)
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, seed=args.seed,
+                               drop_last=len(train_set) > args.batch_size)
+    val_loader = make_loader(val_set, 1, args.workers)  # whole images of different sizes: one at a time
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    total_iters = max(1, args.epochs * len(train_loader))
-    min_factor = args.min_lr / args.lr if args.lr > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: max((1 - min(it, total_iters) / total_iters) ** args.poly_power, min_factor))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == 'cuda')
+    def loss_fn(model, batch, device):
+        images, masks = batch
+        return {'loss': model.training_loss(images.to(device), masks.to(device), ignore_index=args.ignore_index)}
 
-    history: Dict[str, Any] = {
-        'args': vars(args), 'train_images': len(train_set), 'val_images': len(val_set), 'epochs': [], 'eval': None}
-    metrics_path = os.path.join(args.output_dir, 'metrics.json')
-    ckpt_path = os.path.join(args.output_dir, 'last.safetensors')
-    meta = {'head': args.head, 'backbone': args.backbone, 'num_classes': args.num_classes}
+    def lr_factor(it: int, iters_per_epoch: int) -> float:
+        total = max(1, args.epochs * iters_per_epoch)
+        min_factor = args.min_lr / args.lr if args.lr > 0 else 0.0
+        return max((1 - min(it, total) / total) ** args.poly_power, min_factor)
 
-    def write_metrics():
-        with open(metrics_path + '.tmp', 'w') as f:
-            json.dump(history, f, indent=2)
-        os.replace(metrics_path + '.tmp', metrics_path)
-
-    if args.eval_only:
-        history['eval'] = evaluate(model, val_loader, device, args)
-        write_metrics()
-        return history
-
-    for epoch in range(1, args.epochs + 1):
-        start = time.time()
-        record: Dict[str, Any] = {'epoch': epoch}
-        record.update(train_one_epoch(model, train_loader, optimizer, scheduler, scaler, device, epoch, args))
-        record['lr'] = optimizer.param_groups[0]['lr']
-        record['time_s'] = time.time() - start
-        save_safetensors(model.state_dict(), ckpt_path, dict(meta, epoch=epoch))
-        if epoch % args.eval_interval == 0 or epoch == args.epochs:
-            record['eval'] = history['eval'] = evaluate(model, val_loader, device, args)
-        history['epochs'].append(record)
-        write_metrics()
-        print(f'epoch {epoch}: loss {record["loss"]:.4f}'
-              + (f', mIoU {record["eval"]["mIoU"]:.4f}' if 'eval' in record else ''))
-    history['checkpoint'] = ckpt_path
-    write_metrics()
-    return history
+    return train_dense(
+        args, model, train_loader, loss_fn, lambda m: evaluate(m, val_loader, device, args), lr_factor,
+        describe=lambda ev: f'mIoU {ev["mIoU"]:.4f}, aAcc {ev["aAcc"]:.4f}',
+        history={'train_images': len(train_set), 'val_images': len(val_set)},
+        meta={'head': args.head, 'backbone': args.backbone, 'num_classes': args.num_classes})
 
 
 if __name__ == '__main__':
-    main()
-    sys.exit(0)
+    sys.exit(run_cli(main))

@@ -23,7 +23,8 @@ from timm.data import resolve_data_config
 from timm.data.transforms import str_to_interp_mode
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.train_utils import create_model, seed_everything
+from timm.utils import random_seed as seed_everything
+from dgmn_timm.engine import create_model
 from dgmn_timm.visualize import grid_points, plot_sampling, sampling_points_many
 
 

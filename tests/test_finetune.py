@@ -16,9 +16,8 @@ import torch
 import timm
 import dgmn_timm  # noqa: F401
 from utils import load_script
-from dgmn_timm.train_utils import (
-    DataDirError, create_model, scan_image_folder_tree, write_digits_imagefolder,
-)
+from dgmn_timm.data import DataDirError, scan_image_folder_tree, write_digits_imagefolder
+from dgmn_timm.engine import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'finetune.py'

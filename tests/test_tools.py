@@ -13,7 +13,9 @@ from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401
 from utils import load_script
-from dgmn_timm.train_utils import DataDirError, list_images, save_safetensors, seed_everything
+from timm.utils import random_seed as seed_everything
+from dgmn_timm.data import DataDirError, list_images
+from dgmn_timm.engine import save_safetensors
 from dgmn_timm.visualize import image_to_stage, sampling_points, sampling_points_many, stage_to_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,677 @@
+""" What the scripts share: one flag vocabulary, run folders, threads, devices, files, training state,
+and the epoch loop of the dense (detection and segmentation) training scripts.
+
+Command line
+    ``add_run_args`` gives every script the same run flags (``--output-dir``, ``--overwrite``,
+    ``--resume``, ``--device auto``, ``--threads``, ``--workers``, ``--seed``, ``--no-progress``);
+    ``add_alias`` keeps an old spelling working for one release (hidden from ``--help``, with a
+    warning). ``run_cli`` turns a ``UsageError``, ``DataDirError`` or ``CheckpointError`` into one
+    ``error:`` line on stderr and exit code 2, as argparse does; any other exception keeps its
+    traceback. ``HelpFormatter`` shows each option's default once.
+
+Run folders
+    ``check_run_folder`` refuses a folder that holds files of a previous run unless ``--resume``
+    (continue it) or ``--overwrite`` (replace it) is given. Every file is written atomically
+    (a temp file next to it, then ``os.replace``).
+
+Threads
+    Data-loading workers run one intra-op thread each (``worker_init_fn``); the main process
+    takes the cores left after one per loader worker (``default_threads``).
+
+Dense training
+    ``add_dense_args`` and ``train_dense`` hold the argument group, optimiser, schedule, epoch
+    loop, metrics file, checkpoints and training state of ``scripts/train_detection.py`` and
+    ``scripts/train_segmentation.py``; a script gives its data, model, loss and evaluation.
+"""
+import argparse
+import contextlib
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import timm
+from timm.utils import NativeScaler, dispatch_clip_grad, random_seed
+from timm.utils.distributed import init_distributed_device_so
+
+from .data import DataDirError
+from .state_dicts import safe_load
+
+__all__ = [
+    'UsageError', 'run_cli', 'HelpFormatter', 'add_alias', 'add_run_args', 'check_model_name', 'check_positive',
+    'check_run_folder', 'cpu_count', 'default_workers', 'default_threads', 'set_threads', 'worker_init_fn',
+    'make_loader', 'create_model', 'checkpoint_num_classes', 'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
+    'resolve_amp_dtype', 'autocast', 'backward_step', 'rng_state', 'set_rng_state', 'atomic_path',
+    'save_safetensors', 'atomic_torch_save', 'atomic_write_text', 'write_json', 'load_model_weights',
+    'load_train_state', 'clear_run_files', 'check_dense_args',
+    'add_dense_args', 'train_dense',
+]
+
+TRAIN_STATE = 'train_state.pt'
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+class UsageError(ValueError):
+    """ A mistake in the command line or its inputs: reported as one ``error:`` line, exit code 2. """
+
+
+def _user_errors():
+    errors = (UsageError, DataDirError)
+    try:
+        from .checkpoints import CheckpointError
+    except ImportError:  # the checkpoints module has not landed yet
+        return errors
+    return errors + (CheckpointError,)
+
+
+def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> int:
+    """ Run a script's ``main``: a user's mistake ends in ``error: <message>`` on stderr and exit code 2. """
+    try:
+        main(argv)
+    except _user_errors() as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """ Keeps the description's line breaks; appends ``(default: X)`` where there is a default to show
+    and the help text does not already say it. """
+
+    def _get_help_string(self, action):
+        help_text = action.help or ''
+        if action.default is None or action.default is False or action.default in ('', argparse.SUPPRESS) \
+                or 'default' in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class _DeprecatedAlias(argparse.Action):
+    def __init__(self, option_strings, dest, new: str = '', **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f'warning: {option_string} is deprecated and will be removed; use {self.new}', file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_alias(group, old: str, new: str, dest: str, **kwargs):
+    """ Accept ``old`` as a hidden, deprecated spelling of ``new`` (same ``dest``) for one release. """
+    if kwargs.pop('action', None) == 'store_true':
+        kwargs.update(nargs=0, const=True)
+    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
+                       default=argparse.SUPPRESS, **kwargs)
+
+
+def add_run_args(parser: argparse.ArgumentParser, output_dir: str, seed: int = 0, workers: Optional[int] = None,
+                 resume: bool = True, output: bool = True):
+    """ The run flags every script shares (one vocabulary); returns the argument group. """
+    g = parser.add_argument_group('run')
+    if output:
+        g.add_argument('--output-dir', default=output_dir, metavar='DIR', help='folder for the run\'s files')
+        add_alias(g, '--output', '--output-dir', 'output_dir')
+        g.add_argument('--overwrite', action='store_true',
+                       help='replace a previous run in --output-dir (its files are deleted first)')
+    if resume:
+        g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
+                       help=f'continue the run in --output-dir (from its {TRAIN_STATE}, or the given state file)')
+    g.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available); '
+                   'under torchrun each process takes its local rank\'s GPU')
+    g.add_argument('--threads', type=int, default=None,
+                   help='intra-op CPU threads of the main process (default: the cores left after one per loader '
+                        'worker, at least 1)')
+    add_alias(g, '--num-threads', '--threads', 'threads', type=int)
+    g.add_argument('--workers', type=int, default=default_workers() if workers is None else workers,
+                   help='data-loading processes (one thread each; 0 loads in the main process)')
+    g.add_argument('--seed', type=int, default=seed, help='seed of data order, augmentation and initialisation')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return g
+
+
+def check_positive(args: argparse.Namespace, *names: str, allow_zero: Sequence[str] = ()):
+    """ ``UsageError`` for the first option in ``names`` that is below 1 (or below 0 if in ``allow_zero``). """
+    for name in names:
+        value = getattr(args, name, None)
+        low = 0 if name in allow_zero else 1
+        if value is not None and value < low:
+            raise UsageError(f'--{name.replace("_", "-")} must be at least {low}, got {value}')
+
+
+def check_model_name(name: str) -> str:
+    """ ``UsageError`` unless timm has a model (or a ``hf-hub:`` / ``local-dir:`` source) of this name. """
+    if ':' in name.split('.')[0]:  # hf-hub:..., local-dir:...: timm resolves the source
+        return name
+    arch = timm.models.split_model_name_tag(name)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f'; did you mean {", ".join(close)}?' if close else "; see timm.list_models('dgmn*')"
+        raise UsageError(f'unknown model {name!r}{hint}')
+    return name
+
+
+def check_run_folder(folder: str, run_files: Iterable[str], resume: Any = None, overwrite: bool = False
+                     ) -> List[str]:
+    """ Refuse to write a run into a folder that holds one, unless resuming or overwriting.
+
+    Args:
+        folder: the run folder.
+        run_files: names of the files the run writes there.
+        resume: the ``--resume`` value (continue the previous run).
+        overwrite: ``--overwrite`` (replace it: call ``clear_run_files`` once all checks pass).
+
+    Returns:
+        the run files present in ``folder``.
+
+    Raises:
+        UsageError: the folder holds a previous run and neither flag is given, or both are.
+    """
+    if resume and overwrite:
+        raise UsageError('give --resume or --overwrite, not both')
+    found = [f for f in run_files if os.path.lexists(os.path.join(folder, f))]
+    if found and not (resume or overwrite):
+        raise UsageError(
+            f'{folder} holds a previous run ({", ".join(found)}); continue it with --resume, replace it with '
+            f'--overwrite, or give another --output-dir')
+    return found
+
+
+def clear_run_files(folder: str, names: Iterable[str]):
+    """ Delete the files of a previous run (``--overwrite``), nothing else. """
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            import shutil
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _classifier_key(model_name: str) -> Optional[str]:
+    try:
+        classifier = timm.models.get_pretrained_cfg_value(model_name, 'classifier')
+    except Exception:  # no pretrained cfg for this name
+        classifier = None
+    if isinstance(classifier, (list, tuple)):
+        classifier = classifier[0] if classifier else None
+    return classifier
+
+
+def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]:
+    """ Rows of the classifier weight in a checkpoint file, or None if it has no classifier.
+
+    Reads safetensors headers without loading tensors; other files with torch.load(weights_only=True).
+    """
+    key = classifier + '.weight'
+    if path.endswith('.safetensors'):
+        from safetensors import safe_open
+        with safe_open(path, framework='pt') as f:
+            return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+    try:
+        sd = safe_load(path, mmap=True)
+    except Exception:
+        return None
+    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, dict):
+        return None
+    for k, v in sd.items():
+        if (k == key or k.endswith('.' + key)) and isinstance(v, torch.Tensor) and v.ndim == 2:
+            return v.shape[0]
+    return None
+
+
+def create_model(
+        model_name: str,
+        pretrained: Any = None,
+        checkpoint: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        **kwargs,
+) -> torch.nn.Module:
+    """ Build a registered model from scratch, a pretrained tag or a checkpoint file.
+
+    Args:
+        model_name: registered name, optionally with a pretrained tag ('dgmn2_tiny.in1k').
+        pretrained: False/None for random weights, True for the default tag, or a tag string.
+        checkpoint: a weights file in any format the model loads (ours, the authors', timm's,
+            .safetensors or .pth). Loaded through timm's pretrained path, so a classifier
+            whose size differs from ``num_classes`` is dropped and freshly initialised; one of
+            the same size is kept.
+        num_classes: classifier size (None: the model's default, 0: no classifier).
+        kwargs: passed to ``timm.create_model``.
+    """
+    if pretrained and checkpoint:
+        raise ValueError('Give either a pretrained tag or a checkpoint file, not both.')
+    name = model_name
+    if isinstance(pretrained, str) and pretrained.lower() not in ('', 'true', 'default'):
+        name = f'{model_name.split(".")[0]}.{pretrained}'
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f'Checkpoint file {checkpoint} does not exist.')
+        overlay = dict(file=os.path.abspath(checkpoint))
+        if num_classes:
+            classifier = _classifier_key(name)
+            if classifier and checkpoint_num_classes(checkpoint, classifier) == num_classes:
+                overlay['num_classes'] = num_classes  # same head size: keep the trained head
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# threads and data loaders
+
+
+def cpu_count() -> int:
+    """ CPU cores this process may run on. """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _local_processes() -> int:
+    return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+
+
+def default_workers() -> int:
+    """ Loader workers per process: half the cores of this process's share, between 1 and 4. """
+    return min(4, max(1, cpu_count() // _local_processes() // 2))
+
+
+def default_threads(workers: int) -> int:
+    """ Main-process threads: this process's share of the cores less one per loader worker, at least 1. """
+    return max(1, cpu_count() // _local_processes() - workers)
+
+
+def set_threads(threads: Optional[int], workers: int) -> int:
+    """ Set the main process's intra-op threads (``threads`` or ``default_threads``); returns the number. """
+    n = threads if threads else default_threads(workers)
+    torch.set_num_threads(n)
+    return n
+
+
+def worker_init_fn(worker_id: int):
+    """ One intra-op thread per data-loading worker (torch would start one per core in each). """
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: Optional[int] = None, **kwargs
+                ) -> torch.utils.data.DataLoader:
+    """ A DataLoader whose workers use one thread each; ``seed`` fixes the shuffle order. """
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        worker_init_fn=worker_init_fn if workers > 0 else None, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# devices and distributed
+
+
+@dataclass
+class DistInfo:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str = 'auto') -> torch.device:
+    """ ``auto`` -> cuda if available, else cpu; ``UsageError`` for an unknown or unavailable device. """
+    if device in (None, '', 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f'unknown --device {device!r}; use cpu, cuda, cuda:N or auto') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {device}: CUDA is not available here; use --device cpu')
+    return dev
+
+
+def init_distributed(device: str = 'auto') -> DistInfo:
+    """ The device, and the process group under torchrun (timm's set-up: gloo on CPU, nccl on GPU). """
+    info = init_distributed_device_so(str(resolve_device(device)))
+    return DistInfo(device=torch.device(info['device']), rank=info['global_rank'], local_rank=info['local_rank'],
+                    world_size=info['world_size'], distributed=info['distributed'])
+
+
+def barrier(info: DistInfo):
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: Sequence[float], info: DistInfo) -> List[float]:
+    """ Sum a few numbers over all ranks (float64, exact for counts). """
+    if not info.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# mixed precision and the update step
+
+
+def resolve_amp_dtype(device: torch.device, amp_dtype: Optional[str] = None) -> torch.dtype:
+    """ bfloat16 on CPU; float16 on GPU unless ``amp_dtype`` says otherwise. """
+    if amp_dtype in (None, '', 'auto'):
+        return torch.float16 if device.type == 'cuda' else torch.bfloat16
+    dtypes = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+    if amp_dtype not in dtypes:
+        raise UsageError(f'unknown --amp-dtype {amp_dtype}; use float16 or bfloat16')
+    if device.type == 'cpu' and amp_dtype == 'float16':
+        raise UsageError('float16 autocast is for GPUs; use --amp-dtype bfloat16 on CPU')
+    return dtypes[amp_dtype]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """ torch.autocast for ``dtype``, or a no-op context when ``dtype`` is None (AMP off). """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, loss_scaler: Optional[NativeScaler],
+                  parameters, clip_grad: Optional[float] = None, clip_mode: str = 'norm'):
+    """ One update: zero grads, backward (through timm's ``NativeScaler`` for float16), clip, step. """
+    optimizer.zero_grad(set_to_none=True)
+    if loss_scaler is not None:
+        loss_scaler(loss, optimizer, clip_grad=clip_grad or None, clip_mode=clip_mode, parameters=parameters)
+        return
+    loss.backward()
+    if clip_grad:
+        dispatch_clip_grad(parameters, clip_grad, mode=clip_mode)
+    optimizer.step()
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state (for --resume)
+
+
+def rng_state() -> Dict[str, Any]:
+    """ RNG states of Python, NumPy and torch, in a form torch.load(weights_only=True) reads back. """
+    np_state = np.random.get_state()
+    state = dict(
+        python=random.getstate(),
+        numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+               float(np_state[4])),
+        torch=torch.get_rng_state(),
+    )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]):
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """ Yield a temp path next to ``path`` (same extension); on success it replaces ``path``, on error it goes. """
+    root, ext = os.path.splitext(path)
+    tmp = f'{root}.tmp{ext}'
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(state_dict: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, Any]] = None):
+    """ Write a state dict as safetensors, atomically. Metadata values that are not strings are stored as JSON. """
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to('cpu', copy=True).contiguous() for k, v in state_dict.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+
+
+def atomic_torch_save(obj: Any, path: str):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text: str, path: str):
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+
+
+def write_json(obj: Any, path: str):
+    atomic_write_text(json.dumps(obj, indent=2, default=str), path)
+
+
+def load_model_weights(model: torch.nn.Module, path: str):
+    """ ``--checkpoint``: the weights of the whole model from a file (strict). """
+    try:
+        from .checkpoints import load_weights
+    except ImportError:  # until the checkpoints module lands
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(path, device='cpu'))
+        return
+    load_weights(model, path, strict=True)
+
+
+def load_train_state(path: str) -> Dict[str, Any]:
+    """ A training state written by a script (``torch.load(weights_only=True)``); ``UsageError`` if unreadable. """
+    if not os.path.isfile(path):
+        raise UsageError(f'no training state to resume from at {path}')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file: the user's file, not our bug
+        raise UsageError(f'cannot read the training state {path} ({type(e).__name__}: {e}); it is truncated or '
+                         f'not a {TRAIN_STATE} written by this script; start over with --overwrite') from None
+    if not isinstance(state, dict) or 'epoch' not in state:
+        raise UsageError(f'{path} is not a {TRAIN_STATE} written by this script; start over with --overwrite')
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# dense training (detection, segmentation)
+
+
+DENSE_FILES = ('metrics.json', 'last.safetensors', TRAIN_STATE)
+
+
+def add_dense_args(parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """ The model, optimisation and run flags of the dense training scripts; returns the groups by name. """
+    model = parser.add_argument_group('model')
+    model.add_argument('--backbone', default='dgmn2_tiny', help='timm model name (tags, hf-hub:, local-dir: allowed)')
+    model.add_argument('--pretrained', action='store_true', help='ImageNet weights for the backbone (timm)')
+    model.add_argument('--pretrained-file', default=None, metavar='FILE',
+                       help='local ImageNet weights file for the backbone')
+    model.add_argument('--backbone-checkpoint', default=None, metavar='FILE',
+                       help="detection / segmentation checkpoint whose 'backbone.' weights initialise the backbone")
+    model.add_argument('--checkpoint', default=None, metavar='FILE',
+                       help='weights of the whole model (a last.safetensors of this script)')
+    add_alias(model, '--weights', '--checkpoint', 'checkpoint')
+    model.add_argument('--frozen-stages', type=int, default=-1,
+                       help='-1: none, 0: the stem, n: the stem and the first n stages')
+    train = parser.add_argument_group('training')
+    train.add_argument('--epochs', type=int, help='training epochs')
+    train.add_argument('--batch-size', type=int, help='images per step')
+    train.add_argument('--opt', choices=('adamw', 'sgd'), help='optimiser (sgd: with --momentum)')
+    train.add_argument('--lr', type=float, help='peak learning rate')
+    train.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    train.add_argument('--weight-decay', type=float, help='weight decay (all parameters)')
+    train.add_argument('--clip-grad', type=float, default=0.0, help='max gradient norm (0: off)')
+    train.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 with loss '
+                                                          'scaling on GPU)')
+    train.add_argument('--eval-interval', type=int, default=1, help='evaluate every n epochs (and after the last)')
+    train.add_argument('--eval-only', action='store_true', help='only evaluate (use with --checkpoint)')
+    return dict(model=model, train=train)
+
+
+def check_dense_args(args: argparse.Namespace):
+    """ The checks of ``add_dense_args``' options and the run folder, before anything is built. """
+    check_positive(args, 'epochs', 'batch_size', 'eval_interval', 'threads')
+    check_positive(args, 'workers', allow_zero=('workers',))
+    check_model_name(args.backbone)
+    for flag in ('checkpoint', 'pretrained_file', 'backbone_checkpoint'):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f'--{flag.replace("_", "-")} {path} does not exist')
+    if args.eval_only:
+        if args.resume or args.overwrite:
+            raise UsageError('--eval-only writes only metrics.json; it takes no --resume or --overwrite')
+        found = check_run_folder(args.output_dir, ['metrics.json'])
+        return found
+    return check_run_folder(args.output_dir, DENSE_FILES, args.resume, args.overwrite)
+
+
+
+def _optimizer(params: List[torch.nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.opt == 'sgd':
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, loss_scaler, device, amp_dtype, epoch, args
+                     ) -> Dict[str, float]:
+    model.train()
+    totals: Dict[str, float] = {}
+    count = 0
+    bar = tqdm(loader, desc=f'epoch {epoch}/{args.epochs}', disable=args.no_progress, dynamic_ncols=True)
+    for batch in bar:
+        with autocast(device, amp_dtype):
+            parts = loss_fn(model, batch, device)
+        loss = sum(parts.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f'Loss is {loss.item()} at epoch {epoch} ({", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())})'
+                f'; lower --lr or use --clip-grad')
+        backward_step(loss, optimizer, loss_scaler, [p for p in model.parameters() if p.requires_grad],
+                      args.clip_grad)
+        scheduler.step()
+        count += 1
+        totals['loss'] = totals.get('loss', 0.0) + loss.item()
+        for k, v in parts.items():
+            if k != 'loss':
+                totals[k] = totals.get(k, 0.0) + v.item()
+        bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+    return {k: v / max(1, count) for k, v in totals.items()}
+
+
+def train_dense(
+        args: argparse.Namespace,
+        model: torch.nn.Module,
+        train_loader: torch.utils.data.DataLoader,
+        loss_fn: Callable[[torch.nn.Module, Any, torch.device], Dict[str, torch.Tensor]],
+        evaluate: Callable[[torch.nn.Module], Dict[str, Any]],
+        lr_factor: Callable[[int, int], float],
+        describe: Callable[[Dict[str, Any]], str],
+        history: Dict[str, Any],
+        meta: Dict[str, Any],
+) -> Dict[str, Any]:
+    """ The epoch loop of a dense training script.
+
+    Args:
+        args: parsed ``add_dense_args`` / ``add_run_args`` options.
+        model: the model on its device (``--checkpoint`` already loaded).
+        train_loader: batches for ``loss_fn``; its shuffle order is re-seeded every epoch.
+        loss_fn: (model, batch, device) -> named losses; the training loss is their sum.
+        evaluate: model -> metrics dict (kept in ``metrics.json``).
+        lr_factor: (iteration, iterations per epoch) -> factor of ``--lr`` (a LambdaLR, stepped per iteration).
+        describe: evaluation metrics -> the text that ends the epoch line (e.g. 'mIoU 0.7512').
+        history: what ``metrics.json`` holds besides ``epochs`` / ``eval`` (the arguments, data sizes).
+        meta: metadata of ``last.safetensors`` (the epoch is added).
+
+    Writes ``metrics.json``, ``last.safetensors`` and ``train_state.pt`` to ``--output-dir`` after every
+    epoch; ``--resume`` continues from the last state. Returns the history.
+    """
+    out = args.output_dir
+    device = next(model.parameters()).device
+    history = dict(history, args=vars(args), epochs=[], eval=None)
+    metrics_path = os.path.join(out, 'metrics.json')
+    if args.eval_only:
+        os.makedirs(out, exist_ok=True)
+        history['eval'] = evaluate(model)
+        write_json(history, metrics_path)
+        return history
+
+    ckpt_path, state_path = os.path.join(out, 'last.safetensors'), os.path.join(out, TRAIN_STATE)
+    amp_dtype = resolve_amp_dtype(device) if args.amp else None
+    loss_scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None
+    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], args)
+    iters_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch))
+    start_epoch = 0
+    if args.resume:
+        state = load_train_state(state_path if args.resume == 'auto' else args.resume)
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(os.path.dirname(state_path), state['weights_file'])))
+        optimizer.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        if loss_scaler is not None and state.get('scaler'):
+            loss_scaler.load_state_dict(state['scaler'])
+        start_epoch, history['epochs'], history['eval'] = state['epoch'], state['epochs'], state['eval']
+        tqdm.write(f'Resumed from {state_path}: {start_epoch} of {args.epochs} epochs done')
+    os.makedirs(out, exist_ok=True)
+
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        start = time.time()
+        random_seed(args.seed + 10007 * epoch)  # augmentation in the main process; order via the generator
+        if train_loader.generator is not None:
+            train_loader.generator.manual_seed(args.seed + epoch)
+        record: Dict[str, Any] = {'epoch': epoch}
+        record.update(_train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, loss_scaler, device,
+                                       amp_dtype, epoch, args))
+        record['lr'] = optimizer.param_groups[0]['lr']
+        record['time_s'] = time.time() - start
+        save_safetensors(model.state_dict(), ckpt_path, dict(meta, epoch=epoch))
+        if epoch % args.eval_interval == 0 or epoch == args.epochs:
+            record['eval'] = history['eval'] = evaluate(model)
+        history['epochs'].append(record)
+        write_json(history, metrics_path)
+        atomic_torch_save(dict(
+            epoch=epoch, weights_file='last.safetensors', optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=loss_scaler.state_dict() if loss_scaler is not None else None,
+            epochs=json.loads(json.dumps(history['epochs'])), eval=json.loads(json.dumps(history['eval']))),
+            state_path)
+        losses = ', '.join(f'{k} {v:.4f}' for k, v in record.items() if k == 'loss' or k.startswith('loss_'))
+        tqdm.write(f'epoch {epoch}/{args.epochs}: {losses}' + (f', {describe(record["eval"])}' if 'eval' in record
+                                                                 else '') + f' ({record["time_s"]:.1f}s)')
+    history['checkpoint'] = ckpt_path
+    write_json(history, metrics_path)
+    return history
