@@ -19,25 +19,23 @@ slow float64 oracle written with explicit corner gathers; tests compare the two.
 import torch
 import torch.nn.functional as F
 
-try:
-    from timm.layers import register_notrace_function
-except ImportError:  # pragma: no cover - very old timm
-    def register_notrace_function(fn):
-        return fn
-
-__all__ = ['sample_nodes', 'sample_nodes_reference', 'node_grid', 'KERNEL_SIZE', 'NUM_NODES']
+__all__ = ['sample_nodes', 'sample_nodes_reference', 'node_grid', 'pixel_grid', 'KERNEL_SIZE', 'NUM_NODES']
 
 KERNEL_SIZE = 3
 NUM_NODES = KERNEL_SIZE * KERNEL_SIZE
 
 
-def _grid_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Coordinates are always built in at least float32: half precision cannot address
-    # pixels of a 56-wide map to better than ~1/8 px.
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def pixel_grid(py: torch.Tensor, px: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """ grid_sample coordinates (..., 2) = (gx, gy) of pixel positions ``py``, ``px`` (any shape).
+
+    A pixel coordinate p on an axis of length L is the normalised coordinate (2p + 1) / L - 1
+    (``align_corners=False``).
+    """
+    gy = (2. * py + 1.) / height - 1.
+    gx = (2. * px + 1.) / width - 1.
+    return torch.stack((gx, gy), dim=-1)
 
 
-@register_notrace_function
 def node_grid(
         offset_y: torch.Tensor,
         offset_x: torch.Tensor,
@@ -53,27 +51,25 @@ def node_grid(
         dilation: spacing of the 3x3 neighbourhood.
 
     Returns:
-        (B, K, H * W, 2) grid of (gx, gy), in float32 (float64 for float64 offsets).
+        (B, K, H * W, 2) grid of (gx, gy). The base coordinates are float32, so ordinary type
+        promotion makes the grid float32 for float32 / half-precision walks (half precision
+        cannot address the pixels of a 56-wide map to better than ~1/8 px) and float64 for
+        float64 walks, without a branch on the dtype (FX can trace it).
     """
-    dtype = _grid_dtype(offset_y.dtype)
     device = offset_y.device
     num_nodes, ks = 9, 3  # literals: TorchScript cannot close over module globals
     k = torch.arange(num_nodes, device=device)
     # node k = 3i + j sits at (-d + i*d, -d + j*d) around its query
-    ky = ((k // ks) - 1).to(dtype) * dilation
-    kx = ((k % ks) - 1).to(dtype) * dilation
-    ys = torch.arange(height, device=device, dtype=dtype)
-    xs = torch.arange(width, device=device, dtype=dtype)
+    ky = ((k // ks) - 1).to(torch.float32) * dilation
+    kx = ((k % ks) - 1).to(torch.float32) * dilation
+    ys = torch.arange(height, device=device, dtype=torch.float32)
+    xs = torch.arange(width, device=device, dtype=torch.float32)
     # base pixel coordinates, (K, H*W)
     base_y = (ky[:, None, None] + ys[None, :, None]).expand(num_nodes, height, width).reshape(num_nodes, -1)
     base_x = (kx[:, None, None] + xs[None, None, :]).expand(num_nodes, height, width).reshape(num_nodes, -1)
-    # normalised: g = (2p + 1) / L - 1 = (2 * base + 1) / L - 1 + 2 * walk / L
-    gy = (2. * base_y + 1.) / height - 1. + offset_y.to(dtype) * (2. / height)
-    gx = (2. * base_x + 1.) / width - 1. + offset_x.to(dtype) * (2. / width)
-    return torch.stack((gx, gy), dim=-1)
+    return pixel_grid(base_y + offset_y, base_x + offset_x, height, width)
 
 
-@register_notrace_function
 def sample_nodes(
         x: torch.Tensor,
         offset: torch.Tensor,
@@ -101,10 +97,9 @@ def sample_nodes(
     else:
         off = offset.reshape(B, num_nodes, 2, H * W).transpose(2, 3)
     grid = node_grid(off[..., 0], off[..., 1], H, W, dilation)
-    # grid_sample needs input and grid of one dtype; reduced precision inputs are sampled
-    # in float32 so that coordinates keep sub-pixel accuracy.
-    src = x if x.dtype == grid.dtype else x.to(grid.dtype)
-    out = F.grid_sample(src, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    # grid_sample needs input and grid of one dtype: reduced precision maps are sampled in
+    # float32 (``.to`` returns the map itself when the dtypes already agree)
+    out = F.grid_sample(x.to(grid.dtype), grid, mode='bilinear', padding_mode='zeros', align_corners=False)
     return out.to(x.dtype)
 
 

@@ -1,9 +1,10 @@
-""" The fast sampled attention against an independent, slow, float64 reference (spec sections 2-3).
+""" The fast paths of DGMN2's attention layer: the layer and the model against an independent,
+slow, float64 reference; the Triton kernels (interpreter mode on CPU, real on CUDA); the
+benchmark script.
 
-The reference below is written from the spec only: explicit loops over nodes and bilinear
-corners, explicit loops over (y, x, m) for the position term, explicit resize matrices.
-Every fast path (CPU gather path, portable grid_sample path, Triton kernel in interpreter
-mode) is compared to it, forward and gradients.
+The reference below is written from the model's definition only: explicit loops over nodes and
+bilinear corners, explicit loops over (y, x, m) for the position term, explicit resize matrices.
+The op itself is tested in test_sampled_attention.py.
 """
 import math
 import os
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 import dgmn_timm  # noqa: F401
-from dgmn_timm.kernels import sampled_attention, sampled_attention_cpu, sampled_attention_portable
-from dgmn_timm.models.dgmn2 import DynamicGraphAttention, rel_pos_logits, rel_pos_term
+from dgmn_timm.kernels import sampled_attention_reference
+from dgmn_timm.models.dgmn2 import DynamicGraphAttention, rel_pos_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 9
@@ -126,124 +127,6 @@ def _assert_close(a, b, atol, rtol=0.):
     torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol)
 
 
-SIZES = [
-    (2, 5, 5, 1, 8),
-    (1, 4, 7, 2, 4),   # non-square
-    (2, 6, 3, 3, 5),   # taller than wide
-    (1, 1, 1, 2, 6),   # 1x1 map: every neighbour but the centre is outside
-    (1, 2, 9, 1, 3),
-]
-
-
-# ---------------------------------------------------------------- sampled attention
-
-@pytest.mark.parametrize('B,H,W,nh,c', SIZES)
-@pytest.mark.parametrize('impl', ['cpu', 'portable'])
-def test_attention_matches_reference_float64(B, H, W, nh, c, impl):
-    inputs = _inputs(B, H, W, nh, c)
-    scale = c ** -0.5
-    fn = sampled_attention_cpu if impl == 'cpu' else sampled_attention_portable
-    out = fn(*inputs, scale)
-    ref = ref_attention(*inputs, scale)
-    _assert_close(out, ref, 1e-12)
-    for g, r in zip(_grads(out, inputs), _grads(ref, inputs)):
-        _assert_close(g, r, 1e-10)
-
-
-@pytest.mark.parametrize('B,H,W,nh,c', SIZES[:3])
-def test_attention_float32_within_1e5(B, H, W, nh, c):
-    inputs = _inputs(B, H, W, nh, c)
-    inputs32 = [t.detach().float().requires_grad_() for t in inputs]
-    scale = c ** -0.5
-    out = sampled_attention_cpu(*inputs32, scale)
-    ref = ref_attention(*inputs, scale)
-    assert out.dtype == torch.float32
-    _assert_close(out, ref, 1e-5)
-    for g, r in zip(_grads(out, inputs32), _grads(ref, inputs)):
-        _assert_close(g, r, 1e-5, 1e-5)
-
-
-def test_attention_bfloat16_within_tolerance():
-    inputs = _inputs(2, 6, 5, 2, 8)
-    with torch.no_grad():
-        # bf16 rounds small walks to integers, where the bilinear gradient has a kink: keep
-        # positions a quarter pixel off the grid, exactly representable in bf16
-        inputs[1].copy_(inputs[1].round() + 0.25)
-    bf = [t.detach().bfloat16().requires_grad_() for t in inputs]
-    rounded = [t.detach().double().requires_grad_() for t in bf]
-    out = sampled_attention_cpu(*bf, 8 ** -0.5)
-    assert out.dtype == torch.bfloat16
-    ref = ref_attention(*rounded, 8 ** -0.5)
-    _assert_close(out, ref, 2e-2, 2e-2)
-    for g, r in zip(_grads(out, bf), _grads(ref, rounded)):
-        assert g.dtype == torch.bfloat16
-        _assert_close(g, r, 5e-2, 5e-2)
-
-
-def test_walks_far_outside_read_zero_and_have_no_gradient():
-    qkv, offset, rel = _inputs(1, 4, 5, 1, 4)
-    with torch.no_grad():
-        offset[..., :4] = 1e4  # nodes 0 and 1 far below / right of the map
-        offset[..., 4:6] = -1e4
-    out = sampled_attention_cpu(qkv, offset, rel, 0.5)
-    ref = ref_attention(qkv, offset, rel, 0.5)
-    _assert_close(out, ref, 1e-12)
-    g_off = _grads(out, [offset])[0]
-    assert (g_off[..., :6] == 0).all()
-    _assert_close(g_off, _grads(ref, [offset])[0], 1e-10)
-
-
-def test_walks_partly_outside_match_reference():
-    # positions within one pixel outside the map: one of each pair of corners is a zero read
-    qkv, offset, rel = _inputs(1, 3, 4, 2, 4, walk=0.)
-    with torch.no_grad():
-        offset.uniform_(-2.6, 2.6)
-    out = sampled_attention_cpu(qkv, offset, rel, 0.5)
-    ref = ref_attention(qkv, offset, rel, 0.5)
-    _assert_close(out, ref, 1e-12)
-    for g, r in zip(_grads(out, [qkv, offset, rel]), _grads(ref, [qkv, offset, rel])):
-        _assert_close(g, r, 1e-10)
-
-
-@pytest.mark.parametrize('H,W', [(5, 6), (1, 4), (1, 1)])
-def test_integer_positions_gradient_is_right_derivative(H, W):
-    """ At integer positions (zero walks at init, walks onto or beyond the border) the walk gradient
-    is the one-sided derivative in the +walk direction, grid_sample's convention
-    (position - floor(position) as the fraction). """
-    qkv, offset, rel = _inputs(2, H, W, 2, 4)
-    with torch.no_grad():
-        offset.copy_(torch.randint(-W - 1, W + 2, offset.shape, generator=torch.Generator().manual_seed(3)).double())
-        offset[0].zero_()
-    go = torch.randn(2, H, W, 2, 4, dtype=torch.float64)
-    loss = lambda off: (sampled_attention_cpu(qkv, off, rel, 0.5) * go).sum()
-    grad = torch.autograd.grad(loss(offset), offset)[0]
-    direction = torch.rand(offset.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    eps = 1e-7
-    with torch.no_grad():
-        fd = (loss(offset + eps * direction) - loss(offset)) / eps
-    assert abs(fd.item() - (grad * direction).sum().item()) < 1e-5 * max(1., abs(fd.item()))
-    assert grad.abs().sum() > 0  # not vacuous: the walks do have gradient here
-
-
-def test_dispatch_and_dropout_path():
-    qkv, offset, rel = _inputs(1, 4, 4, 2, 4, dtype=torch.float32)
-    a = sampled_attention(qkv, offset, rel, 0.5)
-    b = sampled_attention_cpu(qkv, offset, rel, 0.5)
-    assert torch.equal(a, b)
-    # attention dropout (training only) goes to the portable path; p = 0 in eval is the same function
-    c = sampled_attention(qkv, offset, rel, 0.5, attn_drop=0.5, training=False)
-    assert torch.equal(c, b)
-    torch.manual_seed(0)
-    d = sampled_attention(qkv, offset, rel, 0.5, attn_drop=0.5, training=True)
-    assert d.shape == b.shape and not torch.allclose(d, b)
-    d.sum().backward()
-
-
-def test_gradcheck_cpu_path():
-    inputs = _inputs(1, 3, 4, 2, 3, walk=1.2, seed=3)
-    assert torch.autograd.gradcheck(lambda a, b, c: sampled_attention_cpu(a, b, c, 0.7), inputs)
-
-
 # ---------------------------------------------------------------- position term and the module
 
 @pytest.mark.parametrize('H,W,nh', [(5, 5, 2), (4, 6, 1), (7, 3, 3), (1, 1, 2)])
@@ -258,56 +141,6 @@ def test_rel_pos_logits_match_reference(H, W, nh, released):
     _assert_close(out, ref, 1e-12)
     for a, b in zip(_grads(out, [q, rel_h, rel_w]), _grads(ref, [q, rel_h, rel_w])):
         _assert_close(a, b, 1e-10)
-    # the public (N, c, H, W) form is the same function
-    legacy = rel_pos_term(q.detach()[:, :, :, 0].permute(0, 3, 1, 2), rel_h, rel_w, released)
-    _assert_close(legacy, ref[:, :, :, 0].permute(0, 3, 1, 2).detach(), 1e-12)
-
-
-@pytest.mark.parametrize('H,W,nh,released', [(5, 5, 2, True), (1, 1, 1, True), (4, 6, 3, False), (6, 1, 1, False)])
-def test_fused_position_term_matches_reference(H, W, nh, released):
-    """ sampled_attention_cpu with the position tables: the band-GEMM position term, fused. """
-    qkv, offset, rel = _inputs(2, H, W, nh, 6)
-    g = torch.Generator().manual_seed(5)
-    th = torch.randn(H + 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    tw = torch.randn(W + 8, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    scale = 6 ** -0.5
-    out = sampled_attention_cpu(qkv, offset, rel, scale, th, tw, released)
-    ref = ref_attention(qkv, offset, rel + ref_rel_pos(qkv[:, :, :, 0], th, tw, released), scale)
-    _assert_close(out, ref, 1e-12)
-    inputs = [qkv, offset, rel, th, tw]
-    for a, b in zip(_grads(out, inputs), _grads(ref, inputs)):
-        _assert_close(a, b, 1e-10)
-    # without extra logits
-    out = sampled_attention_cpu(qkv, offset, None, scale, th, tw, released)
-    _assert_close(out, ref_attention(qkv, offset, ref_rel_pos(qkv[:, :, :, 0], th, tw, released), scale), 1e-12)
-
-
-def test_fused_position_term_bad_input():
-    qkv, offset, rel = _inputs(1, 4, 6, 1, 4)
-    th, tw = torch.randn(12, 4, dtype=torch.float64), torch.randn(14, 4, dtype=torch.float64)
-    with pytest.raises(ValueError, match='square'):
-        sampled_attention_cpu(qkv, offset, None, 0.5, th, tw, True)  # released term, non-square map
-    with pytest.raises(ValueError, match='H \\+ 8'):
-        sampled_attention_cpu(qkv, offset, None, 0.5, th[:5], tw, False)
-    with pytest.raises(ValueError, match='rel'):
-        sampled_attention_cpu(qkv, offset, None, 0.5)
-
-
-def test_module_uses_fused_position_term_on_cpu(monkeypatch):
-    """ The CPU module does not build the position logits separately (square map, or clean term). """
-    import dgmn_timm.models.dgmn2 as dgmn2_module
-    m = _module(8, 2, (4, 4), dtype=torch.float32)
-    x = torch.randn(2, 4, 4, 8)
-    expected = m(x)
-
-    def fail(*args, **kwargs):
-        raise AssertionError('rel_pos_logits called on the fused path')
-    monkeypatch.setattr(dgmn2_module, 'rel_pos_logits', fail)
-    torch.testing.assert_close(m(x), expected, atol=0, rtol=0)
-    with pytest.raises(AssertionError, match='fused path'):
-        m(torch.randn(2, 4, 5, 8))  # released height term on a non-square map: computed separately
-    with pytest.raises(AssertionError, match='fused path'):
-        m(torch.randn(1, 65, 65, 8))  # large map (H + W > 128): memory must stay linear in pixels
 
 
 def _module(dim, nh, table, dtype=torch.float64, released=True, seed=0):
@@ -392,65 +225,6 @@ def test_model_cpu_autocast_bfloat16():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_inference_in_place_paths_match_autograd_path():
-    """ Without autograd the MLP's GELU and the residual adds run in place; same numbers as with autograd. """
-    import timm
-    from dgmn_timm.models.dgmn2 import Mlp, gelu_, residual_add
-    model = timm.create_model('dgmn2_tiny', num_classes=4).eval()
-    x = torch.randn(2, 3, 64, 80)
-    with_grad = model(x.requires_grad_())  # autograd path: out of place
-    with torch.inference_mode():
-        fast = model(x.detach())
-    torch.testing.assert_close(fast, with_grad.detach(), atol=1e-6, rtol=1e-6)
-
-    h = torch.randn(3, 7)
-    with torch.no_grad():
-        out = gelu_(h.clone())
-    torch.testing.assert_close(out, torch.nn.functional.gelu(h), atol=0, rtol=0)  # exact (erf) GELU
-    # with autograd the input survives (the backward needs it)
-    h2 = h.clone().requires_grad_()
-    gelu_(h2).sum().backward()
-    torch.testing.assert_close(h2.detach(), h)
-    # the MLP keeps timm's key names (checkpoints load unchanged)
-    assert set(Mlp(4, 8).state_dict()) == {'fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'}
-    # a bfloat16 branch (autocast) does not turn the float32 residual stream into bfloat16
-    stream = torch.randn(2, 5)
-    assert residual_add(stream, torch.randn(2, 5, dtype=torch.bfloat16)).dtype == torch.float32
-    branch = torch.randn(2, 5)
-    assert residual_add(stream, branch) is branch
-
-
-def test_gelu_in_place_backward_matches_autograd_gelu(monkeypatch):
-    """ The MLP's GELU backward runs in place on the incoming gradient; same numbers as F.gelu. """
-    from dgmn_timm.models.dgmn2 import _gelu_inplace_grad
-    x = torch.randn(4, 5, 6, dtype=torch.float64)
-    go = torch.randn(4, 5, 6, dtype=torch.float64)
-    a = x.clone().requires_grad_()
-    b = x.clone().requires_grad_()
-    (_gelu_inplace_grad(a) * go).sum().backward()
-    (torch.nn.functional.gelu(b) * go).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, atol=0, rtol=0)
-    # double backward (create_graph) takes the differentiable out-of-place path
-    a2 = x.clone().requires_grad_()
-    b2 = x.clone().requires_grad_()
-    ga, = torch.autograd.grad((_gelu_inplace_grad(a2) * go).sum(), a2, create_graph=True)
-    gb, = torch.autograd.grad((torch.nn.functional.gelu(b2) * go).sum(), b2, create_graph=True)
-    torch.testing.assert_close(torch.autograd.grad(ga.sum(), a2)[0], torch.autograd.grad(gb.sum(), b2)[0])
-    # the whole model's parameter gradients equal those of out-of-place GELU
-    import sys
-    import timm
-    dgmn2_module = sys.modules['dgmn_timm.models.dgmn2']
-    model = timm.create_model('dgmn2_tiny', num_classes=3)
-    img = torch.randn(2, 3, 64, 64)
-    model(img).sum().backward()
-    fast = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    monkeypatch.setattr(dgmn2_module, '_gelu_inplace_grad', torch.nn.functional.gelu)
-    model(img).sum().backward()
-    for f, p in zip(fast, model.parameters()):
-        torch.testing.assert_close(f, p.grad, atol=1e-6, rtol=1e-5)
-
-
 def test_stage_outputs_are_channels_last_views():
     """ Stage outputs are NCHW views of channels-last memory; values as from contiguous NCHW. """
     import timm
@@ -490,16 +264,20 @@ def test_triton_kernel_interpreter_matches_reference():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not _triton_importable(), reason='needs CUDA and triton')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_kernel_cuda_matches_reference(dtype):
-    from dgmn_timm.kernels.triton_sampled_attention import sampled_attention_triton
-    inputs = _inputs(2, 9, 7, 2, 32)
-    dev = [t.detach().to('cuda', dtype).requires_grad_() for t in inputs]
-    rounded = [t.detach().double().cpu().requires_grad_() for t in dev]
-    out = sampled_attention_triton(*dev, 32 ** -0.5)
-    ref = ref_attention(*rounded, 32 ** -0.5)
+@pytest.mark.parametrize('K,bias', [(9, True), (27, False)])
+def test_triton_op_cuda_matches_reference(dtype, K, bias):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 9, 7, 3, 2, 32, generator=g, dtype=torch.float64)
+    off = torch.randn(2, 9, 7, 2, 2 * K, generator=g, dtype=torch.float64) * 2
+    b = torch.randn(2, 9, 7, 2, K, generator=g, dtype=torch.float64) if bias else None
+    dev = [None if t is None else t.to('cuda', dtype).requires_grad_() for t in (qkv, off, b)]
+    rounded = [None if t is None else t.detach().double().cpu().requires_grad_() for t in dev]
+    out = torch.ops.dgmn_timm.sampled_attention(*dev, 32 ** -0.5)
+    ref = sampled_attention_reference(*rounded, 32 ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype
     _assert_close(out.cpu(), ref, tol, tol)
-    for g, r in zip(_grads(out, dev), _grads(ref, rounded)):
+    for g, r in zip(_grads(out, [t for t in dev if t is not None]), _grads(ref, [t for t in rounded if t is not None])):
         _assert_close(g.cpu(), r, 5 * tol, 5 * tol)
 
 

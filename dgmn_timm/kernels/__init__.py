@@ -1,28 +1,27 @@
-""" Fast implementations of DGMN2's sampled attention (sample 9 nodes + attend).
+""" Fast ops of the DGMN models, each with a float64 reference.
 
-- :func:`sampled_attention` dispatches: a fused Triton kernel on CUDA (when Triton is
-  installed), a gather/scatter CPU path (custom autograd) elsewhere, and a portable
-  ``grid_sample`` path under ONNX export.
-- :func:`sampled_attention_portable` is the portable, TorchScript- and ONNX-friendly
-  composition of ``sample_nodes`` (``grid_sample``) and plain tensor ops.
-
-:func:`chunked_mlp` is the transformer MLP computed in row blocks (large CPU maps).
-
-All paths compute the same function (spec sections 2-3); tests compare them to an
-independent float64 reference.
+- :func:`sampled_attention`: ``torch.ops.dgmn_timm.sampled_attention``, attention over K bilinearly
+  sampled key/value nodes per query (gather kernel on CPU, Triton kernel on CUDA).
+  :func:`sampled_attention_portable` is the same function as ``grid_sample`` plus plain ops
+  (TorchScript, ONNX, double backward, attention dropout); :func:`sampled_attention_reference`
+  the float64 oracle; :func:`attention_weights` the softmax weights of the nodes.
+- :func:`chunked_mlp` is the transformer MLP computed in row blocks (large CPU maps).
 """
+import torch
+
 from .chunked_mlp import chunked_mlp, use_chunked_mlp
 from .sampled_attention import (
-    sampled_attention,
-    sampled_attention_cpu,
-    sampled_attention_portable,
-    node_corners,
+    DOUBLE_BACKWARD_MESSAGE,
     attention_weights,
+    sampled_attention_portable,
+    sampled_attention_reference,
     triton_available,
-    uses_gather_path,
 )
 
+# the registered op itself (not the Python CustomOpDef), so that TorchScript can call it too
+sampled_attention = torch.ops.dgmn_timm.sampled_attention
+
 __all__ = [
-    'sampled_attention', 'sampled_attention_cpu', 'sampled_attention_portable', 'node_corners',
-    'attention_weights', 'triton_available', 'uses_gather_path', 'chunked_mlp', 'use_chunked_mlp',
+    'sampled_attention', 'sampled_attention_portable', 'sampled_attention_reference', 'attention_weights',
+    'triton_available', 'DOUBLE_BACKWARD_MESSAGE', 'chunked_mlp', 'use_chunked_mlp',
 ]

@@ -1,39 +1,38 @@
-""" Fused Triton kernel for DGMN2's sampled attention (sample 9 nodes + attend), CUDA.
+""" Triton kernels of ``torch.ops.dgmn_timm.sampled_attention`` (CUDA).
 
-Same function and layout as ``dgmn_timm.kernels.sampled_attention`` (qkv (B, H, W, 3, nh, hd),
-offset (B, H, W, nh, 18), rel (B, H, W, nh, 9) -> (B, H, W, nh, hd)).
+Same function and layout as ``dgmn_timm.kernels.sampled_attention``: qkv (B, H, W, 3, nh, hd),
+offset (B, H, W, nh, 2K) displacements from the query in pixels, bias (B, H, W, nh, K) or None
+-> (B, H, W, nh, hd). K is a compile-time constant of the kernels (one build per K).
 
-Forward: one program handles BLOCK_Q (query, head) rows x all hd channels. For each of the
-9 nodes it computes the bilinear position, reads the 4 corner key and value rows straight
-from the qkv tensor (masked: a corner outside the map reads zero), forms the sampled key
-and value in registers, and folds the node into an online softmax (running max, running
-sum, running weighted value). Sampled keys and values are never written to memory; the
-kernel stores the output and the log-sum-exp of the logits (4 bytes per row).
+Forward: one program handles BLOCK_Q (query, head) rows x all hd channels. For each of the K
+nodes it computes the bilinear position, reads the 4 corner key and value rows straight from
+qkv (masked: a corner outside the map reads zero), forms the sampled key and value in
+registers and folds the node into an online softmax (running max, sum and weighted value).
+Sampled keys and values are never written to memory.
 
-Backward: one program per BLOCK_Q rows recomputes the corners and p_k = exp(logit_k - lse),
-writes dq, d rel and d offset directly (each row is owned by one program) and scatters the
-key / value gradients into the 4 corners with float32 atomic adds.
+Backward: one program per BLOCK_Q rows first recomputes the log-sum-exp of the logits (keys
+only), then, per node, p_k = exp(logit_k - lse); it writes dq, d bias and d offset directly
+(each row is owned by one program) and scatters the key / value gradients into the 4 corners
+with float32 atomic adds.
 
-All arithmetic is float32 (inputs may be float32, bfloat16 or float16; results are cast
-back). float64 inputs are not handled here (the gather path serves them).
+All arithmetic is float32 (inputs may be float32, bfloat16 or float16; results are cast back).
+float64 inputs take the gather kernel instead.
 
-Runs on CPU tensors under ``TRITON_INTERPRET=1`` (used by the tests without a GPU).
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` (the tests use it where there is no GPU).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .sampled_attention import DOUBLE_BACKWARD_MESSAGE
-
-__all__ = ['sampled_attention_triton']
+__all__ = ['triton_forward', 'triton_backward']
 
 
 @triton.jit
-def _node_position(OFF, rows, rmask, y, x, k: tl.constexpr):
-    dy = tl.load(OFF + rows * 18 + 2 * k, mask=rmask, other=0.).to(tl.float32)
-    dx = tl.load(OFF + rows * 18 + 2 * k + 1, mask=rmask, other=0.).to(tl.float32)
-    py = y.to(tl.float32) + (k // 3 - 1) + dy
-    px = x.to(tl.float32) + (k % 3 - 1) + dx
+def _node_position(OFF, rows, rmask, y, x, k: tl.constexpr, K: tl.constexpr):
+    dy = tl.load(OFF + rows * (2 * K) + 2 * k, mask=rmask, other=0.).to(tl.float32)
+    dx = tl.load(OFF + rows * (2 * K) + 2 * k + 1, mask=rmask, other=0.).to(tl.float32)
+    py = y.to(tl.float32) + dy
+    px = x.to(tl.float32) + dx
     y0f = tl.floor(py)
     x0f = tl.floor(px)
     return py - y0f, px - x0f, y0f, x0f
@@ -73,12 +72,13 @@ def _rows_and_query(QKV, M, H, W, NH, HD, BLOCK_Q: tl.constexpr, BLOCK_D: tl.con
 
 @triton.jit
 def _sampled_node(
-        QKV, OFF, REL, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
-        k: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+        QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
+        k: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_VALUES: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """ Node k of every row: its position, the bilinearly sampled key and value (registers only)
-    and its logit. """
-    fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k)
+    """ Node k of every row: its position, the bilinearly sampled key (and value if WITH_VALUES),
+    in registers only, and its logit. """
+    fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k, K)
     ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for c in tl.static_range(4):
@@ -87,25 +87,29 @@ def _sampled_node(
         lm = inb[:, None] & dmask[None, :]
         wgt = (wy * wx)[:, None]
         ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
-        vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
-    logit = tl.sum(q * ks, 1) * scale + tl.load(REL + rows * 9 + k, mask=rmask, other=0.).to(tl.float32)
+        if WITH_VALUES:
+            vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
+    logit = tl.sum(q * ks, 1) * scale
+    if HAS_BIAS:
+        logit += tl.load(BIAS + rows * K + k, mask=rmask, other=0.).to(tl.float32)
     return fy, fx, y0f, x0f, ks, vs, logit
 
 
 @triton.jit
 def _fwd_kernel(
-        QKV, OFF, REL, OUT, LSE,
+        QKV, OFF, BIAS, OUT,
         M, H, W, NH, HD, scale,
-        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, rmask, d, dmask, h, pix, y, x, bimg, C, pstride, m2, q = _rows_and_query(
         QKV, M, H, W, NH, HD, BLOCK_Q, BLOCK_D)
     m_i = tl.full([BLOCK_Q], -float('inf'), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for k in tl.static_range(9):
+    for k in tl.static_range(K):
         fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
-            QKV, OFF, REL, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale, k, BLOCK_Q, BLOCK_D)
+            QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
+            k, K, HAS_BIAS, True, BLOCK_Q, BLOCK_D)
         m_new = tl.maximum(m_i, logit)
         alpha = tl.exp(m_i - m_new)
         pk = tl.exp(logit - m_new)
@@ -114,28 +118,38 @@ def _fwd_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(OUT + rows[:, None] * HD + d[None, :], out.to(OUT.dtype.element_ty), mask=m2)
-    tl.store(LSE + rows, m_i + tl.log(l_i), mask=rmask)
 
 
 @triton.jit
 def _bwd_kernel(
-        QKV, OFF, REL, OUT, LSE, DO, DQKV, DOFF, DREL,
+        QKV, OFF, BIAS, OUT, DO, DQKV, DOFF, DBIAS,
         M, H, W, NH, HD, scale,
-        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+        K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, rmask, d, dmask, h, pix, y, x, bimg, C, pstride, m2, q = _rows_and_query(
         QKV, M, H, W, NH, HD, BLOCK_Q, BLOCK_D)
     go = tl.load(DO + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
     o = tl.load(OUT + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
     delta = tl.sum(go * o, 1)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.)
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for k in tl.static_range(9):
+    # log-sum-exp of the logits (keys only)
+    m_i = tl.full([BLOCK_Q], -float('inf'), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    for k in tl.static_range(K):
         fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
-            QKV, OFF, REL, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale, k, BLOCK_Q, BLOCK_D)
+            QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
+            k, K, HAS_BIAS, False, BLOCK_Q, BLOCK_D)
+        m_new = tl.maximum(m_i, logit)
+        l_i = l_i * tl.exp(m_i - m_new) + tl.exp(logit - m_new)
+        m_i = m_new
+    lse = m_i + tl.log(l_i)
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for k in tl.static_range(K):
+        fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
+            QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
+            k, K, HAS_BIAS, True, BLOCK_Q, BLOCK_D)
         p = tl.exp(logit - lse)
         dl = p * (tl.sum(go * vs, 1) - delta)
-        tl.store(DREL + rows * 9 + k, dl, mask=rmask)
+        tl.store(DBIAS + rows * K + k, dl, mask=rmask)
         dq += dl[:, None] * ks
         dfy = tl.zeros([BLOCK_Q], tl.float32)
         dfx = tl.zeros([BLOCK_Q], tl.float32)
@@ -155,8 +169,8 @@ def _bwd_kernel(
             gptr = DQKV + src[:, None] * pstride + C + h[:, None] * HD + d[None, :]
             tl.atomic_add(gptr, (wgt * dl * scale)[:, None] * q, mask=lm)
             tl.atomic_add(gptr + C, (wgt * p)[:, None] * go, mask=lm)
-        tl.store(DOFF + rows * 18 + 2 * k, dfy, mask=rmask)
-        tl.store(DOFF + rows * 18 + 2 * k + 1, dfx, mask=rmask)
+        tl.store(DOFF + rows * (2 * K) + 2 * k, dfy, mask=rmask)
+        tl.store(DOFF + rows * (2 * K) + 2 * k + 1, dfx, mask=rmask)
     tl.store(DQKV + pix[:, None] * pstride + h[:, None] * HD + d[None, :], dq * scale, mask=m2)
 
 
@@ -166,43 +180,37 @@ def _launch_cfg(hd: int):
     return block_q, block_d
 
 
-class _SampledAttentionTriton(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
-        B, H, W, _, nh, hd = qkv.shape
-        qkv = qkv.contiguous()
-        offset = offset.contiguous()
-        rel = rel.contiguous()
-        M = B * H * W * nh
-        out = torch.empty((B, H, W, nh, hd), device=qkv.device, dtype=qkv.dtype)
-        lse = torch.empty((M,), device=qkv.device, dtype=torch.float32)
-        block_q, block_d = _launch_cfg(hd)
-        grid = (triton.cdiv(M, block_q),)
-        _fwd_kernel[grid](qkv, offset, rel, out, lse, M, H, W, nh, hd, float(scale),
-                          BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
-        ctx.save_for_backward(qkv, offset, rel, out, lse)
-        ctx.scale = float(scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
-        qkv, offset, rel, out, lse = ctx.saved_tensors
-        B, H, W, _, nh, hd = qkv.shape
-        M = B * H * W * nh
-        go = grad_out.contiguous()
-        dqkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
-        doff = torch.empty(offset.shape, device=qkv.device, dtype=torch.float32)
-        drel = torch.empty(rel.shape, device=qkv.device, dtype=torch.float32)
-        block_q, block_d = _launch_cfg(hd)
-        grid = (triton.cdiv(M, block_q),)
-        _bwd_kernel[grid](qkv, offset, rel, out, lse, go, dqkv, doff, drel, M, H, W, nh, hd, ctx.scale,
-                          BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
-        return dqkv.to(qkv.dtype), doff.to(offset.dtype), drel.to(rel.dtype), None
+def triton_forward(qkv: torch.Tensor, offset: torch.Tensor, bias, scale: float) -> torch.Tensor:
+    """ The op's forward (float32 / bfloat16 / float16 inputs); see the module doc. """
+    B, H, W, _, nh, hd = qkv.shape
+    K = offset.shape[-1] // 2
+    qkv = qkv.contiguous()
+    offset = offset.contiguous()
+    bias_arg = offset if bias is None else bias.contiguous()
+    M = B * H * W * nh
+    out = torch.empty((B, H, W, nh, hd), device=qkv.device, dtype=qkv.dtype)
+    block_q, block_d = _launch_cfg(hd)
+    _fwd_kernel[(triton.cdiv(M, block_q),)](
+        qkv, offset, bias_arg, out, M, H, W, nh, hd, float(scale),
+        K=K, HAS_BIAS=bias is not None, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+    return out
 
 
-def sampled_attention_triton(qkv: torch.Tensor, offset: torch.Tensor, rel: torch.Tensor, scale: float) -> torch.Tensor:
-    """ Fused sample + attend (float32 / bfloat16 / float16); see the module doc. """
-    return _SampledAttentionTriton.apply(qkv, offset, rel, scale)
+def triton_backward(grad_out: torch.Tensor, qkv: torch.Tensor, offset: torch.Tensor, bias, out: torch.Tensor,
+                    scale: float):
+    """ (d qkv, d offset, d bias) of :func:`triton_forward`; ``out`` is its result. """
+    B, H, W, _, nh, hd = qkv.shape
+    K = offset.shape[-1] // 2
+    M = B * H * W * nh
+    qkv = qkv.contiguous()
+    offset = offset.contiguous()
+    bias_arg = offset if bias is None else bias.contiguous()
+    dqkv = torch.zeros(qkv.shape, device=qkv.device, dtype=torch.float32)
+    doff = torch.empty(offset.shape, device=qkv.device, dtype=torch.float32)
+    dbias = torch.empty((B, H, W, nh, K), device=qkv.device, dtype=torch.float32)
+    block_q, block_d = _launch_cfg(hd)
+    _bwd_kernel[(triton.cdiv(M, block_q),)](
+        qkv, offset, bias_arg, out.contiguous(), grad_out.contiguous(), dqkv, doff, dbias, M, H, W, nh, hd,
+        float(scale), K=K, HAS_BIAS=bias is not None, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
+    return (dqkv.to(qkv.dtype), doff.to(offset.dtype),
+            dbias.to(qkv.dtype if bias is None else bias.dtype))
