@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -44,15 +45,16 @@ import timm
 from timm.utils import NativeScaler, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so
 
+from .checkpoints import CheckpointError, load_weights, mismatch, read_checkpoint, read_state_dict
 from .data import DataDirError
-from .state_dicts import safe_load
 
 __all__ = [
     'UsageError', 'run_cli', 'HelpFormatter', 'add_alias', 'add_run_args', 'check_model_name', 'check_positive',
     'check_run_folder', 'cpu_count', 'default_workers', 'default_threads', 'set_threads', 'worker_init_fn',
-    'make_loader', 'create_model', 'checkpoint_num_classes', 'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
+    'make_loader', 'create_model', 'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
     'resolve_amp_dtype', 'autocast', 'backward_step', 'rng_state', 'set_rng_state', 'atomic_path',
-    'save_safetensors', 'atomic_torch_save', 'atomic_write_text', 'write_json', 'load_model_weights',
+    'save_safetensors', 'atomic_torch_save', 'atomic_write_text', 'write_json', 'read_model_weights',
+    'load_model_weights',
     'load_train_state', 'clear_run_files', 'check_dense_args',
     'add_dense_args', 'train_dense',
 ]
@@ -68,20 +70,11 @@ class UsageError(ValueError):
     """ A mistake in the command line or its inputs: reported as one ``error:`` line, exit code 2. """
 
 
-def _user_errors():
-    errors = (UsageError, DataDirError)
-    try:
-        from .checkpoints import CheckpointError
-    except ImportError:  # the checkpoints module has not landed yet
-        return errors
-    return errors + (CheckpointError,)
-
-
 def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> int:
     """ Run a script's ``main``: a user's mistake ends in ``error: <message>`` on stderr and exit code 2. """
     try:
         main(argv)
-    except _user_errors() as e:
+    except (UsageError, DataDirError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
@@ -194,7 +187,6 @@ def clear_run_files(folder: str, names: Iterable[str]):
     for name in names:
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
-            import shutil
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)
@@ -205,40 +197,16 @@ def clear_run_files(folder: str, names: Iterable[str]):
 # models
 
 
-def _classifier_key(model_name: str) -> Optional[str]:
+def _classifier_rows(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    """ Rows of the classifier weight (timm's pretrained-cfg ``classifier`` name) in a state dict, if any. """
     try:
         classifier = timm.models.get_pretrained_cfg_value(model_name, 'classifier')
     except Exception:  # no pretrained cfg for this name
         classifier = None
     if isinstance(classifier, (list, tuple)):
         classifier = classifier[0] if classifier else None
-    return classifier
-
-
-def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]:
-    """ Rows of the classifier weight in a checkpoint file, or None if it has no classifier.
-
-    Reads safetensors headers without loading tensors; other files with torch.load(weights_only=True).
-    """
-    key = classifier + '.weight'
-    if path.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(path, framework='pt') as f:
-            return f.get_slice(key).get_shape()[0] if key in f.keys() else None
-    try:
-        sd = safe_load(path, mmap=True)
-    except Exception:
-        return None
-    for wrapper in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-            break
-    if not isinstance(sd, dict):
-        return None
-    for k, v in sd.items():
-        if (k == key or k.endswith('.' + key)) and isinstance(v, torch.Tensor) and v.ndim == 2:
-            return v.shape[0]
-    return None
+    weight = state_dict.get(f'{classifier}.weight') if classifier else None
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
 
 
 def create_model(
@@ -248,35 +216,38 @@ def create_model(
         num_classes: Optional[int] = None,
         **kwargs,
 ) -> torch.nn.Module:
-    """ Build a registered model from scratch, a pretrained tag or a checkpoint file.
+    """ Build a registered model from scratch, a pretrained tag or a weights file.
 
     Args:
         model_name: registered name, optionally with a pretrained tag ('dgmn2_tiny.in1k').
         pretrained: False/None for random weights, True for the default tag, or a tag string.
-        checkpoint: a weights file in any format the model loads (ours, the authors', timm's,
-            .safetensors or .pth). Loaded through timm's pretrained path, so a classifier
-            whose size differs from ``num_classes`` is dropped and freshly initialised; one of
-            the same size is kept.
+        checkpoint: a weights file or converted folder in any layout the model loads (ours, the
+            authors', timm's), read with ``dgmn_timm.checkpoints`` before the model is built. The
+            model is built with the file's classifier, loaded strictly, and its classifier is then
+            reset to ``num_classes`` if that differs (a new head on the trained backbone).
         num_classes: classifier size (None: the model's default, 0: no classifier).
         kwargs: passed to ``timm.create_model``.
+
+    Raises:
+        CheckpointError: the file cannot be read or does not fit the model.
     """
     if pretrained and checkpoint:
-        raise ValueError('Give either a pretrained tag or a checkpoint file, not both.')
+        raise UsageError('give --pretrained or --checkpoint, not both')
     name = model_name
     if isinstance(pretrained, str) and pretrained.lower() not in ('', 'true', 'default'):
         name = f'{model_name.split(".")[0]}.{pretrained}'
-    if num_classes is not None:
-        kwargs['num_classes'] = num_classes
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f'Checkpoint file {checkpoint} does not exist.')
-        overlay = dict(file=os.path.abspath(checkpoint))
-        if num_classes:
-            classifier = _classifier_key(name)
-            if classifier and checkpoint_num_classes(checkpoint, classifier) == num_classes:
-                overlay['num_classes'] = num_classes  # same head size: keep the trained head
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    return timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    if not checkpoint:
+        if num_classes is not None:
+            kwargs['num_classes'] = num_classes
+        return timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    rows = _classifier_rows(name, read_state_dict(checkpoint))
+    if rows is not None or num_classes is not None:
+        kwargs['num_classes'] = rows if rows is not None else num_classes
+    model = timm.create_model(name, **kwargs)
+    load_weights(model, checkpoint, strict=True)
+    if num_classes is not None and rows is not None and rows != num_classes:
+        model.reset_classifier(num_classes)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,15 +453,24 @@ def write_json(obj: Any, path: str):
     atomic_write_text(json.dumps(obj, indent=2, default=str), path)
 
 
-def load_model_weights(model: torch.nn.Module, path: str):
-    """ ``--checkpoint``: the weights of the whole model from a file (strict). """
+def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
+    """ ``--checkpoint`` of a dense script: the whole model's state dict (read before the model is built).
+
+    Read with ``checkpoints.read_checkpoint``; its ``backbone.`` keys belong to the model, so the
+    backbone-only unwrapping of ``read_state_dict`` does not apply.
+    """
+    state_dict = read_checkpoint(path)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f'{path} is not a weights file of the whole model (a last.safetensors of this script).')
+    return state_dict
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str):
+    """ Load ``read_model_weights``' result strictly; ``CheckpointMismatchError`` if it does not fit. """
     try:
-        from .checkpoints import load_weights
-    except ImportError:  # until the checkpoints module lands
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(path, device='cpu'))
-        return
-    load_weights(model, path, strict=True)
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise mismatch(path, e) from e
 
 
 def load_train_state(path: str) -> Dict[str, Any]:
@@ -548,9 +528,9 @@ def check_dense_args(args: argparse.Namespace):
     check_positive(args, 'epochs', 'batch_size', 'eval_interval', 'threads')
     check_positive(args, 'workers', allow_zero=('workers',))
     check_model_name(args.backbone)
-    for flag in ('checkpoint', 'pretrained_file', 'backbone_checkpoint'):
+    for flag in ('pretrained_file', 'backbone_checkpoint'):
         path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not os.path.exists(path):
             raise UsageError(f'--{flag.replace("_", "-")} {path} does not exist')
     if args.eval_only:
         if args.resume or args.overwrite:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """ Fine-tune any registered timm model (DGMN2 included) on an ImageFolder tree.
 
-    python scripts/finetune.py --model dgmn2_tiny --data-dir DIR --img-size 32 --epochs 4 --batch-size 64 --output OUT
-    torchrun --nproc_per_node 4 scripts/finetune.py --model dgmn2_small --pretrained --data-dir DIR --output OUT
+    python scripts/finetune.py --model dgmn2_tiny --data-dir DIR --img-size 32 --epochs 4 --batch-size 64 --output-dir OUT
+    torchrun --nproc_per_node 4 scripts/finetune.py --model dgmn2_small --pretrained --data-dir DIR --output-dir OUT
 
 DIR holds train/<class>/<image> and val/<class>/<image>. timm's data pipeline, optimisers and
 schedulers; defaults follow the DGMN2 recipe (AdamW, weight decay 0.05, cosine with warm-up,
@@ -10,7 +10,8 @@ label smoothing 0.1, RandAugment, mixup 0.8 / cutmix 1.0, random erasing 0.25, d
 
 OUT gets metrics.jsonl (one line per epoch), best.safetensors / last.safetensors (weights),
 train_state.pt (optimizer, scheduler, EMA, RNG, epoch: continue with --resume) and
-summary.json at the end. Under torchrun only rank 0 writes.
+summary.json at the end. Under torchrun only rank 0 writes. An OUT that holds a previous run is
+refused unless --resume (continue it) or --overwrite (replace it) is given.
 """
 import argparse
 import json
@@ -31,16 +32,18 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, distribute_bn
+from timm.utils import ModelEmaV3, NativeScaler, accuracy, distribute_bn, random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from timm.utils import random_seed as seed_everything
+from dgmn_timm.checkpoints import read_state_dict
 from dgmn_timm.data import (
     DataDirError, SafeImageDataset, ShardSampler, collate_skip, patch_timm_posterize, scan_image_folder_tree,
 )
 from dgmn_timm.engine import (
-    all_reduce_sum, atomic_torch_save, atomic_write_text, autocast, barrier, create_model, init_distributed,
-    resolve_amp_dtype, rng_state, save_safetensors, set_rng_state,
+    HelpFormatter, UsageError, add_alias, add_run_args, all_reduce_sum, atomic_torch_save, atomic_write_text,
+    autocast, backward_step, barrier, check_model_name, check_positive, check_run_folder, clear_run_files,
+    create_model, init_distributed, load_train_state, resolve_amp_dtype, rng_state, run_cli, save_safetensors,
+    set_rng_state, set_threads, worker_init_fn,
 )
 
 _logger = logging.getLogger('finetune')
@@ -50,6 +53,8 @@ LAST_FILE = 'last.safetensors'
 BEST_FILE = 'best.safetensors'
 METRICS_FILE = 'metrics.jsonl'
 SUMMARY_FILE = 'summary.json'
+ARGS_FILE = 'args.json'
+RUN_FILES = (STATE_FILE, LAST_FILE, BEST_FILE, METRICS_FILE, SUMMARY_FILE, ARGS_FILE)
 
 # arguments that define the run: a --resume with different values warns
 _RUN_DEFINING = ('model', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'img_size', 'seed', 'mixup', 'cutmix')
@@ -58,14 +63,12 @@ _RUN_DEFINING = ('model', 'epochs', 'batch_size', 'lr', 'opt', 'sched', 'img_siz
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group('data and output')
+        formatter_class=HelpFormatter)
+    g = p.add_argument_group('data')
     g.add_argument('--data-dir', required=True, help='folder with train/<class>/* and val/<class>/*')
-    g.add_argument('--output', default='output/finetune', help='folder for checkpoints, metrics and summary')
     g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 224)')
     g.add_argument('--crop-pct', type=float, default=None, help='validation centre-crop fraction (model default)')
-    g.add_argument('--interpolation', default='', help='resize interpolation (model default: bicubic)')
-    g.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='data loading processes')
+    g.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s, bicubic)')
     g.add_argument('--pin-mem', action='store_true', help='pin loader memory (GPU)')
 
     g = p.add_argument_group('model')
@@ -74,30 +77,31 @@ def get_parser() -> argparse.ArgumentParser:
                    help='start from pretrained weights (the default tag, or the one given, e.g. in1k)')
     g.add_argument('--checkpoint', default=None, metavar='FILE',
                    help='start from this weights file (ours, the authors\' .pth, timm .safetensors)')
+    add_alias(g, '--weights', '--checkpoint', 'checkpoint')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
     g.add_argument('--grad-checkpointing', action='store_true', help='trade compute for activation memory')
 
     g = p.add_argument_group('optimisation')
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--batch-size', type=int, default=64, help='per process')
+    g.add_argument('--epochs', type=int, default=300, help='training epochs')
+    g.add_argument('--batch-size', type=int, default=64, help='images per step and process')
     g.add_argument('--opt', default='adamw', help='any timm optimizer name')
     g.add_argument('--lr', type=float, default=None,
                    help='learning rate (default: --lr-base scaled from --lr-base-size to the global batch size)')
     g.add_argument('--lr-base', type=float, default=1e-3, help='lr at --lr-base-size (DGMN2 recipe)')
-    g.add_argument('--lr-base-size', type=int, default=1024)
+    g.add_argument('--lr-base-size', type=int, default=1024, help='global batch size of --lr-base')
     g.add_argument('--lr-base-scale', default='', choices=['', 'linear', 'sqrt'],
                    help='lr scaling with batch size (default as timm: sqrt for Adam/LAMB family, else linear)')
-    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW-style decoupled weight decay')
     g.add_argument('--momentum', type=float, default=0.9, help='for SGD-like optimizers')
     g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay, e.g. 0.75 (group_matcher)')
     g.add_argument('--sched', default='cosine', help='timm scheduler name')
     g.add_argument('--warmup-epochs', type=float, default=5,
                    help='linear warm-up epochs (at most a tenth of --epochs), stepped per update')
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-6)
-    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
-    g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'])
+    g.add_argument('--warmup-lr', type=float, default=1e-6, help='lr at the start of the warm-up')
+    g.add_argument('--min-lr', type=float, default=1e-6, help='lr the schedule decays to')
+    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (default: off)')
+    g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'], help='what --clip-grad clips')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
 
     g = p.add_argument_group('augmentation')
@@ -105,31 +109,27 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help='auto-augment policy, "none" to disable')
     g.add_argument('--scale', type=float, nargs=2, default=(0.08, 1.0), help='random resized crop scale')
     g.add_argument('--ratio', type=float, nargs=2, default=(3. / 4., 4. / 3.), help='random resized crop ratio')
-    g.add_argument('--hflip', type=float, default=0.5)
-    g.add_argument('--vflip', type=float, default=0.)
-    g.add_argument('--color-jitter', type=float, default=0.4, help='(used when --aa is none)')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    g.add_argument('--color-jitter', type=float, default=0.4, help='colour jitter strength (with --aa none)')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, 0 = off')
     g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, 0 = off')
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
+    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'],
+                   help='mix parameters drawn per batch, pair or element')
 
-    g = p.add_argument_group('EMA, precision, run control')
+    g = p.add_argument_group('EMA, precision')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (evaluated too)')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per update')
     g.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up from 0')
     g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 on GPU)')
-    g.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
-    g.add_argument('--device', default='auto', help='cpu, cuda (auto: cuda if available); torchrun uses LOCAL_RANK')
-    g.add_argument('--threads', type=int, default=None,
-                   help='CPU threads per process (default: torch\'s; 1 is much faster on a busy, shared CPU)')
-    g.add_argument('--seed', type=int, default=42, help='data order and augmentation are seeded per epoch from it')
-    g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
-                   help=f'continue from OUTPUT/{STATE_FILE} (or the given training-state file)')
+    g.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'],
+                   help='autocast dtype of --amp (auto: bfloat16 on CPU, float16 on GPU)')
+    g = add_run_args(p, output_dir='output/finetune', seed=42)
     g.add_argument('--stop-after', type=int, default=None, metavar='N',
                    help='end this run after N epochs (e.g. a job time limit); continue with --resume')
-    g.add_argument('--no-progress', action='store_true', help='no progress bars')
     return p
 
 
@@ -191,8 +191,8 @@ def evaluate(model, loader, device, amp_dtype, dist_info, num_classes, desc='val
     k5 = min(5, num_classes)
     loss_sum = top1 = top5 = n = skipped = 0.
     with torch.no_grad():
-        for images, targets, _, num_skipped in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            skipped += len(num_skipped)
+        for images, targets, _, unreadable in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            skipped += len(unreadable)
             if images is None:
                 continue
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -221,46 +221,41 @@ def main(argv=None) -> dict:
     parser = get_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    # every check before anything is built or written
     if args.pretrained and args.checkpoint:
-        parser.error('give --pretrained or --checkpoint, not both')
-    if args.epochs < 1:
-        parser.error('--epochs must be at least 1')
-    if args.stop_after is not None and args.stop_after < 1:
-        parser.error('--stop-after must be at least 1')
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # the data first: a malformed tree fails before anything is built
+        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_positive(args, 'epochs', 'batch_size', 'stop_after', 'threads', 'lr_base_size')
+    check_positive(args, 'workers', allow_zero=('workers',))
+    check_model_name(args.model)
+    out = args.output_dir
+    previous = check_run_folder(out, RUN_FILES, args.resume, args.overwrite)
     data = scan_image_folder_tree(args.data_dir)
     classes = data['classes']
     num_classes = len(classes)
+    state = None
+    if args.resume:
+        state_path = os.path.join(out, STATE_FILE) if args.resume == 'auto' else args.resume
+        state = load_train_state(state_path)
+        if state['classes'] != classes:
+            raise UsageError(f'{state_path} was trained on classes {state["classes"]}, the data has {classes}')
+        if state['args']['model'] != args.model:
+            raise UsageError(f'{state_path} is for --model {state["args"]["model"]}, not {args.model}')
+    elif args.checkpoint:
+        read_state_dict(args.checkpoint)  # a bad file fails here, with the checkpoint module's message
 
     dist_info = init_distributed(args.device)
     device = dist_info.device
     is_main = dist_info.is_main
     progress = is_main and not args.no_progress
-    out = args.output
-    if is_main:
-        os.makedirs(out, exist_ok=True)
     amp_dtype = resolve_amp_dtype(device, args.amp_dtype) if args.amp else None
-
-    # resume: read the training state before building anything that depends on it
-    state = None
-    if args.resume:
-        state_path = os.path.join(out, STATE_FILE) if args.resume == 'auto' else args.resume
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f'No training state to resume from at {state_path}.')
-        state = torch.load(state_path, map_location='cpu', weights_only=True)
-        if state['classes'] != classes:
-            raise SystemExit(f'error: {state_path} was trained on classes {state["classes"]}, the data has {classes}.')
-        if state['args']['model'] != args.model:
-            raise SystemExit(f'error: {state_path} is for --model {state["args"]["model"]}, not {args.model}.')
+    threads = set_threads(args.threads, args.workers)
+    if state is not None:
         changed = [k for k in _RUN_DEFINING if state['args'].get(k) != getattr(args, k)]
         if changed and is_main:
             _logger.warning('Resuming with different ' + ', '.join(
                 f'--{k.replace("_", "-")} ({state["args"].get(k)} -> {getattr(args, k)})' for k in changed))
 
-    seed_everything(args.seed)
+    random_seed(args.seed)
     if state is not None:
         model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
         from safetensors.torch import load_file
@@ -270,6 +265,10 @@ def main(argv=None) -> dict:
         model = create_model(
             args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=num_classes,
             drop_path_rate=args.drop_path, drop_rate=args.drop)
+    if is_main:
+        if previous and args.overwrite:
+            clear_run_files(out, previous)
+        os.makedirs(out, exist_ok=True)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -280,7 +279,8 @@ def main(argv=None) -> dict:
     train_sampler = DistributedSampler(
         train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
     per_rank = len(train_sampler)
-    loader_kw = dict(num_workers=args.workers, collate_fn=collate_skip, pin_memory=args.pin_mem)
+    loader_kw = dict(num_workers=args.workers, collate_fn=collate_skip, pin_memory=args.pin_mem,
+                     worker_init_fn=worker_init_fn if args.workers else None)
     train_loader = DataLoader(
         train_ds, batch_size=args.batch_size, sampler=train_sampler,
         drop_last=per_rank >= 2 * args.batch_size, **loader_kw)
@@ -300,7 +300,7 @@ def main(argv=None) -> dict:
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    loss_scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -320,8 +320,8 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(state['optimizer'])
         if scheduler is not None and state.get('scheduler') is not None:
             scheduler.load_state_dict(state['scheduler'])
-        if scaler is not None and state.get('scaler'):
-            scaler.load_state_dict(state['scaler'])
+        if loss_scaler is not None and state.get('scaler'):
+            loss_scaler.load_state_dict(state['scaler'])
         if ema is not None and state.get('ema') is not None:
             ema.module.load_state_dict(state['ema'])
         start_epoch, num_updates, best = state['epoch'], state['num_updates'], state['best']
@@ -344,10 +344,11 @@ def main(argv=None) -> dict:
         atomic_write_text(''.join(kept), metrics_path)
         run_args = dict(vars(args), lr_resolved=lr, world_size=dist_info.world_size, classes=classes,
                         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()})
-        atomic_write_text(json.dumps(run_args, indent=2, default=str), os.path.join(out, 'args.json'))
+        atomic_write_text(json.dumps(run_args, indent=2, default=str), os.path.join(out, ARGS_FILE))
         _logger.info(
             f'{args.model}: {num_classes} classes, {len(train_ds)} train / {len(val_ds)} val images, '
-            f'input {data_config["input_size"]}, {dist_info.world_size} process(es) on {device}, '
+            f'input {data_config["input_size"]}, {dist_info.world_size} process(es) on {device} '
+            f'({threads} thread(s), {args.workers} loader worker(s)), '
             f'global batch {args.batch_size * dist_info.world_size}, lr {lr:.3g}, {updates_per_epoch} steps/epoch')
 
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
@@ -365,14 +366,16 @@ def main(argv=None) -> dict:
             t0 = time.time()
             # data order, augmentation, mixup and drop-path draw from RNGs seeded per epoch (and
             # rank), so a resumed run continues exactly as an uninterrupted one would
-            seed_everything(args.seed + 10007 * (epoch + 1) + dist_info.rank)
+            random_seed(args.seed + 10007 * (epoch + 1), dist_info.rank)
             train_sampler.set_epoch(epoch)
             train_model.train()
             loss_sum = n_seen = skipped = 0.
             bar = tqdm(train_loader, desc=f'epoch {epoch + 1}/{args.epochs}', disable=not progress,
                        dynamic_ncols=True)
-            for images, targets, _, num_skipped in bar:
-                skipped += len(num_skipped)
+            for images, targets, _, unreadable in bar:
+                skipped += len(unreadable)
+                for item in unreadable:
+                    tqdm.write(f'skipped unreadable image {item.path}: {item.reason}')
                 if images is not None and mixup_fn is not None and images.shape[0] % 2:
                     images, targets = images[:-1], targets[:-1]  # mixup pairs samples up
                     if images.shape[0] == 0:
@@ -394,19 +397,7 @@ def main(argv=None) -> dict:
                     b = images.shape[0]
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f'Loss is {loss.item()} at epoch {epoch + 1}; lower --lr or use --clip-grad.')
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if args.clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
+                backward_step(loss, optimizer, loss_scaler, model.parameters(), args.clip_grad, args.clip_mode)
                 num_updates += 1
                 if scheduler is not None:
                     scheduler.step_update(num_updates=num_updates)
@@ -455,7 +446,7 @@ def main(argv=None) -> dict:
                     args={k: v for k, v in vars(args).items() if k in _RUN_DEFINING}, weights_file=LAST_FILE,
                     optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict() if scheduler is not None else None,
-                    scaler=scaler.state_dict() if scaler is not None else None,
+                    scaler=loss_scaler.state_dict() if loss_scaler is not None else None,
                     ema=ema.module.state_dict() if ema is not None else None,
                     rng=rng_state(),
                 ), os.path.join(out, STATE_FILE))
@@ -467,7 +458,7 @@ def main(argv=None) -> dict:
                     msg += f', EMA top-1 {record["ema_val_top1"]:.2f}%'
                 if skipped or val['skipped']:
                     msg += f', skipped {int(skipped)} train / {val["skipped"]} val unreadable images'
-                _logger.info(msg + f' ({record["epoch_time"]:.1f}s)')
+                tqdm.write(msg + f' ({record["epoch_time"]:.1f}s)')
             last = record
             barrier(dist_info)
     except (KeyboardInterrupt, _Terminated):
@@ -503,7 +494,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (DataDirError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(run_cli(main))

@@ -40,7 +40,7 @@ from dgmn_timm.data import DataDirError
 from dgmn_timm.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
 from dgmn_timm.engine import (
     HelpFormatter, add_dense_args, add_run_args, check_dense_args, clear_run_files, init_distributed,
-    load_model_weights, make_loader, run_cli, set_threads, train_dense,
+    load_model_weights, make_loader, read_model_weights, run_cli, set_threads, train_dense,
 )
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
@@ -225,6 +225,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          hflip=args.hflip)
     val_set = _dataset(args.val_images or args.train_images, args.val_ann or args.train_ann, 'validation',
                        with_masks=with_masks, cat_ids=train_set.cat_ids)
+    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     device = init_distributed(args.device).device
     set_threads(args.threads, args.workers)
     if args.overwrite:
@@ -247,8 +248,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
            else {'box_detections_per_img': args.detections_per_img}),
         **args.detector_kwargs,
     )
-    if args.checkpoint:
-        load_model_weights(model, args.checkpoint)
+    if weights is not None:
+        load_model_weights(model, weights, args.checkpoint)
     model.to(device)
     train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, seed=args.seed,
                                collate_fn=collate)

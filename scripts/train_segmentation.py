@@ -42,7 +42,7 @@ import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import find_pairs
 from dgmn_timm.engine import (
     HelpFormatter, UsageError, add_dense_args, add_run_args, check_dense_args, clear_run_files, init_distributed,
-    load_model_weights, make_loader, run_cli, set_threads, train_dense,
+    load_model_weights, make_loader, read_model_weights, run_cli, set_threads, train_dense,
 )
 from dgmn_timm.segmentation import HEAD_DEFAULTS, HEADS
 
@@ -220,6 +220,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         tqdm.write(f'warning: {unmatched} images in {args.train_images} have no mask, skipped')
     val_pairs, _ = find_pairs(args.val_images or args.train_images, args.val_masks or args.train_masks,
                               args.image_suffix, args.mask_suffix)
+    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     device = init_distributed(args.device).device
     set_threads(args.threads, args.workers)
     if args.overwrite:
@@ -237,8 +238,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
         **args.head_kwargs,
     )
-    if args.checkpoint:
-        load_model_weights(model, args.checkpoint)
+    if weights is not None:
+        load_model_weights(model, weights, args.checkpoint)
     model.to(device)
     cfg = model.pretrained_cfg
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))

@@ -17,7 +17,7 @@ import timm
 import dgmn_timm  # noqa: F401
 from utils import load_script
 from dgmn_timm.data import DataDirError, scan_image_folder_tree, write_digits_imagefolder
-from dgmn_timm.engine import create_model
+from dgmn_timm.engine import UsageError, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'finetune.py'
@@ -56,7 +56,7 @@ def mechanics_run(digits01, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('ft_mech'))
     # 65 train files (one broken) in 5 batches of 13: every file is read every epoch
     summary = finetune.main(FAST + [
-        '--data-dir', digits01, '--output', out, '--epochs', '3', '--batch-size', '13', '--lr', '1e-3',
+        '--data-dir', digits01, '--output-dir', out, '--epochs', '3', '--batch-size', '13', '--lr', '1e-3',
         '--warmup-epochs', '0', '--no-aug', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
         '--drop-path', '0', '--seed', '1'])
     return out, summary
@@ -131,13 +131,13 @@ def test_resume_continues_identically(digits01, tmp_path):
               '--data-dir', digits01, '--epochs', '3', '--batch-size', '16', '--lr', '1e-3', '--seed', '3',
               '--model-ema', '--model-ema-decay', '0.9']
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
-    finetune.main(common + ['--output', full])
-    finetune.main(common + ['--output', part, '--stop-after', '1'])
+    finetune.main(common + ['--output-dir', full])
+    finetune.main(common + ['--output-dir', part, '--stop-after', '1'])
     first = read_metrics(part)
     assert [m['epoch'] for m in first] == [1]
     with open(os.path.join(part, 'summary.json'), encoding='utf-8') as f:
         assert json.load(f)['completed'] is False
-    finetune.main(common + ['--output', part, '--resume'])
+    finetune.main(common + ['--output-dir', part, '--resume'])
     a, b = read_metrics(full), read_metrics(part)
     assert [m['epoch'] for m in b] == [1, 2, 3]
     keys = ('train_loss', 'val_loss', 'val_top1', 'ema_val_loss', 'lr', 'train_samples')
@@ -151,8 +151,8 @@ def test_resume_continues_identically(digits01, tmp_path):
 
 
 def test_resume_without_state_fails(digits01, tmp_path):
-    with pytest.raises(FileNotFoundError, match='No training state'):
-        finetune.main(FAST + ['--data-dir', digits01, '--output', str(tmp_path), '--epochs', '1', '--resume'])
+    with pytest.raises(UsageError, match='no training state'):
+        finetune.main(FAST + ['--data-dir', digits01, '--output-dir', str(tmp_path), '--epochs', '1', '--resume'])
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -162,7 +162,7 @@ def test_torchrun_two_processes(tmp_path):
     out = str(tmp_path / 'out')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(SCRIPT),
-           '--data-dir', data, '--output', out, '--epochs', '1', '--batch-size', '4', '--lr', '1e-3',
+           '--data-dir', data, '--output-dir', out, '--epochs', '1', '--batch-size', '4', '--lr', '1e-3',
            '--mixup', '0', '--cutmix', '0', '--aa', 'none'] + FAST
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -213,7 +213,7 @@ def _tree(root, spec):
 def test_malformed_data_dir(tmp_path, spec, message):
     root = str(tmp_path / 'missing') if spec is None else _tree(tmp_path, spec)
     with pytest.raises(DataDirError, match=message):
-        finetune.main(FAST + ['--data-dir', root, '--output', str(tmp_path / 'out'), '--epochs', '1'])
+        finetune.main(FAST + ['--data-dir', root, '--output-dir', str(tmp_path / 'out'), '--epochs', '1'])
     assert not os.path.exists(tmp_path / 'out')  # fails before anything is built or written
 
 
@@ -231,7 +231,7 @@ def test_all_images_unreadable(tmp_path):
         for c in ('a', 'b'):
             write_corrupt(str(tmp_path / split / c / '1.png'))
     with pytest.raises(DataDirError, match='could be decoded'):
-        finetune.main(FAST + ['--data-dir', str(tmp_path), '--output', str(tmp_path / 'out'), '--epochs', '1',
+        finetune.main(FAST + ['--data-dir', str(tmp_path), '--output-dir', str(tmp_path / 'out'), '--epochs', '1',
                               '--batch-size', '2', '--mixup', '0', '--cutmix', '0'])
 
 
@@ -239,7 +239,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), '--data-dir', str(tmp_path / 'nope'), '--output',
                            str(tmp_path / 'out')], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert 'error: Data directory' in proc.stderr and 'does not exist' in proc.stderr
     assert 'Traceback' not in proc.stderr
 
@@ -258,7 +258,7 @@ def test_layer_decay_grad_checkpointing_and_amp_run(digits01, mechanics_run, tmp
     gradient checkpointing, bf16 AMP, clipping. """
     start = os.path.join(mechanics_run[0], 'best.safetensors')
     summary = finetune.main(FAST + [
-        '--data-dir', digits01, '--output', str(tmp_path), '--epochs', '2', '--batch-size', '32',
+        '--data-dir', digits01, '--output-dir', str(tmp_path), '--epochs', '2', '--batch-size', '32',
         '--checkpoint', start, '--layer-decay', '0.75', '--grad-checkpointing', '--amp', '--clip-grad', '1.0',
         '--stop-after', '1'])
     assert summary['epochs'] == 1 and not summary['completed'] and 0 <= summary['val_top1'] <= 100
@@ -281,7 +281,7 @@ def test_digits_from_scratch_clearly_above_chance(tmp_path):
     write_digits_imagefolder(data, img_size=32)
     out = str(tmp_path / 'out')
     summary = finetune.main(['--model', 'dgmn2_tiny', '--data-dir', data, '--img-size', '32', '--epochs', '4',
-                             '--batch-size', '64', '--output', out, '--no-progress'])
+                             '--batch-size', '64', '--output-dir', out, '--no-progress'])
     assert summary['epochs'] == 4 and summary['num_classes'] == 10
     assert summary['val_top1'] > 60., summary
     assert summary['val_top5'] > 90., summary
