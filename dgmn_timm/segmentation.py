@@ -18,18 +18,21 @@ Paper Cityscapes val mIoU, Semantic FPN 40k iterations: 78.09 / 80.65 / 80.60 / 
 """
 import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import FeaturePyramidNetwork
 
 from .detection import FeatureBackbone, create_feature_backbone
+from .layers.cdgc import CDGC
 
 __all__ = [
     'SemanticFPNHead', 'FCNHead', 'SegmentationModel', 'create_segmentation_model',
     'semantic_fpn_dgmn2', 'fcn_dgmn2', 'HEADS', 'HEAD_DEFAULTS',
+    'CDGCHead', 'CDGCLoss', 'CDGCNet', 'ohem_cross_entropy', 'cdgcnet', 'cdgcnet_resnet101',
 ]
 
 
@@ -244,3 +247,219 @@ def fcn_dgmn2(backbone: str = 'dgmn2_tiny', num_classes: int = 19, **kwargs) -> 
 HEADS: Dict[str, Any] = {'fpn': semantic_fpn_dgmn2, 'fcn': fcn_dgmn2}
 # head name -> training-recipe defaults that scripts/train_segmentation.py applies unless set on its command line
 HEAD_DEFAULTS: Dict[str, Dict[str, Any]] = {'fpn': {}, 'fcn': {}}
+
+
+# --------------------------------------------------------------------------------------------
+# CDGCNet (Hu et al., ECCV 2020): class-wise dynamic graph convolution
+# --------------------------------------------------------------------------------------------
+
+def ohem_cross_entropy(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        ignore_index: int = 255,
+        thresh: float = 0.7,
+        min_kept: int = 100000,
+) -> torch.Tensor:
+    """ Cross-entropy over the hard pixels: those whose probability of the true class is below
+    ``thresh``, or the ``min_kept`` pixels of highest loss if fewer are (all labelled pixels if
+    there are fewer than ``min_kept``). Zero (with a gradient) if no pixel is labelled.
+    """
+    losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction='none')
+    losses = losses[target != ignore_index]
+    if losses.numel() == 0:
+        return logits.sum() * 0.0
+    hard = losses[losses > -math.log(thresh)]
+    keep = min(min_kept, losses.numel())
+    if hard.numel() < keep:
+        hard = losses.topk(keep).values
+    return hard.mean()
+
+
+class CDGCLoss(nn.Module):
+    """ CDGCNet's objective: ``0.6 CE(coarse) + 0.7 OHEM-CE(refined) + 0.4 CE(aux)``.
+
+    Logits of any resolution are upsampled (bilinear) to the target's size first.
+    """
+
+    def __init__(
+            self,
+            coarse_weight: float = 0.6,
+            refined_weight: float = 0.7,
+            aux_weight: float = 0.4,
+            ohem_thresh: float = 0.7,
+            ohem_min_kept: int = 100000,
+            align_corners: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 < ohem_thresh <= 1.0:
+            raise ValueError(f'ohem_thresh must be in (0, 1], got {ohem_thresh}')
+        self.coarse_weight = coarse_weight
+        self.refined_weight = refined_weight
+        self.aux_weight = aux_weight
+        self.ohem_thresh = ohem_thresh
+        self.ohem_min_kept = ohem_min_kept
+        self.align_corners = align_corners
+
+    def _up(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode='bilinear', align_corners=self.align_corners)
+        return logits.float()
+
+    def forward(
+            self,
+            coarse: torch.Tensor,
+            refined: torch.Tensor,
+            aux: torch.Tensor,
+            target: torch.Tensor,
+            ignore_index: int = 255,
+    ) -> torch.Tensor:
+        """ The weighted sum for logits (B, M, h, w) and labels ``target`` (B, H, W). """
+        def ce(logits: torch.Tensor) -> torch.Tensor:
+            valid = target != ignore_index
+            if not bool(valid.any()):
+                return logits.sum() * 0.0
+            return F.cross_entropy(self._up(logits, target), target, ignore_index=ignore_index)
+
+        refined_loss = ohem_cross_entropy(
+            self._up(refined, target), target, ignore_index, self.ohem_thresh, self.ohem_min_kept)
+        return self.coarse_weight * ce(coarse) + self.refined_weight * refined_loss + self.aux_weight * ce(aux)
+
+
+class CDGCHead(nn.Module):
+    """ ASPP, a 3x3 reduce conv, a coarse classifier and a CDGC layer giving the refined logits. """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_classes: int,
+            channels: int = 512,
+            aspp_channels: int = 256,
+            atrous_rates: Sequence[int] = (12, 24, 36),
+            fusion: str = 'concat',
+            ratio: float = 1.0,
+            dropout: float = 0.1,
+    ):
+        """
+        Args:
+            in_channels: channels of the backbone's last level.
+            num_classes: output classes.
+            channels: width C of the reduced features the graph runs on.
+            aspp_channels: width of torchvision's ASPP.
+            atrous_rates: ASPP rates (DeepLab's 12, 24, 36 at output stride 8).
+            fusion, ratio: see ``dgmn_timm.layers.CDGC``.
+            dropout: dropout before the coarse classifier.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.aspp = ASPP(in_channels, list(atrous_rates), aspp_channels)
+        self.reduce = nn.Sequential(
+            nn.Conv2d(aspp_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.coarse = nn.Conv2d(channels, num_classes, 1)
+        self.cdgc = CDGC(channels, num_classes, fusion=fusion, ratio=ratio)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            target: Optional[torch.Tensor] = None,
+            ignore_index: int = 255,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ (coarse, refined) logits at the resolution of ``x``; ``target`` switches on the dynamic sampling. """
+        features = self.reduce(self.aspp(x))
+        coarse = self.coarse(self.dropout(features))
+        return coarse, self.cdgc(features, coarse, target, ignore_index)
+
+
+class CDGCNet(SegmentationModel):
+    """ CDGCNet: a dilated backbone, ``CDGCHead`` on its last level, an auxiliary FCN head on the level before.
+
+    ``forward`` returns the refined logits at input size; ``training_loss`` runs the head with
+    the ground truth (dynamic sampling) and returns ``CDGCLoss`` of the coarse, refined and
+    auxiliary logits.
+    """
+
+    def __init__(
+            self,
+            backbone: FeatureBackbone,
+            head: CDGCHead,
+            aux_head: nn.Module,
+            criterion: Optional[CDGCLoss] = None,
+            align_corners: bool = False,
+    ):
+        super().__init__(backbone, head, align_corners=align_corners)
+        if len(backbone.channels) != 2:
+            raise ValueError(f'CDGCNet takes two backbone levels (auxiliary, main), got {len(backbone.channels)}')
+        self.aux_head = aux_head
+        self.criterion = criterion if criterion is not None else CDGCLoss(align_corners=align_corners)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, refined = self.head(self.backbone(x)[-1])
+        return F.interpolate(refined, size=x.shape[-2:], mode='bilinear', align_corners=self.align_corners)
+
+    def training_loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """ ``CDGCLoss`` for images ``x`` and label maps ``target`` (B, H, W) of the same size. """
+        if target.shape != (x.shape[0],) + tuple(x.shape[-2:]):
+            raise ValueError(f'target must be {(x.shape[0],) + tuple(x.shape[-2:])}, got {tuple(target.shape)}')
+        if self.training and x.shape[0] < 2:
+            raise ValueError('CDGCNet trains on batches of 2 or more: the image-pooling branch of the ASPP '
+                             'normalises 1x1 maps with BatchNorm')
+        aux_features, features = self.backbone(x)
+        coarse, refined = self.head(features, target, ignore_index)
+        aux = self.aux_head([aux_features])
+        return self.criterion(coarse, refined, aux, target, ignore_index)
+
+
+def cdgcnet(
+        backbone: str = 'resnet101',
+        num_classes: int = 19,
+        output_stride: Optional[int] = None,
+        out_indices: Optional[Sequence[int]] = None,
+        pretrained: bool = False,
+        pretrained_file: Optional[str] = None,
+        backbone_checkpoint: Optional[str] = None,
+        frozen_bn: bool = False,
+        frozen_stages: int = -1,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        aux_channels: int = 256,
+        **head_kwargs,
+) -> CDGCNet:
+    """ CDGCNet on any timm backbone with ``features_only`` (DGMN2 included).
+
+    Args:
+        backbone: timm model name (tags / ``local-dir:`` allowed).
+        num_classes: output classes (19 for Cityscapes).
+        output_stride: backbone output stride (default 8, the paper's).
+        out_indices: the two levels (auxiliary, main); default the last two (stage 3 and 4).
+        pretrained, pretrained_file, backbone_checkpoint, frozen_bn, frozen_stages: see
+            ``dgmn_timm.detection.create_feature_backbone``.
+        backbone_kwargs: extra ``timm.create_model`` kwargs.
+        aux_channels: width of the auxiliary FCN head (one 3x3 conv).
+        **head_kwargs: ``CDGCHead`` options (``channels``, ``fusion``, ``ratio``, ``atrous_rates``, ...).
+    """
+    if output_stride is None:
+        output_stride = 8
+    out_indices = tuple(out_indices) if out_indices is not None else (-2, -1)
+    if len(out_indices) != 2:
+        raise ValueError(f'CDGCNet takes two backbone levels (auxiliary, main), got out_indices={out_indices}')
+    kwargs = dict(backbone_kwargs or {})
+    if output_stride != 32:
+        kwargs['output_stride'] = output_stride
+    body = create_feature_backbone(
+        backbone, out_indices=out_indices, pretrained=pretrained, pretrained_file=pretrained_file,
+        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages, **kwargs)
+    head = CDGCHead(body.channels[1], num_classes, **head_kwargs)
+    aux_head = FCNHead(body.channels[0], num_classes, channels=aux_channels, num_convs=1)
+    return CDGCNet(body, head, aux_head)
+
+
+def cdgcnet_resnet101(num_classes: int = 19, **kwargs) -> CDGCNet:
+    """ The paper's CDGCNet: ResNet-101 at output stride 8. See ``cdgcnet``. """
+    return cdgcnet('resnet101', num_classes=num_classes, **kwargs)
+
+
+HEADS['cdgc'] = cdgcnet
+HEAD_DEFAULTS['cdgc'] = {
+    'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'poly_power': 0.9, 'output_stride': 8}

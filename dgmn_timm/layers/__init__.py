@@ -1,1 +1,2 @@
 from .dgmn import DGMN, DGMNHead, NodeLinear
+from .cdgc import CDGC, cdgc_class_masks
