@@ -6,20 +6,13 @@
     python scripts/benchmark.py --models dgmn2_tiny,pvt_v2_b1 --sweep 224,384,512,768,1024
     python scripts/benchmark.py --device cuda --amp --compile --channels-last
 
-Method. Every model is built once; then, for each measured iteration, every model runs one
-step in turn (interleaved), so that load changes on a shared machine hit all models alike.
-Warm-up iterations are discarded, the median step time is reported, and ratios are taken
-against ``--reference`` (default pvt_v2_b1) from those medians. Inference is a forward pass
-under ``torch.inference_mode``; a training step is forward, ``mean()`` loss, backward and an
-SGD step.
-
-Peak memory (inference, one forward pass):
-- CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the pass.
-- CPU: the profiler's allocator events (``profile_memory=True``): every tensor allocation and
-  free of the pass, in order; the running sum of their signed sizes is the live tensor memory
-  and its maximum is the peak (relative to before the pass). This counts exactly the tensor
-  memory the pass needs, independent of the C allocator's caching, of other threads and of
-  page-fault timing, which process RSS would mix in.
+Method (``dgmn_timm.benchmarking``): every model is built once; then, for each measured
+iteration, every model runs one step in turn (interleaved), so that load changes on a shared
+machine hit all models alike. Warm-up iterations are discarded, the median step time is
+reported, and ratios are taken against ``--reference`` (default pvt_v2_b1) from those medians.
+Inference is a forward pass under ``torch.inference_mode``; a training step is forward,
+``mean()`` loss, backward and an SGD step. Peak memory is the tensor memory of one inference
+pass (``dgmn_timm.benchmarking.peak_memory``).
 
 Outputs in ``--output-dir``: throughput.csv, and with ``--sweep`` sweep.csv and sweep.png
 (time per image and peak memory against input size, log-log).
@@ -30,9 +23,8 @@ import os
 import platform
 import statistics
 import sys
-import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -43,6 +35,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
     import dgmn_timm  # noqa: F401
+from dgmn_timm.benchmarking import medians, peak_memory, time_interleaved
 
 DEFAULT_MODELS = ('dgmn2_tiny,dgmn2_small,dgmn2_medium,dgmn2_large,'
                   'pvt_v2_b1,pvt_v2_b2,swin_tiny_patch4_window7_224,resnet50')
@@ -72,11 +65,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-progress', action='store_true')
     p.add_argument('--seed', type=int, default=0)
     return p
-
-
-def _sync(device: torch.device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 class Runner:
@@ -117,43 +105,16 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
 
     def peak_memory(self) -> float:
-        """ Peak tensor memory of one inference pass, bytes (see module doc). """
-        self.model.eval()
-        if self.device.type == 'cuda':
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            self.infer()
-            _sync(self.device)
-            return float(torch.cuda.max_memory_allocated(self.device) - base)
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.infer()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]']
-        events.sort(key=lambda e: e.start_ns())
-        live = peak = 0
-        for e in events:
-            live += e.nbytes()
-            peak = max(peak, live)
-        return float(peak)
+        """ Peak tensor memory of one inference pass, bytes. """
+        return peak_memory(self.infer, self.device)
 
     def release(self):
         del self.model, self.fn, self.x, self.opt
 
 
-def time_interleaved(runners: List[Runner], step: str, iters: int, warmup: int, progress) -> Dict[str, List[float]]:
-    times: Dict[str, List[float]] = {r.name: [] for r in runners}
-    for it in range(warmup + iters):
-        for r in runners:
-            fn: Callable = getattr(r, step)
-            _sync(r.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(r.device)
-            if it >= warmup:
-                times[r.name].append(time.perf_counter() - t0)
-            progress.update(1)
-    return times
+def time_runners(runners: List[Runner], step: str, iters: int, warmup: int, progress) -> Dict[str, List[float]]:
+    return time_interleaved({r.name: getattr(r, step) for r in runners}, iters, warmup,
+                            device=runners[0].device if runners else None, on_step=lambda: progress.update(1))
 
 
 def _fmt_mb(b: Optional[float]) -> str:
@@ -196,8 +157,7 @@ def main(argv=None):
     rows = []
     med: Dict[str, Dict[str, float]] = {}
     for mode in modes:
-        times = time_interleaved(runners, mode, args.iters, args.warmup, progress)
-        med[mode] = {n: statistics.median(t) for n, t in times.items()}
+        med[mode] = medians(time_runners(runners, mode, args.iters, args.warmup, progress))
     mem = {r.name: (None if args.no_memory else r.peak_memory()) for r in runners}
     for r in runners:
         r.release()
@@ -244,7 +204,7 @@ def main(argv=None):
                     print(f'{r.name} @ {size}: not available ({type(e).__name__}: {str(e)[:80]})')
                     progress.update(args.sweep_iters)
                 progress.update(1)
-            times = time_interleaved(ok, 'infer', args.sweep_iters, 0, progress)
+            times = time_runners(ok, 'infer', args.sweep_iters, 0, progress)
             for r in ok:
                 t = statistics.median(times[r.name])
                 m = None if args.no_memory else r.peak_memory()

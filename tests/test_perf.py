@@ -308,7 +308,26 @@ def test_benchmark_script_tiny(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'dgmn2_tiny' in r.stdout and 'vs pvt_v2_b1' in r.stdout
+    for noise in ('USDT', 'profiler_start', 'gpuGetDeviceCount'):  # the profiler's native chatter stays hidden
+        assert noise not in r.stdout + r.stderr
     for name in ('throughput.csv', 'sweep.csv', 'sweep.png'):
         assert (tmp_path / name).stat().st_size > 0
     lines = (tmp_path / 'throughput.csv').read_text().splitlines()
     assert lines[0].startswith('model,') and len(lines) == 1 + 2 * 2  # 2 models x (infer, train)
+
+
+def test_benchmarking_helpers():
+    from dgmn_timm.benchmarking import medians, peak_memory, ratios, time_interleaved
+    calls = []
+    times = time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, iters=3, warmup=1)
+    assert calls == ['a', 'b'] * 4  # interleaved, warm-up round included
+    assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3}
+    assert ratios({'a': 2.0, 'b': 1.0}, 'a') == {'a': 1.0, 'b': 2.0}
+    assert medians({'a': [3.0, 1.0, 2.0]}) == {'a': 2.0}
+    with pytest.raises(KeyError, match='reference'):
+        ratios({'a': 1.0}, 'c')
+    with pytest.raises(ValueError, match='iters'):
+        time_interleaved({'a': lambda: None}, iters=0)
+    # one live (1000, 1000) float32 tensor at a time, plus its sum: 4 MB peak
+    peak = peak_memory(lambda: torch.ones(1000, 1000).sum())
+    assert 4e6 <= peak < 4.1e6
