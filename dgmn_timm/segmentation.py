@@ -28,11 +28,13 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from .detection import FeatureBackbone, create_feature_backbone
 from .layers.cdgc import CDGC
+from .layers.repgraph import RepGraph
 
 __all__ = [
     'SemanticFPNHead', 'FCNHead', 'SegmentationModel', 'create_segmentation_model',
     'semantic_fpn_dgmn2', 'fcn_dgmn2', 'HEADS', 'HEAD_DEFAULTS',
     'CDGCHead', 'CDGCLoss', 'CDGCNet', 'ohem_cross_entropy', 'cdgcnet', 'cdgcnet_resnet101',
+    'RGNetHead', 'RGNet', 'rgnet',
 ]
 
 
@@ -463,3 +465,136 @@ def cdgcnet_resnet101(num_classes: int = 19, **kwargs) -> CDGCNet:
 HEADS['cdgc'] = cdgcnet
 HEAD_DEFAULTS['cdgc'] = {
     'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'poly_power': 0.9, 'output_stride': 8}
+
+
+# --------------------------------------------------------------------------------------------
+# RGNet (Yu et al., ECCV 2020): a RepGraph context head
+# --------------------------------------------------------------------------------------------
+
+class RGNetHead(nn.Module):
+    """ 3x3 conv -> ``channels`` + BN + ReLU, a RepGraph layer (bottleneck, 'concat'), dropout, 1x1 classifier. """
+
+    def __init__(
+            self,
+            in_channels: int,
+            num_classes: int,
+            channels: int = 512,
+            inner_dim: int = 256,
+            num_nodes: int = 9,
+            structure: str = 'bottleneck',
+            fusion: str = 'concat',
+            grid: int = 1,
+            groups: int = 1,
+            dropout: float = 0.1,
+    ):
+        """
+        Args:
+            in_channels: channels of the backbone's last level.
+            num_classes: output classes.
+            channels: width C of the features the graph runs on (512 in the paper).
+            inner_dim, num_nodes, structure, fusion, grid, groups: see ``dgmn_timm.layers.RepGraph``.
+            dropout: dropout before the classifier.
+        """
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.repgraph = RepGraph(channels, inner_dim, num_nodes=num_nodes, structure=structure, fusion=fusion,
+                                 grid=grid, groups=groups)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """ Logits at the resolution of the last level of ``features``. """
+        return self.classifier(self.dropout(self.repgraph(self.conv(features[-1]))))
+
+
+class RGNet(SegmentationModel):
+    """ RGNet: a dilated backbone, ``RGNetHead`` on its last level, an auxiliary FCN head on the level before.
+
+    ``forward`` returns the main logits at input size; ``training_loss`` is
+    ``CE(main) + aux_weight * CE(aux)`` (both upsampled to the labels' size).
+    """
+
+    def __init__(
+            self,
+            backbone: FeatureBackbone,
+            head: RGNetHead,
+            aux_head: nn.Module,
+            aux_weight: float = 0.4,
+            align_corners: bool = False,
+    ):
+        super().__init__(backbone, head, align_corners=align_corners)
+        if len(backbone.channels) != 2:
+            raise ValueError(f'RGNet takes two backbone levels (auxiliary, main), got {len(backbone.channels)}')
+        self.aux_head = aux_head
+        self.aux_weight = aux_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.backbone(x)[-1:])
+        return F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=self.align_corners)
+
+    def training_loss(self, x: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """ ``CE(main) + aux_weight * CE(aux)`` for images ``x`` and label maps ``target`` (B, H, W). """
+        aux_features, features = self.backbone(x)
+        size = target.shape[-2:]
+        main = F.interpolate(self.head([features]), size=size, mode='bilinear', align_corners=self.align_corners)
+        aux = F.interpolate(self.aux_head([aux_features]), size=size, mode='bilinear',
+                            align_corners=self.align_corners)
+        return (F.cross_entropy(main.float(), target, ignore_index=ignore_index)
+                + self.aux_weight * F.cross_entropy(aux.float(), target, ignore_index=ignore_index))
+
+
+def rgnet(
+        backbone: str = 'resnet101',
+        num_classes: int = 19,
+        output_stride: Optional[int] = None,
+        out_indices: Optional[Sequence[int]] = None,
+        pretrained: bool = False,
+        pretrained_file: Optional[str] = None,
+        backbone_checkpoint: Optional[str] = None,
+        frozen_bn: bool = False,
+        frozen_stages: int = -1,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        aux_channels: int = 256,
+        aux_weight: float = 0.4,
+        **head_kwargs,
+) -> RGNet:
+    """ RGNet on any timm backbone with ``features_only`` (ResNet-50/101, DGMN2, ...).
+
+    Args:
+        backbone: timm model name (tags / ``local-dir:`` allowed).
+        num_classes: output classes.
+        output_stride: backbone output stride (default 8, the paper's dilated setting).
+        out_indices: the two levels (auxiliary, main); default the last two (ResNet: res4, res5).
+        pretrained, pretrained_file, backbone_checkpoint, frozen_bn, frozen_stages: see
+            ``dgmn_timm.detection.create_feature_backbone``.
+        backbone_kwargs: extra ``timm.create_model`` kwargs.
+        aux_channels: width of the auxiliary FCN head (one 3x3 conv).
+        aux_weight: weight of the auxiliary loss (0.4).
+        **head_kwargs: ``RGNetHead`` options (``channels``, ``inner_dim``, ``num_nodes``, ``grid``, ...).
+    """
+    if output_stride is None:
+        output_stride = 8
+    out_indices = tuple(out_indices) if out_indices is not None else (-2, -1)
+    if len(out_indices) != 2:
+        raise ValueError(f'RGNet takes two backbone levels (auxiliary, main), got out_indices={out_indices}')
+    kwargs = dict(backbone_kwargs or {})
+    if output_stride != 32:
+        kwargs['output_stride'] = output_stride
+    body = create_feature_backbone(
+        backbone, out_indices=out_indices, pretrained=pretrained, pretrained_file=pretrained_file,
+        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages, **kwargs)
+    head = RGNetHead(body.channels[1], num_classes, **head_kwargs)
+    aux_head = FCNHead(body.channels[0], num_classes, channels=aux_channels, num_convs=1)
+    return RGNet(body, head, aux_head, aux_weight=aux_weight)
+
+
+HEADS['repgraph'] = rgnet
+# the usual dilated-FCN recipe (SGD, poly decay, output stride 8); ResNets have no stochastic depth
+HEAD_DEFAULTS['repgraph'] = {
+    'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 1e-4, 'poly_power': 0.9, 'output_stride': 8,
+    'drop_path': 0.0}

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['stage_strides', 'image_to_stage', 'stage_to_image', 'sampling_graphs', 'sampling_points',
-           'sampling_points_many', 'grid_points', 'plot_sampling']
+           'sampling_points_many', 'grid_points', 'plot_sampling', 'repgraph_nodes', 'plot_repgraph_nodes']
 
 Point = Tuple[float, float]
 
@@ -223,4 +223,111 @@ def plot_sampling(
         fig.colorbar(mappable, ax=list(axes[0]), fraction=0.02, pad=0.01, label='attention weight')
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight', format='png')
+
+
+# --------------------------------------------------------------------------------------------
+# RepGraph: the S representative nodes of a query (paper Fig. 6 style)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def repgraph_nodes(
+        model: nn.Module,
+        image: torch.Tensor,
+        points: Sequence[Point],
+        layer: int = -1,
+) -> List[Dict[str, object]]:
+    """ The S nodes that a RepGraph layer of ``model`` reads for query points, with their weights.
+
+    Args:
+        model: any module containing ``dgmn_timm.layers.RepGraph`` layers (a ``resnet50_repgraph``
+            classifier, an RGNet, the layer itself); put in eval mode here.
+        image: (3, H, W) or (1, 3, H, W) normalised image tensor; ``points`` are in its pixels.
+        points: (y, x) query locations in image pixels.
+        layer: which RepGraph layer, in ``model.modules()`` order.
+
+    Returns:
+        per point: dict with ``positions`` (S, 2) image pixel (y, x) of the node centres,
+        ``weights`` (S,) attention weights averaged over the channel groups (sums to 1),
+        ``group_weights`` (G, S), ``query`` the query's map position, ``query_px`` its image
+        pixel centre, ``map_size`` and ``stride`` (sy, sx) = image size / map size.
+    """
+    from .layers.repgraph import RepGraph
+    layers = [m for m in model.modules() if isinstance(m, RepGraph)]
+    if not layers:
+        raise TypeError(f'{type(model).__name__} contains no RepGraph layer')
+    target = layers[layer]
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f'Expected one (3, H, W) image, got shape {tuple(image.shape)}.')
+    captured: List[torch.Tensor] = []
+    handle = target.register_forward_pre_hook(lambda mod, inputs: captured.append(inputs[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        model(image.to(device=param.device, dtype=param.dtype))
+        positions, weights = target.nodes(captured[0])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    positions, weights = positions[0].float().cpu(), weights[0].float().cpu()  # (S, h, w, 2), (G, S, h, w)
+    h, w = weights.shape[-2:]
+    sy, sx = image.shape[-2] / h, image.shape[-1] / w
+    out = []
+    for py, px in points:
+        qy, qx = image_to_stage(py, sy, h), image_to_stage(px, sx, w)
+        pos = positions[:, qy, qx]
+        gw = weights[:, :, qy, qx]
+        out.append(dict(
+            query=(qy, qx),
+            query_px=(float(stage_to_image(qy, sy)), float(stage_to_image(qx, sx))),
+            positions=torch.stack((stage_to_image(pos[:, 0], sy), stage_to_image(pos[:, 1], sx)), -1).numpy(),
+            weights=gw.mean(0).numpy(),
+            group_weights=gw.numpy(),
+            map_size=(h, w),
+            stride=(sy, sx),
+        ))
+    return out
+
+
+def plot_repgraph_nodes(
+        image: np.ndarray,
+        results: Sequence[Dict[str, object]],
+        path: str,
+        title: Optional[str] = None,
+        dpi: int = 120,
+):
+    """ Draw each query (cross) and its S nodes (discs whose area follows the weight) on ``image``.
+
+    Args:
+        image: (H, W, 3) uint8 image in the pixels of the network input.
+        results: ``repgraph_nodes`` output, one colour per query point.
+        path: PNG file to write.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 6.0 * image.shape[0] / max(image.shape[1], 1) + 0.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(image)
+    w_max = max(float(np.max(r['weights'])) for r in results)
+    colours = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45']
+    for i, r in enumerate(results):
+        colour = colours[i % len(colours)]
+        qy, qx = r['query_px']
+        pos, wts = np.asarray(r['positions']), np.asarray(r['weights'])
+        for (ny, nx) in pos:
+            ax.plot([qx, nx], [qy, ny], color=colour, linewidth=0.5, alpha=0.5, zorder=2)
+        ax.scatter(pos[:, 1], pos[:, 0], s=10 + 290 * wts / max(w_max, 1e-6), color=colour, alpha=0.75,
+                   edgecolors='white', linewidths=0.5, zorder=3)
+        ax.plot([qx], [qy], marker='+', markersize=12, markeredgewidth=2, color='black', zorder=4)
+    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=dpi, bbox_inches='tight', format='png')

@@ -1,2 +1,3 @@
 from .dgmn import DGMN, DGMNHead, NodeLinear
+from .repgraph import RepGraph, NonLocal2d
 from .cdgc import CDGC, cdgc_class_masks
