@@ -110,15 +110,18 @@ def add_alias(group, old: str, new: str, dest: str, **kwargs):
                        default=argparse.SUPPRESS, **kwargs)
 
 
-def add_run_args(parser: argparse.ArgumentParser, output_dir: str, seed: int = 0, workers: Optional[int] = None,
-                 resume: bool = True, output: bool = True):
-    """ The run flags every script shares (one vocabulary); returns the argument group. """
+def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = None, seed: Optional[int] = 0,
+                 workers: Optional[int] = None, resume: bool = True):
+    """ The run flags the scripts share (one vocabulary); returns the argument group.
+
+    ``output_dir`` None leaves out ``--output-dir`` (a script that writes one file names it itself),
+    ``seed`` None leaves out ``--seed``, ``resume`` False leaves out ``--resume``.
+    """
     g = parser.add_argument_group('run')
-    if output:
+    if output_dir is not None:
         g.add_argument('--output-dir', default=output_dir, metavar='DIR', help='folder for the run\'s files')
         add_alias(g, '--output', '--output-dir', 'output_dir')
-        g.add_argument('--overwrite', action='store_true',
-                       help='replace a previous run in --output-dir (its files are deleted first)')
+    g.add_argument('--overwrite', action='store_true', help='replace the files of a previous run (deleted first)')
     if resume:
         g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
                        help=f'continue the run in --output-dir (from its {TRAIN_STATE}, or the given state file)')
@@ -130,7 +133,8 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: str, seed: int = 0
     add_alias(g, '--num-threads', '--threads', 'threads', type=int)
     g.add_argument('--workers', type=int, default=default_workers() if workers is None else workers,
                    help='data-loading processes (one thread each; 0 loads in the main process)')
-    g.add_argument('--seed', type=int, default=seed, help='seed of data order, augmentation and initialisation')
+    if seed is not None:
+        g.add_argument('--seed', type=int, default=seed, help='seed of data order, augmentation and initialisation')
     g.add_argument('--no-progress', action='store_true', help='no progress bars')
     return g
 

@@ -35,7 +35,11 @@ from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import DataDirError, SafeImageDataset, collate_skip, list_images
-from dgmn_timm.engine import atomic_write_text, autocast, barrier, create_model, init_distributed, resolve_amp_dtype
+from dgmn_timm.engine import (
+    HelpFormatter, UsageError, add_alias, add_run_args, atomic_path, atomic_write_text, autocast, barrier,
+    check_model_name, check_positive, clear_run_files, create_model, init_distributed, resolve_amp_dtype, run_cli, set_threads,
+    worker_init_fn,
+)
 
 _logger = logging.getLogger('extract_features')
 
@@ -43,41 +47,41 @@ FORMATS = ('.safetensors', '.npy')
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument('input', help='folder of images (recursive) or a list file with one image path per line')
-    p.add_argument('--output', required=True, help='output file, .safetensors or .npy')
+    p.add_argument('--output', required=True, metavar='FILE', help='output file, .safetensors or .npy')
     p.add_argument('--model', default='dgmn2_tiny', help='registered model name')
     p.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='TAG',
                    help='pretrained weights (the default tag, or the one given)')
     p.add_argument('--checkpoint', default=None, metavar='FILE', help='weights file (any format the model loads)')
+    add_alias(p, '--weights', '--checkpoint', 'checkpoint')
     p.add_argument('--levels', default=None, help='pyramid levels to extract, e.g. 0,1,2,3 (default: pooled embedding)')
     p.add_argument('--maps', action='store_true',
                    help='keep full (C, H, W) maps instead of pooling (with --levels: per level; '
                         'without: the unpooled forward_features output)')
-    p.add_argument('--img-size', type=int, default=None, help='input size (model default: 224)')
-    p.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (model default)')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 224)')
+    p.add_argument('--crop-pct', type=float, default=None, help='centre-crop fraction (default: the model\'s)')
+    p.add_argument('--batch-size', type=int, default=64, help='images per forward pass')
     p.add_argument('--chunk-size', type=int, default=1024, help='images per saved chunk (the unit of resuming)')
-    p.add_argument('--device', default='auto', help='cpu, cuda (auto: cuda if available); torchrun uses LOCAL_RANK')
-    p.add_argument('--threads', type=int, default=None, help='CPU threads per process (default: torch\'s)')
     p.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 on GPU)')
-    p.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'])
-    p.add_argument('--no-progress', action='store_true')
+    p.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'],
+                   help='autocast dtype of --amp (auto: bfloat16 on CPU, float16 on GPU)')
+    g = add_run_args(p, seed=None, resume=False)
+    g.add_argument('--resume', action='store_true',
+                   help='continue an interrupted extraction from the chunks saved in OUTPUT.parts/')
     return p
 
 
-def parse_levels(text: Optional[str], num_levels: int) -> Optional[List[int]]:
+def parse_levels(text: Optional[str]) -> Optional[List[int]]:
+    """ The sorted levels of ``--levels`` (None without it); ``UsageError`` unless comma-separated integers. """
     if text is None:
         return None
     try:
         levels = sorted({int(v) for v in text.split(',') if v.strip()})
     except ValueError:
-        raise SystemExit(f'error: --levels takes comma-separated integers, got {text!r}')
-    bad = [lv for lv in levels if not 0 <= lv < num_levels]
-    if bad or not levels:
-        raise SystemExit(f'error: --levels {text} out of range; the model has levels 0..{num_levels - 1}')
+        raise UsageError(f'--levels takes comma-separated integers, got {text!r}') from None
+    if not levels:
+        raise UsageError(f'--levels names no level, got {text!r}')
     return levels
 
 
@@ -91,11 +95,33 @@ def compute_features(model, x: torch.Tensor, levels: Optional[List[int]] = None,
     return {f'level{lv}': f if maps else f.mean(dim=(-2, -1)) for lv, f in zip(levels, inter)}
 
 
-def _output_paths(output: str):
+def output_files(output: str, levels: Optional[List[int]]) -> List[str]:
+    """ The files a finished extraction writes (features, then the JSON sidecar). """
     stem, ext = os.path.splitext(output)
     if ext not in FORMATS:
-        raise SystemExit(f'error: --output must end in {" or ".join(FORMATS)}, got {output}')
-    return stem, ext
+        raise UsageError(f'--output must end in {" or ".join(FORMATS)}, got {output}')
+    files = [output] if ext == '.safetensors' or levels is None or len(levels) == 1 else [
+        f'{stem}.level{lv}.npy' for lv in levels]
+    return files + [stem + '.json']
+
+
+def check_previous(args, files: List[str], parts_dir: str) -> List[str]:
+    """ The no-overwrite rule for one output file: returns what ``--overwrite`` deletes. """
+    if args.resume and args.overwrite:
+        raise UsageError('give --resume or --overwrite, not both')
+    finished = [f for f in files if os.path.exists(f)]
+    unfinished = os.path.isdir(parts_dir)
+    if args.overwrite:
+        return finished + ([parts_dir] if unfinished else [])
+    if finished:
+        raise UsageError(f'{", ".join(finished)} already exist(s) (a previous extraction); replace with --overwrite '
+                         f'or give another --output' + ('' if not unfinished else f' (--resume continues {parts_dir})'))
+    if unfinished and not args.resume:
+        raise UsageError(f'{parts_dir} holds an unfinished extraction; continue it with --resume or start over '
+                         f'with --overwrite')
+    if args.resume and not unfinished:
+        raise UsageError(f'no unfinished extraction to resume at {parts_dir}')
+    return []
 
 
 def _fingerprint(args, paths: List[str], levels, data_config) -> dict:
@@ -112,21 +138,29 @@ def _fingerprint(args, paths: List[str], levels, data_config) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = get_parser()
-    args = parser.parse_args(argv)
+    args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    # every check before anything is built or written
     if args.pretrained and args.checkpoint:
-        parser.error('give --pretrained or --checkpoint, not both')
-    stem, ext = _output_paths(args.output)
+        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_positive(args, 'batch_size', 'chunk_size', 'threads')
+    check_positive(args, 'workers', allow_zero=('workers',))
+    check_model_name(args.model)
+    levels = parse_levels(args.levels)
+    files = output_files(args.output, levels)
+    stem, ext = os.path.splitext(args.output)
+    parts_dir = args.output + '.parts'
+    previous = check_previous(args, files, parts_dir)
     paths = list_images(args.input)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     info = init_distributed(args.device)
     device = info.device
     amp_dtype = resolve_amp_dtype(device, args.amp_dtype) if args.amp else None
+    set_threads(args.threads, args.workers)
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=0)
-    levels = parse_levels(args.levels, len(model.feature_info))
+    num_levels = len(model.feature_info)
+    if levels is not None and levels[-1] >= num_levels or levels is not None and levels[0] < 0:
+        raise UsageError(f'--levels {args.levels} out of range; {args.model} has levels 0..{num_levels - 1}')
     if levels is not None and hasattr(model, 'prune_intermediate_layers'):
         try:
             model.prune_intermediate_layers(levels, prune_head=True)  # skip stages after the last level
@@ -136,9 +170,9 @@ def main(argv=None) -> dict:
     data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct), model=model)
     transform = create_transform(**data_config, is_training=False)
 
-    parts_dir = args.output + '.parts'
     fingerprint = _fingerprint(args, paths, levels, data_config)
     if info.is_main:
+        clear_run_files('', previous)
         config_path = os.path.join(parts_dir, 'config.json')
         if os.path.isdir(parts_dir):
             try:
@@ -147,8 +181,8 @@ def main(argv=None) -> dict:
             except (OSError, ValueError):
                 same = False
             if not same:
-                _logger.warning(f'{parts_dir} holds chunks of a different extraction; starting over.')
-                shutil.rmtree(parts_dir)
+                raise UsageError(f'{parts_dir} holds chunks of another extraction (other images, model, weights or '
+                                 f'options); start over with --overwrite')
         os.makedirs(parts_dir, exist_ok=True)
         atomic_write_text(json.dumps(fingerprint), config_path)
     barrier(info)
@@ -174,7 +208,8 @@ def main(argv=None) -> dict:
         if c in done:
             continue
         loader = DataLoader(torch.utils.data.Subset(dataset, list(chunk_range(c))), batch_size=args.batch_size,
-                            num_workers=args.workers, collate_fn=collate_skip, pin_memory=device.type == 'cuda')
+                            num_workers=args.workers, collate_fn=collate_skip, pin_memory=device.type == 'cuda',
+                            worker_init_fn=worker_init_fn if args.workers else None)
         outs: Dict[str, List[torch.Tensor]] = {}
         kept: List[int] = []
         with torch.no_grad():
@@ -189,9 +224,8 @@ def main(argv=None) -> dict:
                 bar.update(len(num_skipped))
         tensors = {k: torch.cat(v).contiguous() for k, v in outs.items()}
         skipped = sorted(set(chunk_range(c)) - set(kept))
-        tmp = chunk_file(c) + '.tmp'
-        save_file(tensors, tmp, metadata=dict(kept=json.dumps(kept), skipped=json.dumps(skipped)))
-        os.replace(tmp, chunk_file(c))
+        with atomic_path(chunk_file(c)) as tmp:
+            save_file(tensors, tmp, metadata=dict(kept=json.dumps(kept), skipped=json.dumps(skipped)))
     bar.close()
     barrier(info)
 
@@ -232,16 +266,14 @@ def _merge(args, paths, num_chunks, chunk_file, stem, ext, levels, data_config) 
     if ext == '.safetensors':
         meta = {k: json.dumps(v) for k, v in description.items()}
         meta['paths'] = json.dumps(kept_paths)
-        tmp = args.output + '.tmp'
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, args.output)
+        with atomic_path(args.output) as tmp:
+            save_file(tensors, tmp, metadata=meta)
         files.append(args.output)
     else:
         for k, v in tensors.items():
             path = args.output if len(tensors) == 1 else f'{stem}.{k}.npy'
-            tmp = path + '.tmp.npy'
-            np.save(tmp, v.numpy())
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                np.save(tmp, v.numpy())
             files.append(path)
     sidecar = dict(description, files=files, paths=kept_paths, skipped=[paths[i] for i in skipped])
     atomic_write_text(json.dumps(sidecar, indent=1), stem + '.json')
@@ -254,7 +286,4 @@ def _merge(args, paths, num_chunks, chunk_file, stem, ext, levels, data_config) 
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (DataDirError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(run_cli(main))

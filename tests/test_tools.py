@@ -15,7 +15,8 @@ import dgmn_timm  # noqa: F401
 from utils import load_script
 from timm.utils import random_seed as seed_everything
 from dgmn_timm.data import DataDirError, list_images
-from dgmn_timm.engine import save_safetensors
+from dgmn_timm.checkpoints import CheckpointError
+from dgmn_timm.engine import UsageError, save_safetensors
 from dgmn_timm.visualize import image_to_stage, sampling_points, sampling_points_many, stage_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,9 @@ def test_extract_continues_after_interruption(image_folder, weights, tmp_path, m
     calls.clear()
     monkeypatch.setattr(extract, 'compute_features', lambda *a, **kw: (calls.append(a[1].shape[0]),
                                                                        original(*a, **kw))[1])
-    extract.main(args)
+    with pytest.raises(UsageError, match='--resume'):  # the unfinished extraction is not touched without it
+        extract.main(args)
+    extract.main(args + ['--resume'])
     assert calls == [2, 1]  # only chunks 2 and 3 (images 5-7) were computed again
     monkeypatch.setattr(extract, 'compute_features', original)
     from safetensors.torch import load_file
@@ -186,12 +189,13 @@ def test_extract_errors(tmp_path, weights):
         extract.main([str(tmp_path / 'empty'), '--output', str(tmp_path / 'f.safetensors')] + FAST)
     img = tmp_path / 'one.png'
     Image.new('RGB', (40, 40)).save(img)
-    with pytest.raises(SystemExit, match='must end in'):
+    with pytest.raises(UsageError, match='must end in'):
         extract.main([str(img), '--output', str(tmp_path / 'f.pt')] + FAST)
-    with pytest.raises(SystemExit, match='out of range'):
+    with pytest.raises(UsageError, match='out of range'):
         extract.main([str(img), '--output', str(tmp_path / 'f.npy'), '--levels', '4'] + FAST)
-    with pytest.raises(FileNotFoundError, match='does not exist'):
+    with pytest.raises(CheckpointError, match='does not exist'):
         extract.main([str(img), '--output', str(tmp_path / 'f.npy'), '--checkpoint', str(tmp_path / 'x.pth')] + FAST)
+    assert sorted(os.listdir(tmp_path)) == ['empty', 'one.png']  # nothing written
 
 
 @pytest.mark.slow
