@@ -50,6 +50,7 @@ from .data import DataDirError
 
 __all__ = [
     'UsageError', 'run_cli', 'HelpFormatter', 'add_alias', 'add_run_args', 'check_model_name', 'check_positive',
+    'read_rgb_image',
     'check_run_folder', 'cpu_count', 'default_workers', 'default_threads', 'set_threads', 'worker_init_fn',
     'make_loader', 'create_model', 'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
     'resolve_amp_dtype', 'autocast', 'backward_step', 'rng_state', 'set_rng_state', 'atomic_path',
@@ -158,6 +159,20 @@ def check_model_name(name: str) -> str:
         hint = f'; did you mean {", ".join(close)}?' if close else "; see timm.list_models('dgmn*')"
         raise UsageError(f'unknown model {name!r}{hint}')
     return name
+
+
+def read_rgb_image(path: str):
+    """ An image file as an RGB PIL image; ``UsageError`` if it is missing or not an image Pillow decodes. """
+    from PIL import Image
+    if not os.path.exists(path):
+        raise UsageError(f'image {path} does not exist')
+    if not os.path.isfile(path):
+        raise UsageError(f'image {path} is not a file')
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB')
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f'cannot read image {path}: {e}') from None
 
 
 def check_run_folder(folder: str, run_files: Iterable[str], resume: Any = None, overwrite: bool = False

@@ -119,7 +119,17 @@ def sampling_points_many(
         points: Sequence[Point],
         stages: Optional[Sequence[int]] = None,
 ) -> List[List[Dict[str, object]]]:
-    """ ``sampling_points`` for several query points with one forward pass: [point][stage] -> dict. """
+    """ ``sampling_points`` for several query points with one forward pass: [point][stage] -> dict.
+
+    Raises:
+        ValueError: a point lies outside the image (beyond the outer pixel edges).
+    """
+    height, width = image.shape[-2:]
+    for py, px in points:
+        if not (-0.5 <= py <= height - 0.5 and -0.5 <= px <= width - 0.5):
+            raise ValueError(
+                f'Point (y={py:g}, x={px:g}) is outside the {height}x{width} image; pixel centres run from 0 to '
+                f'{height - 1} in y and 0 to {width - 1} in x (edges at -0.5 and size - 0.5).')
     graphs = sampling_graphs(model, image)
     stages = range(len(graphs)) if stages is None else stages
     return [[_query(graphs[s], p, s) for s in stages] for p in points]
@@ -136,7 +146,7 @@ def sampling_points(
     Args:
         model: a DGMN2 model with any weights (random included).
         image: (3, H, W) or (1, 3, H, W) normalised input tensor; ``point`` is in its pixels.
-        point: (y, x) query location in image pixels.
+        point: (y, x) query location in image pixels, inside the image (ValueError otherwise).
         stages: stage indices to report (default: all).
 
     Returns:

@@ -13,24 +13,27 @@ nodes form the plain 3x3 neighbourhood of the query).
 import argparse
 import json
 import os
+import sys
 from importlib import resources
 
 import numpy as np
-from PIL import Image
 from torchvision import transforms
 
+import timm
 from timm.data import resolve_data_config
 from timm.data.transforms import str_to_interp_mode
+from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from timm.utils import random_seed as seed_everything
-from dgmn_timm.engine import create_model
+from dgmn_timm.engine import (
+    HelpFormatter, UsageError, add_alias, atomic_path, atomic_write_text, check_model_name, create_model, read_rgb_image, resolve_device,
+    run_cli,
+)
 from dgmn_timm.visualize import grid_points, plot_sampling, sampling_points_many
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument('--image', default=None, help='image file (default: the bundled sample image)')
     q = p.add_mutually_exclusive_group()
     q.add_argument('--point', default=None, metavar='Y,X', help='query point in image pixels (default: the centre)')
@@ -39,12 +42,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='TAG',
                    help='pretrained weights (default tag or the one given)')
     p.add_argument('--checkpoint', default=None, metavar='FILE', help='weights file (any format the model loads)')
-    p.add_argument('--img-size', type=int, default=None, help='shorter side of the network input (model default)')
+    add_alias(p, '--weights', '--checkpoint', 'checkpoint')
+    p.add_argument('--img-size', type=int, default=None, help='shorter side of the network input (default: the '
+                                                              'model\'s, 224)')
     p.add_argument('--stages', default=None, help='stages to draw, 1-based, e.g. 3,4 (default: all)')
     p.add_argument('--output', default='sampling.png', help='PNG file to write')
     p.add_argument('--save-points', default=None, metavar='JSON', help='also write the points and weights as JSON')
     p.add_argument('--seed', type=int, default=0, help='seed for random weights')
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available)')
     return p
 
 
@@ -52,27 +57,49 @@ def parse_point(text: str):
     try:
         y, x = (float(v) for v in text.split(','))
     except ValueError:
-        raise SystemExit(f'error: --point takes "y,x" in pixels, got {text!r}')
+        raise UsageError(f'--point takes "y,x" in pixels, got {text!r}') from None
     return y, x
 
 
-def main(argv=None) -> dict:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.pretrained and args.checkpoint:
-        parser.error('give --pretrained or --checkpoint, not both')
-    path = args.image or str(resources.files('dgmn_timm') / 'assets' / 'sample.png')
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: image {path} does not exist')
+def parse_stages(text: str, num_stages: int = 4):
     try:
-        with Image.open(path) as im:
-            image = im.convert('RGB')
-    except OSError as e:
-        raise SystemExit(f'error: cannot read image {path}: {e}')
+        stages = [int(v) - 1 for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise UsageError(f'--stages takes comma-separated stage numbers (1-based), got {text!r}') from None
+    if not stages or any(not 0 <= s < num_stages for s in stages):
+        raise UsageError(f'--stages {text}: DGMN2 has stages 1..{num_stages}')
+    return stages
 
-    seed_everything(args.seed)
+
+def main(argv=None) -> dict:
+    args = get_parser().parse_args(argv)
+    # every check before the model is built
+    if args.pretrained and args.checkpoint:
+        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_model_name(args.model)
+    arch = timm.models.split_model_name_tag(args.model)[0]
+    dgmn2 = timm.list_models('dgmn2*')
+    if arch not in dgmn2:
+        raise UsageError(f'--model {args.model}: the drawing reads the sampling graph of DGMN2 attention, which '
+                         f'{arch} does not have; use one of {", ".join(dgmn2)}')
+    if args.grid is not None and args.grid < 1:
+        raise UsageError(f'--grid must be at least 1, got {args.grid}')
+    stages = parse_stages(args.stages) if args.stages else None
+    path = args.image or str(resources.files('dgmn_timm') / 'assets' / 'sample.png')
+    image = read_rgb_image(path)
+    H, W = image.height, image.width
+    if args.grid:
+        points = grid_points(H, W, args.grid)
+    else:
+        points = [parse_point(args.point) if args.point else ((H - 1) / 2, (W - 1) / 2)]
+    for py, px in points:
+        if not (-0.5 <= py <= H - 0.5 and -0.5 <= px <= W - 0.5):
+            raise UsageError(f'point ({py:g}, {px:g}) is outside the {H}x{W} image')
+    device = resolve_device(args.device)
+
+    random_seed(args.seed)
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=0)
-    model = model.to(args.device).eval()
+    model = model.to(device).eval()
     cfg = resolve_data_config(dict(img_size=args.img_size) if args.img_size else {}, model=model)
     side = cfg['input_size'][-1]
     tf = transforms.Compose([
@@ -81,28 +108,20 @@ def main(argv=None) -> dict:
         transforms.Normalize(cfg['mean'], cfg['std']),
     ])
     x = tf(image)
-    H, W = image.height, image.width
     h, w = x.shape[-2:]
     sy, sx = H / h, W / w  # network-input pixel -> original pixel
 
-    if args.grid:
-        points = grid_points(H, W, args.grid)
-    else:
-        points = [parse_point(args.point) if args.point else ((H - 1) / 2, (W - 1) / 2)]
-    for py, px in points:
-        if not (-0.5 <= py <= H - 0.5 and -0.5 <= px <= W - 0.5):
-            raise SystemExit(f'error: point ({py:g}, {px:g}) is outside the {H}x{W} image')
-    input_points = [((py + 0.5) / sy - 0.5, (px + 0.5) / sx - 0.5) for py, px in points]
-    stages = None
-    if args.stages:
-        stages = [int(s) - 1 for s in args.stages.split(',')]
+    # the same points in network-input pixels (min / max: only float rounding at the image edges)
+    input_points = [(min(max((py + 0.5) / sy - 0.5, -0.5), h - 0.5), min(max((px + 0.5) / sx - 0.5, -0.5), w - 0.5))
+                    for py, px in points]
     results = sampling_points_many(model, x, input_points, stages)
 
     weights = 'random' if not (args.pretrained or args.checkpoint) else (args.checkpoint or 'pretrained')
     title = f'{args.model} ({weights} weights), input {h}x{w}'
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
-    plot_sampling(np.asarray(image), results, args.output, scale=(sy, sx), title=title)
+    with atomic_path(args.output) as tmp:
+        plot_sampling(np.asarray(image), results, tmp, scale=(sy, sx), title=title)
 
     report = dict(image=path, model=args.model, input_size=[h, w], image_size=[H, W], points=[])
     for (py, px), per_stage in zip(points, results):
@@ -115,11 +134,10 @@ def main(argv=None) -> dict:
                 weights=np.asarray(r['weights']).tolist()))
         report['points'].append(entry)
     if args.save_points:
-        with open(args.save_points, 'w', encoding='utf-8') as f:
-            json.dump(report, f)
+        atomic_write_text(json.dumps(report), args.save_points)
     print(f'wrote {args.output} ({len(points)} query point(s), {len(results[0])} stage(s))')
     return report
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_cli(main))

@@ -314,13 +314,29 @@ def test_visualize_script_writes_png_that_follows_offsets(weights, tmp_path):
     assert [s['stage'] for s in report['points'][0]['stages']] == [2, 4]
 
 
+def test_sampling_points_rejects_points_outside_the_image():
+    model = _zero_offset_model()
+    x = torch.randn(3, 40, 64)
+    sampling_points(model, x, (-0.5, 63.5))  # the outer pixel edges are inside
+    for point in [(40.0, 10.0), (-0.6, 10.0), (10.0, 63.6), (10.0, -3.0)]:
+        with pytest.raises(ValueError, match='outside the 40x64 image'):
+            sampling_points(model, x, point)
+    with pytest.raises(ValueError, match='outside'):
+        sampling_points_many(model, x, [(1.0, 1.0), (100.0, 1.0)])
+
+
 def test_visualize_script_errors(tmp_path):
     img = tmp_path / 'photo.png'
     Image.new('RGB', (50, 40)).save(img)
-    with pytest.raises(SystemExit, match='outside'):
-        visualize_script.main(['--image', str(img), '--point', '45,10', '--img-size', '32',
-                               '--output', str(tmp_path / 'o.png')])
-    with pytest.raises(SystemExit, match='y,x'):
-        visualize_script.main(['--image', str(img), '--point', '12', '--output', str(tmp_path / 'o.png')])
-    with pytest.raises(SystemExit, match='does not exist'):
-        visualize_script.main(['--image', str(tmp_path / 'none.png'), '--output', str(tmp_path / 'o.png')])
+    out = str(tmp_path / 'o.png')
+    with pytest.raises(UsageError, match='outside'):
+        visualize_script.main(['--image', str(img), '--point', '45,10', '--img-size', '32', '--output', out])
+    with pytest.raises(UsageError, match='y,x'):
+        visualize_script.main(['--image', str(img), '--point', '12', '--output', out])
+    with pytest.raises(UsageError, match='does not exist'):
+        visualize_script.main(['--image', str(tmp_path / 'none.png'), '--output', out])
+    with pytest.raises(UsageError, match='stages 1..4'):
+        visualize_script.main(['--image', str(img), '--stages', '0,2', '--output', out])
+    with pytest.raises(UsageError, match='resnet50_dgmn_c5 does not have'):
+        visualize_script.main(['--image', str(img), '--model', 'resnet50_dgmn_c5', '--output', out])
+    assert sorted(os.listdir(tmp_path)) == ['photo.png']  # nothing written
