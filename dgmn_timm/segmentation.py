@@ -463,8 +463,10 @@ def cdgcnet_resnet101(num_classes: int = 19, **kwargs) -> CDGCNet:
 
 
 HEADS['cdgc'] = cdgcnet
+# the paper's recipe: SGD, no stochastic depth in the backbone
 HEAD_DEFAULTS['cdgc'] = {
-    'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'poly_power': 0.9, 'output_stride': 8}
+    'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'poly_power': 0.9, 'output_stride': 8,
+    'drop_path': 0.0}
 
 
 # --------------------------------------------------------------------------------------------
