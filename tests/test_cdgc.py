@@ -340,3 +340,19 @@ def test_cdgcnet_tiny_training_run_with_the_script(tmp_path):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0]
     # one class everywhere (the untrained model) scores about 0.22 here
     assert 0.3 < metrics['eval']['mIoU'] <= 1.0
+
+
+def test_benchmark_script_peak_memory_below_the_dense_adjacency(capsys):
+    """ scripts/benchmark_cdgc.py on a small map: the layer's peak stays far below the M x N x N
+    adjacency the dense form would hold (N = 1,600: 41 MB for M = 4), and flat in M. """
+    from utils import load_script
+    script = load_script('benchmark_cdgc')
+    results = script.main(['--size', '40', '40', '--dim', '16', '--classes', '1', '4'])
+    assert [r['classes'] for r in results] == [1, 4]
+    for r in results:
+        assert 0 < r['peak_mb'] < r['dense_adjacency_mb'] / 2
+    assert results[1]['dense_adjacency_mb'] == pytest.approx(4 * 1600 ** 2 * 4 / 2 ** 20)
+    assert results[1]['peak_mb'] < 2 * results[0]['peak_mb']
+    assert 'peak MB' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(['--size', '8', '8', '--dim', '8', '--classes', '2', '--limit-gb', '1e-9'])
