@@ -1,4 +1,4 @@
-""" The row-blocked MLP (``dgmn_timm.kernels.chunked_mlp``) against the plain composition in float64. """
+""" The row-blocked MLP (``dgmn_timm.kernels.chunked_mlp``, ``RowBlockedMlp``) against the plain composition in float64. """
 import importlib
 
 import pytest
@@ -9,9 +9,9 @@ import timm
 
 import dgmn_timm  # noqa: F401
 from dgmn_timm.kernels import chunked_mlp, use_chunked_mlp
-from dgmn_timm.models.dgmn2 import Mlp
 
 cm = importlib.import_module('dgmn_timm.kernels.chunked_mlp')
+RowBlockedMlp = cm.RowBlockedMlp
 
 
 def ref_mlp(x, w1, b1, w2, b2):
@@ -116,7 +116,7 @@ def test_shape_mismatch_is_a_clear_error():
         chunked_mlp(torch.randn(4, 7), w1, b1, w2, b2)
 
 
-def test_use_chunked_mlp_threshold_and_exclusions(monkeypatch):
+def test_use_chunked_mlp_threshold():
     w = torch.zeros(512, 64)
     small = torch.zeros(1, 56, 56, 64)
     large = torch.zeros(8, 56, 56, 64)  # 25088 x 512 float32 hidden = 51 MB
@@ -126,102 +126,40 @@ def test_use_chunked_mlp_threshold_and_exclusions(monkeypatch):
     assert use_chunked_mlp(large.double(), 512, w.double())
     assert not use_chunked_mlp(large.bfloat16(), 512, w.bfloat16())  # half types: plain path
     assert not use_chunked_mlp(large.to('meta'), 512, w.to('meta'))
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not use_chunked_mlp(large, 512, w)
 
 
-def _count_calls(monkeypatch):
-    calls = []
-    dgmn2 = importlib.import_module('dgmn_timm.models.dgmn2')
-    real = dgmn2.chunked_mlp
-
-    def counting(*args):
-        calls.append(1)
-        return real(*args)
-    monkeypatch.setattr(dgmn2, 'chunked_mlp', counting)
-    return calls
-
-
-def test_mlp_module_dispatch(monkeypatch):
-    """ Mlp takes the blocked path for large inputs only, and never past a hook, a wrapped layer or dropout. """
-    monkeypatch.setattr(cm, 'CHUNKED_MLP_MIN_BYTES', 1000)
-    monkeypatch.setattr(cm, 'CHUNKED_MLP_BLOCK_BYTES', 32 * 24 * 4)
-    calls = _count_calls(monkeypatch)
+def test_row_blocked_mlp_is_timm_mlp(small_blocks):
+    """ Same arguments, key names and results (forward and gradients) as timm's Mlp. """
+    from timm.layers import Mlp
     torch.manual_seed(0)
-    mlp = Mlp(8, 24)
-    x = torch.randn(2, 5, 11, 8, requires_grad=True)
-    out = mlp(x)
-    assert len(calls) == 1
-    out.sum().backward()
-    grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
-
-    x.grad = None
-    mlp.zero_grad()
-    monkeypatch.setattr(cm, 'CHUNKED_MLP_MIN_BYTES', 1 << 62)
-    plain = mlp(x)
-    plain.sum().backward()
-    assert len(calls) == 1
-    torch.testing.assert_close(out, plain)
-    for g, p in zip(grads, [x.grad] + [p.grad for p in mlp.parameters()]):
-        torch.testing.assert_close(g, p)
-
-    monkeypatch.setattr(cm, 'CHUNKED_MLP_MIN_BYTES', 1000)
-    seen = []
-    handle = mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    mlp(x)
-    handle.remove()
-    assert len(calls) == 1 and seen == [torch.Size([2, 5, 11, 24])]
-    # the blocked path skips the dropout modules too: their hooks must still fire
-    for drop in (mlp.drop1, mlp.drop2):
-        handle = drop.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-        mlp(x)
-        handle.remove()
-    assert len(calls) == 1 and len(seen) == 3
-
-    wrapped = Mlp(8, 24)
-    wrapped.fc1 = nn.Sequential(nn.Linear(8, 24))
-    wrapped(x)
-    assert len(calls) == 1
-
-    dropping = Mlp(8, 24, drop=0.1)
-    dropping(x)
-    assert len(calls) == 1
-    dropping.eval()(x)
-    assert len(calls) == 2
+    plain = Mlp(8, 24).double()
+    blocked = RowBlockedMlp(8, 24, dtype=torch.float64)
+    assert blocked.load_state_dict(plain.state_dict()) is not None
+    assert set(blocked.state_dict()) == set(plain.state_dict())
+    x = torch.randn(2, 5, 11, 8, dtype=torch.float64, requires_grad=True)
+    out, ref = blocked(x), plain(x)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.autograd.grad(out.square().sum(), [x] + list(blocked.parameters()))
+    r = torch.autograd.grad(ref.square().sum(), [x] + list(plain.parameters()))
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match='drop=0'):
+        RowBlockedMlp(8, 24, drop=0.1)
+    with pytest.raises(ValueError, match='act_layer=nn.GELU'):
+        RowBlockedMlp(8, 24, act_layer=nn.ReLU)
 
 
-def test_model_blocked_mlp_matches_plain(monkeypatch):
-    """ A whole model, forward and gradients, with every MLP blocked vs none. """
+def test_model_with_row_blocked_mlp_matches_plain():
+    """ A whole model built with mlp_layer=RowBlockedMlp loads the plain model's weights and computes the same. """
     torch.manual_seed(0)
-    model = timm.create_model('dgmn2_tiny', num_classes=5)
+    plain = timm.create_model('dgmn2_tiny', num_classes=5)
+    blocked = timm.create_model('dgmn2_tiny', num_classes=5, mlp_layer=RowBlockedMlp)
+    assert isinstance(blocked.stages[0].blocks[0].mlp, RowBlockedMlp)
+    blocked.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 64, 64)
-
-    def run(min_bytes):
-        monkeypatch.setattr(cm, 'CHUNKED_MLP_MIN_BYTES', min_bytes)
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        out.square().sum().backward()
-        return out, [p.grad.clone() for p in model.parameters()]
-
-    calls = _count_calls(monkeypatch)
-    out_b, grads_b = run(1)
-    assert len(calls) == 8
-    out_p, grads_p = run(1 << 62)
-    assert len(calls) == 8
+    out_b, out_p = blocked(x), plain(x)
     torch.testing.assert_close(out_b, out_p, rtol=1e-5, atol=1e-5)
-    for gb, gp in zip(grads_b, grads_p):
-        torch.testing.assert_close(gb, gp, rtol=1e-4, atol=1e-5)
-
-
-def test_ab_script_tiny():
-    """ scripts/ab_mlp.py runs (one tiny process, blocked path forced small) and reports its ratios. """
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / 'scripts' / 'ab_mlp.py'), '--processes', '2', '--iters', '2',
-           '--batch-size', '2', '--img-size', '32', '--peer', 'none']
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count('blocked vs plain') == 3 and 'geometric mean over 2 processes' in r.stdout
+    out_b.square().sum().backward()
+    out_p.square().sum().backward()
+    for (n, pb), pp in zip(blocked.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(pb.grad, pp.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -107,10 +107,12 @@ def test_odd_input_sizes(hw):
 
 def test_bad_input_errors():
     model = _model().eval()
-    with pytest.raises(ValueError, match='at least 32x32'):
-        model(_x(31, 64))
-    with pytest.raises(ValueError, match='3 input channels but the input has 4'):
+    with pytest.raises(AssertionError, match='at least 32x32'):
+        model(_x(64, 31))
+    with pytest.raises(AssertionError, match='built for 3 input channels'):
         model(_x(64, 64, c=4))
+    with pytest.raises(AssertionError, match=r'\(B, C, H, W\)'):
+        model(torch.randn(3, 64, 64))
 
 
 def test_features_only():
@@ -162,7 +164,7 @@ def test_forward_intermediates_match_forward_features():
     with torch.no_grad():
         for a, b in zip(fo.eval()(x), inter):
             torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError, match='out of range'):
         model.forward_intermediates(x, indices=[4])
 
 

@@ -102,7 +102,8 @@ def test_zero_walks_sample_the_dilated_grid():
     x = torch.randn(2, 8, 11, 13)
     m = DGMN(8, rates=(1, 2, 5), groups=2)
     for idx, d in enumerate(m.rates):
-        nodes, offset = m._nodes(x, idx)
+        offset = m.walk[idx](x)
+        nodes = m._sampled(x, offset, d)
         assert torch.count_nonzero(offset) == 0
         torch.testing.assert_close(nodes, F.unfold(x, 3, dilation=d, padding=d), rtol=1e-5, atol=1e-6)
     # hence the full module starts equal to the walk-free ablation with the same predictors
@@ -117,7 +118,8 @@ def test_walks_move_the_nodes():
     m = DGMN(4, rates=(1, 3), groups=2).double()
     _randomise_walks(m, 0.5)
     for idx, d in enumerate(m.rates):
-        nodes, offset = m._nodes(x, idx)
+        offset = m.walk[idx](x)
+        nodes = m._sampled(x, offset, d)
         assert offset.abs().max() > 0.1
         ref = sample_nodes_reference(x, offset, d).reshape(1, 4 * K, -1)
         torch.testing.assert_close(nodes, ref, rtol=1e-9, atol=1e-9)
@@ -130,7 +132,7 @@ def test_affinities_and_filters_of_every_rate():
     G = 4
     x = torch.randn(2, 16, 7, 9)
     m = DGMN(16, rates=(1, 2, 3, 4), groups=G)
-    graph = m.graph(x)
+    graph = m.graph_info(x)
     assert len(graph) == 4
     for idx, (g, d) in enumerate(zip(graph, m.rates)):
         assert g['rate'] == d

@@ -1,9 +1,12 @@
 """ torch.compile and ONNX export of DGMN2: no graph breaks in the attention, exported and
-compiled models give the eager features (dynamic height / width for ONNX). """
+compiled models give the eager features (dynamic height / width for ONNX). ONNX export uses
+models built for it (``create_model(..., exportable=True)`` / ``set_layer_config(exportable=True)``),
+whose attention takes the portable ``grid_sample`` path, as timm's own models do. """
 import pytest
 import torch
 
 import timm
+from timm.layers import set_layer_config
 
 import dgmn_timm  # noqa: F401
 from dgmn_timm.models.dgmn2 import Block, DynamicGraphAttention
@@ -90,7 +93,7 @@ def _dynamo_export(model, path, size, min_side, max_side):
 
 def test_onnx_legacy_export_dynamic_size(tmp_path):
     _onnx_runtime()
-    model = _Features(_walking(timm.create_model('dgmn2_tiny', features_only=True))).eval()
+    model = _Features(_walking(timm.create_model('dgmn2_tiny', features_only=True, exportable=True))).eval()
     path = str(tmp_path / 'dgmn2_tiny.onnx')
     torch.onnx.export(
         model, (torch.randn(1, 3, 64, 64),), path, dynamo=False, opset_version=17,
@@ -106,7 +109,9 @@ def test_onnx_dynamo_export_block_dynamic_size(tmp_path):
         def __init__(self):
             super().__init__()
             self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
-            self.block = Block(32, 2, mlp_ratio=2., table_size=(8, 8))
+            with set_layer_config(exportable=True):
+                self.block = Block(32, 2, mlp_ratio=2., table_size=(8, 8))
+            assert not self.block.attn.fused_attn
 
         def forward(self, x):
             return self.block(self.stem(x).permute(0, 2, 3, 1))
@@ -120,7 +125,7 @@ def test_onnx_dynamo_export_block_dynamic_size(tmp_path):
 @pytest.mark.slow
 def test_onnx_dynamo_export_model_dynamic_size(tmp_path):
     _onnx_runtime()
-    model = _walking(timm.create_model('dgmn2_tiny', num_classes=10)).eval()
+    model = _walking(timm.create_model('dgmn2_tiny', num_classes=10, exportable=True)).eval()
     path = str(tmp_path / 'dgmn2_tiny.onnx')
     _dynamo_export(model, path, 64, 32, 2048)
     _check_onnx(path, model, [(1, 64, 64), (1, 96, 64), (1, 64, 128)], 1)

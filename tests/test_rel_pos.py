@@ -1,12 +1,18 @@
-""" The relative-position term against a direct implementation of spec/dgmn2.md, section 3. """
+""" The relative-position term against a direct loop over its definition (docs/ARCHITECTURE.md, position term). """
 import math
 
 import pytest
 import torch
 
-from dgmn_timm.models.dgmn2 import rel_pos_term
+from dgmn_timm.models.dgmn2 import rel_pos_logits
 
 K = 9
+
+
+def rel_pos_term(q, rel_height, rel_width, released=True):
+    """ ``rel_pos_logits`` for channel-first queries (N, c, H, W) -> (N, K, H, W). """
+    out = rel_pos_logits(q.permute(0, 2, 3, 1).unsqueeze(3), rel_height, rel_width, released)
+    return out.squeeze(3).permute(0, 3, 1, 2)
 
 
 def _linear_weights(n_in, n_out):

@@ -20,39 +20,32 @@ Outputs equal the plain composition exactly (the same per-row products); weight 
 are sums over the same terms in blocks, equal to rounding. Double backward
 (``create_graph=True``) recomputes the block with autograd, so it stays differentiable.
 
-Measured on a 2-core CPU (``docs/PERF.md``, change 14): DGMN2-Tiny's stage-1 MLP forward +
-backward at batch 8 in 125 instead of 163 ms, inference in 33 instead of 50 ms; for hidden
-activations under 32 MiB the blocks are no faster (or a little slower), so
-:func:`use_chunked_mlp` selects this path only above ``CHUNKED_MLP_MIN_BYTES``.
+``RowBlockedMlp`` is a drop-in for timm's ``Mlp`` (same arguments and key names) that runs
+this, for DGMN2's ``mlp_layer=`` argument. docs/PERF.md has its measured effect.
 """
-from typing import List, Optional
+from typing import List, Optional, Type
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['chunked_mlp', 'use_chunked_mlp', 'CHUNKED_MLP_MIN_BYTES', 'CHUNKED_MLP_BLOCK_BYTES']
+__all__ = ['chunked_mlp', 'RowBlockedMlp', 'use_chunked_mlp', 'CHUNKED_MLP_MIN_BYTES', 'CHUNKED_MLP_BLOCK_BYTES']
 
-# hidden activations at least this large take the blocked path
+# hidden activations from this size on are computed faster in blocks (docs/PERF.md)
 CHUNKED_MLP_MIN_BYTES = 32 * 2 ** 20
 # bytes of hidden activation per block (1024 rows of DGMN2 stage 1, 512 of stage 2)
 CHUNKED_MLP_BLOCK_BYTES = 2 * 2 ** 20
 
 
 def use_chunked_mlp(x: torch.Tensor, hidden: int, weight: torch.Tensor) -> bool:
-    """ Whether ``chunked_mlp`` is the faster choice for ``x`` (..., C) and a ``hidden``-wide layer.
+    """ Whether ``RowBlockedMlp`` is expected to beat the plain MLP on inputs like ``x`` (..., C).
 
-    CPU tensors only (CUDA has a caching allocator; there the plain path is used), float32 or
-    float64 like the weights (autocast takes the plain path; bfloat16 / float16 weight gradients
-    would be rounded once per block instead of once), eager mode only (not while tracing,
-    exporting, scripting or compiling), and a hidden activation of at least
-    ``CHUNKED_MLP_MIN_BYTES``.
+    CPU tensors (CUDA has a caching allocator), float32 or float64 like the weights (bfloat16 /
+    float16 weight gradients would be rounded once per block instead of once), and a
+    ``hidden``-wide activation of at least ``CHUNKED_MLP_MIN_BYTES``. Nothing calls it per
+    forward: it helps choose ``mlp_layer`` for a workload.
     """
     if x.device.type != 'cpu' or x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.float64):
-        return False
-    if torch.is_autocast_enabled('cpu'):
-        return False
-    if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()):
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     return rows * hidden * x.element_size() >= CHUNKED_MLP_MIN_BYTES
@@ -151,3 +144,34 @@ def chunked_mlp(
     x2 = x.reshape(-1, x.shape[-1])
     out = _ChunkedMlp.apply(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     return out.view(*lead, fc2_weight.shape[0])
+
+
+class RowBlockedMlp(nn.Module):
+    """ timm's ``Mlp`` (fc1 -> exact GELU -> fc2, the same arguments and key names) run by :func:`chunked_mlp`.
+
+    Chosen at construction as DGMN2's MLP: ``timm.create_model('dgmn2_tiny', mlp_layer=RowBlockedMlp)``;
+    its state dict is interchangeable with the default ``Mlp``'s. It pays off for large maps on CPU
+    in eager mode (see :func:`use_chunked_mlp`). GELU only, no dropout.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: Optional[int] = None,
+            out_features: Optional[int] = None,
+            act_layer: Type[nn.Module] = nn.GELU,
+            bias: bool = True,
+            drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if act_layer is not nn.GELU or drop:
+            raise ValueError('RowBlockedMlp computes fc2(gelu(fc1(x))) only: use act_layer=nn.GELU and drop=0 '
+                             '(or timm.layers.Mlp)')
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return chunked_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)

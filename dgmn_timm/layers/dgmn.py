@@ -11,8 +11,8 @@ each channel the message
     m_c = sum_k filter[g(c), k] * affinity[k] * node[c, k],   affinity = softmax over k,
 
 which is then fused with the input ('sum': x + sum_q beta_q m_q, or 'concat': a 1x1 conv
-over [x, m_1, ..., m_S]). The facts (order of offsets, node layout, parameter counts) are
-those of ``shared/spec/dgmn.md``. Every rate reads its affinities from its own affinity
+over [x, m_1, ..., m_S]). docs/ARCHITECTURE.md gives the node layout, the order of the walks
+and the parameter counts. Every rate reads its affinities from its own affinity
 channels (the released code read the 4th rate's affinity from filter channels; not here).
 
 The predictor of filters and affinities is a linear map of the (C * K) vector of sampled
@@ -52,14 +52,15 @@ class NodeLinear(nn.Module):
     """ A linear map of the (C * K) sampled nodes of every position, no bias.
 
     The weight has the layout of a 3x3 (deformable) convolution, (out, C, 3, 3), so that
-    input index c * K + k is channel c of node k; on nodes read at the regular dilated
-    grid the result equals ``F.conv2d(x, weight, dilation=d, padding=d)``.
+    input index c * K + k is channel c of node k; on nodes read at the regular grid of
+    dilation ``dilation`` the result equals ``F.conv2d(x, weight, dilation=d, padding=d)``.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+    def __init__(self, in_chs: int, out_chs: int, dilation: int = 1, device=None, dtype=None):
         super().__init__()
         self.in_chs = in_chs
         self.out_chs = out_chs
+        self.dilation = dilation
         self.weight = nn.Parameter(torch.empty(out_chs, in_chs, 3, 3, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -72,7 +73,7 @@ class NodeLinear(nn.Module):
         return torch.matmul(self.weight.reshape(self.out_chs, -1), nodes)
 
     def extra_repr(self) -> str:
-        return f'{self.in_chs} x {NUM_NODES} -> {self.out_chs}, bias=False'
+        return f'{self.in_chs} x {NUM_NODES} -> {self.out_chs}, dilation={self.dilation}, bias=False'
 
 
 class DGMN(nn.Module):
@@ -124,6 +125,7 @@ class DGMN(nn.Module):
         self.fusion = fusion
         self.beta_init = beta_init
         self.use_filters = use_filters
+        self.num_nodes = NUM_NODES
         K = NUM_NODES
         num_out = K * groups + K if use_filters else K
         if use_walks:
@@ -131,7 +133,7 @@ class DGMN(nn.Module):
                 nn.Conv2d(dim, 2 * K, 3, padding=d, dilation=d, bias=False, **dd) for d in rates])
         else:
             self.walk = None
-        self.pred = nn.ModuleList([NodeLinear(dim, num_out, **dd) for _ in rates])
+        self.pred = nn.ModuleList([NodeLinear(dim, num_out, dilation=d, **dd) for d in rates])
         if fusion == 'sum':
             self.beta = nn.Parameter(torch.empty(len(rates), **dd))
             self.fuse = None
@@ -153,20 +155,16 @@ class DGMN(nn.Module):
             self.fuse.weight.zero_()
             self.fuse.weight[:, :self.dim, 0, 0].copy_(torch.eye(self.dim))
 
-    def _nodes(self, x: torch.Tensor, idx: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """ (B, C * K, H * W) nodes of rate ``idx`` (index c * K + k) and the walks used. """
-        d = self.rates[idx]
+    def _sampled(self, x: torch.Tensor, offset: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
+        """ (B, C * K, H * W) nodes (index c * K + k) on the grid of ``dilation``, moved by ``offset`` if given. """
         B, C, H, W = x.shape
-        if self.walk is None:
-            return F.unfold(x, 3, dilation=d, padding=d), None
-        offset = self.walk[idx](x)
-        nodes = sample_nodes(x, offset, d)  # (B, C, K, H * W)
-        return nodes.reshape(B, C * NUM_NODES, H * W), offset
+        if offset is None:
+            return F.unfold(x, 3, dilation=dilation, padding=dilation)
+        return sample_nodes(x, offset, dilation).reshape(B, -1, H * W)
 
-    def _weights(self, nodes: torch.Tensor, idx: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """ Filters (B, G, K, N) (None in 'DA') and affinities (B, K, N) of rate ``idx``. """
-        K = NUM_NODES
-        pred = self.pred[idx](nodes)
+    def _weights(self, pred: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """ Filters (B, G, K, N) (None in 'DA') and affinities (B, K, N) from the predictor's (B, *, N) output. """
+        K = self.num_nodes
         B, _, N = pred.shape
         if self.use_filters:
             filters = pred[:, :self.groups * K].reshape(B, self.groups, K, N)
@@ -177,7 +175,7 @@ class DGMN(nn.Module):
     def _message(self, nodes: torch.Tensor, filters: Optional[torch.Tensor], affinity: torch.Tensor) -> torch.Tensor:
         """ (B, C, N) messages from (B, C * K, N) nodes. """
         B, _, N = nodes.shape
-        K = NUM_NODES
+        K = self.num_nodes
         w = affinity.unsqueeze(1) if filters is None else filters * affinity.unsqueeze(1)  # (B, G or 1, K, N)
         g = w.shape[1]
         msg = (nodes.reshape(B, g, self.dim // g, K, N) * w.unsqueeze(2)).sum(dim=3)
@@ -186,21 +184,25 @@ class DGMN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         msgs: List[torch.Tensor] = []
-        out = x
-        for idx in range(len(self.rates)):
-            nodes, _ = self._nodes(x, idx)
-            filters, affinity = self._weights(nodes, idx)
-            msg = self._message(nodes, filters, affinity).reshape(B, C, H, W)
-            if self.beta is not None:
-                out = out + self.beta[idx] * msg
-            else:
-                msgs.append(msg)
+        if self.walk is None:
+            for pred in self.pred:
+                nodes = self._sampled(x, None, pred.dilation)
+                filters, affinity = self._weights(pred(nodes))
+                msgs.append(self._message(nodes, filters, affinity).reshape(B, C, H, W))
+        else:
+            for walk, pred in zip(self.walk, self.pred):
+                nodes = self._sampled(x, walk(x), pred.dilation)
+                filters, affinity = self._weights(pred(nodes))
+                msgs.append(self._message(nodes, filters, affinity).reshape(B, C, H, W))
         if self.fuse is not None:
-            out = self.fuse(torch.cat([x] + msgs, dim=1))
+            return self.fuse(torch.cat([x] + msgs, dim=1))
+        out = x
+        for idx, msg in enumerate(msgs):
+            out = out + self.beta[idx] * msg
         return out
 
     @torch.jit.ignore
-    def graph(self, x: torch.Tensor) -> List[Dict[str, Optional[torch.Tensor]]]:
+    def graph_info(self, x: torch.Tensor) -> List[Dict[str, Optional[torch.Tensor]]]:
         """ The dynamic graph built for ``x``, one dict per rate, for inspection and tests.
 
         Keys: 'rate'; 'offset' (B, 2K, H, W) walks, (dy, dx) per node, or None without
@@ -215,8 +217,9 @@ class DGMN(nn.Module):
         ys = torch.arange(H, device=x.device).view(1, H, 1)
         xs = torch.arange(W, device=x.device).view(1, 1, W)
         for idx, d in enumerate(self.rates):
-            nodes, offset = self._nodes(x, idx)
-            filters, affinity = self._weights(nodes, idx)
+            offset = None if self.walk is None else self.walk[idx](x)
+            nodes = self._sampled(x, offset, d)
+            filters, affinity = self._weights(self.pred[idx](nodes))
             msg = self._message(nodes, filters, affinity).reshape(B, C, H, W)
             base_y = (ys + ((k // 3 - 1) * d).view(K, 1, 1)).expand(K, H, W)
             base_x = (xs + ((k % 3 - 1) * d).view(K, 1, 1)).expand(K, H, W)
