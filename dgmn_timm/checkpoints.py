@@ -37,7 +37,7 @@ __all__ = [
     'CheckpointError', 'CheckpointNotFoundError', 'CheckpointMismatchError',
     'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'filter_fn_for',
     'architecture_of', 'folder_architecture', 'convert_command',
-    'shape_mismatches', 'mismatch_error', 'abbrev', 'install_timm_loaders',
+    'shape_mismatches', 'mismatch_error', 'abbrev', 'is_package_architecture', 'install_timm_loaders',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -163,8 +163,16 @@ def read_checkpoint(path: PathLike, map_location: Any = 'cpu') -> Any:
         raise _unreadable(p, e) from e
 
 
-def unwrap_state_dict(checkpoint: Any, use_ema: bool = False, source: PathLike = 'the checkpoint') -> Dict[str, Any]:
-    """ The state dict of a training checkpoint (see the module doc for the order), prefixes stripped. """
+def unwrap_state_dict(
+        checkpoint: Any,
+        use_ema: bool = False,
+        source: PathLike = 'the checkpoint',
+        backbone_only: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """ The state dict of a training checkpoint (see the module doc for the order), prefixes stripped.
+
+    With ``backbone_only`` (default) a dict with 'backbone.' keys keeps only those, prefix removed.
+    """
     from timm.models import clean_state_dict
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict.')
@@ -181,7 +189,7 @@ def unwrap_state_dict(checkpoint: Any, use_ema: bool = False, source: PathLike =
         raise CheckpointError(
             f'{source} holds no state dict of tensors (entries that are not tensors: {abbrev(others, 5)}).')
     state_dict = clean_state_dict(tensors)
-    if any(k.startswith(_BACKBONE_PREFIX) for k in state_dict):
+    if backbone_only and any(k.startswith(_BACKBONE_PREFIX) for k in state_dict):
         state_dict = {k[len(_BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
     return state_dict
 
@@ -238,7 +246,7 @@ def check_folder_architecture(path: PathLike, arch: Optional[str]) -> None:
 
 def mismatch(path: PathLike, error: BaseException) -> CheckpointMismatchError:
     """ The error for weights that were read from ``path`` but do not fit the model. """
-    return CheckpointMismatchError(f'{path} does not fit the model: {error}')
+    return CheckpointMismatchError(f'{path}: {error}')
 
 
 def load_weights(
@@ -304,16 +312,134 @@ def mismatch_error(
         mismatched: Sequence[str] = (),
         missing_label: str = 'Missing keys',
 ) -> CheckpointMismatchError:
-    """ An error whose message lists the missing, unexpected and mis-shaped keys under ``title``. """
-    msg = [title]
+    """ An error whose one-line message lists the missing, unexpected and mis-shaped keys after ``title``. """
+    msg = []
     if missing:
         msg.append(f'{missing_label} ({len(missing)}): {abbrev(missing)}')
     if unexpected:
         msg.append(f'Unexpected keys ({len(unexpected)}): {abbrev(unexpected)}')
     if mismatched:
         msg.append(f'Shape mismatches ({len(mismatched)}): {abbrev(mismatched)}')
-    return CheckpointMismatchError('\n  '.join(msg))
+    return CheckpointMismatchError(f'{title} ' + '; '.join(msg))
+
+
+# ---------------------------------------------------------------------------------------------
+# timm's loaders, for this package's models
+
+
+def is_package_architecture(arch: Optional[str]) -> bool:
+    """ Whether ``arch`` (optionally with a tag) is registered by a module of this package. """
+    from timm.models import is_model, model_entrypoint
+    name = (arch or '').split('.')[0]
+    if not name or not is_model(name):
+        return False
+    module = model_entrypoint(name).__module__
+    return module == PACKAGE or module.startswith(PACKAGE + '.')
+
+
+def _wrap_load_pretrained(original: Callable) -> Callable:
+    """ timm's ``load_pretrained``, reading this package's weights with ``read_state_dict``.
+
+    Files, folders and Hub repos are read here (clear errors, the Hub asked without retries); timm's
+    ``load_pretrained`` then does the rest from the state dict (filter, input conv, classifier).
+    """
+    @functools.wraps(original)
+    def load_pretrained(model, pretrained_cfg=None, num_classes=1000, in_chans=3, filter_fn=None, strict=True,
+                        cache_dir=None):
+        cfg = pretrained_cfg or getattr(model, 'pretrained_cfg', None) or {}
+        arch = cfg.get('architecture')
+        if not is_package_architecture(arch):
+            return original(model, pretrained_cfg, num_classes, in_chans, filter_fn, strict, cache_dir)
+        from timm.models._builder import _resolve_pretrained_source
+        load_from, location = _resolve_pretrained_source(cfg)
+        if load_from in ('file', 'local-dir'):
+            path = location
+            check_folder_architecture(path, arch)
+        elif load_from == 'hf-hub':
+            from .hub import hub_weights_file
+            repo_id, filename = location if isinstance(location, (tuple, list)) else (location, None)
+            path = hub_weights_file(repo_id, filename, cache_dir=cache_dir, model_name=_tagged(arch, cfg.get('tag')))
+        elif load_from == '':
+            name = _tagged(arch, cfg.get('tag'))
+            raise CheckpointNotFoundError(
+                f'No pretrained weights are registered for {name}. Use pretrained=False, or give weights with '
+                f"checkpoint_path=PATH or timm.create_model('local-dir:FOLDER', pretrained=True).")
+        else:  # a state dict or a url: timm's own business
+            return original(model, pretrained_cfg, num_classes, in_chans, filter_fn, strict, cache_dir)
+        try:
+            state_dict = read_state_dict(path)
+        except CheckpointError as e:
+            if load_from != 'hf-hub':
+                raise
+            raise type(e)(f"{e} (It is the cached copy of the Hugging Face Hub repo '{repo_id}': delete it, then "
+                          f'download it again or run `{convert_command(_tagged(arch, cfg.get("tag")))}`.)') from e
+        cfg = dict(cfg, state_dict=state_dict, source='', file=None)
+        try:
+            return original(model, cfg, num_classes, in_chans, filter_fn, strict, cache_dir)
+        except RuntimeError as e:
+            raise mismatch(path, e) from e
+    return load_pretrained
+
+
+def _wrap_load_checkpoint(original: Callable) -> Callable:
+    """ timm's ``load_checkpoint`` (``create_model(checkpoint_path=...)``), as ``load_weights`` for this package.
+
+    timm's ``use_ema`` default (True) is not followed: the trained weights load, as on every other route.
+    """
+    @functools.wraps(original)
+    def load_checkpoint(model, checkpoint_path, use_ema=True, device='cpu', strict=True, remap=False, filter_fn=None,
+                        weights_only=True):
+        if remap or filter_fn is not None or not weights_only or not is_package_architecture(architecture_of(model)):
+            return original(model, checkpoint_path, use_ema, device, strict, remap, filter_fn, weights_only)
+        return load_weights(model, checkpoint_path, strict=strict)
+    return load_checkpoint
+
+
+def _wrap_config_from_hf(original: Callable) -> Callable:
+    """ timm's ``load_model_config_from_hf`` (``hf-hub:`` names): this package's repos fail fast and clearly. """
+    @functools.wraps(original)
+    def load_model_config_from_hf(model_id, cache_dir=None, **kwargs):
+        from .hub import hub_file, is_package_repo
+        if is_package_repo(model_id):
+            hub_file(model_id, (CONFIG_NAME,), cache_dir=cache_dir)
+        return original(model_id, cache_dir=cache_dir, **kwargs)
+    return load_model_config_from_hf
+
+
+def _wrap_config_from_path(original: Callable) -> Callable:
+    """ timm's ``load_model_config_from_path`` (``local-dir:`` names), with the reader's message for a missing folder. """
+    @functools.wraps(original)
+    def load_model_config_from_path(model_path, **kwargs):
+        p = Path(model_path)
+        if not p.is_dir():
+            raise CheckpointNotFoundError(
+                f'{p} is not a folder. local-dir: takes a folder with {CONFIG_NAME} and model.safetensors, written by '
+                f'`{convert_command(cache=False)}` or timm.models.save_for_hf.')
+        if not (p / CONFIG_NAME).is_file():
+            raise CheckpointNotFoundError(
+                f'{p} has no {CONFIG_NAME}. local-dir: takes a folder written by `{convert_command(cache=False)}` or '
+                f'timm.models.save_for_hf; load a bare weights file with checkpoint_path=.')
+        return original(model_path, **kwargs)
+    return load_model_config_from_path
+
+
+def _tagged(arch: Optional[str], tag: Optional[str]) -> str:
+    return f'{arch}.{tag}' if tag else str(arch)
 
 
 def install_timm_loaders() -> None:
-    """ Placeholder until the timm routes are wired (see the module doc). """
+    """ Route timm's weight loading for this package's models through this module (once; idempotent).
+
+    Replaces, in timm's own modules, the functions ``timm.create_model`` calls to load weights:
+    ``load_pretrained`` (pretrained tags, ``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``,
+    ``hf-hub:``), ``load_checkpoint`` (``checkpoint_path=``) and the two config readers of ``hf-hub:`` /
+    ``local-dir:``. For models registered outside this package each one calls timm's original unchanged
+    (the ``local-dir:`` reader only adds a message for a missing folder). Nothing in torch is changed.
+    """
+    from timm.models import _builder, _factory
+    if getattr(_builder.load_pretrained, '__wrapped__', None) is not None:
+        return
+    _builder.load_pretrained = _wrap_load_pretrained(_builder.load_pretrained)
+    _factory.load_checkpoint = _wrap_load_checkpoint(_factory.load_checkpoint)
+    _factory.load_model_config_from_hf = _wrap_config_from_hf(_factory.load_model_config_from_hf)
+    _factory.load_model_config_from_path = _wrap_config_from_path(_factory.load_model_config_from_path)

@@ -26,7 +26,6 @@ use mmdetection's layout, not torchvision's): ``backbone_checkpoint=PATH`` reads
 """
 import logging
 import os
-import sys
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -40,7 +39,10 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .state_dicts import abbrev, mismatch_error, safe_load
+from .checkpoints import (
+    abbrev, architecture_of, check_folder_architecture, filter_fn_for, mismatch as checkpoint_mismatch,
+    mismatch_error, read_state_dict,
+)
 
 __all__ = [
     'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
@@ -94,42 +96,8 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """ Read a checkpoint file safely: ``.safetensors`` or a torch file with ``weights_only=True``.
-
-    Training dicts are unwrapped (``'state_dict'``, ``'model'``, ...). Raises a RuntimeError
-    that names the file if it cannot be read without full unpickling.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Checkpoint file not found: {path}')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return dict(load_file(path, device='cpu'))
-    try:
-        checkpoint = safe_load(path)
-    except Exception as e:  # pickle.UnpicklingError and friends
-        raise RuntimeError(
-            f'Could not read {path} with torch.load(weights_only=True): {e}\n'
-            'The file holds objects other than tensors and plain containers. Re-save only its '
-            'state dict, e.g. torch.save(ckpt["state_dict"], "weights.pth"), after checking the '
-            'file comes from a source you trust.') from e
-    if not isinstance(checkpoint, Mapping):
-        raise RuntimeError(f'{path} does not hold a state dict (got {type(checkpoint).__name__}).')
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
-        inner = checkpoint.get(key)
-        if isinstance(inner, Mapping):
-            return dict(inner)
-    return dict(checkpoint)
-
-
-def _filter_fn_for(body: nn.Module) -> Optional[Callable]:
-    """ The ``checkpoint_filter_fn`` of the module that defines ``body``'s timm architecture. """
-    cfg = getattr(body, 'pretrained_cfg', None) or {}
-    arch = cfg.get('architecture')
-    if not arch or not timm.is_model(arch):
-        return None
-    module = sys.modules.get(timm.models.model_entrypoint(arch).__module__)
-    return getattr(module, 'checkpoint_filter_fn', None)
+    """ The state dict in a checkpoint file: ``dgmn_timm.checkpoints.read_state_dict`` (kept for callers). """
+    return read_state_dict(path)
 
 
 def _source_key_candidates(key: str) -> List[str]:
@@ -158,39 +126,48 @@ def load_backbone_checkpoint(
 
     Args:
         body: a timm ``features_only`` model (e.g. ``FeatureBackbone.body``).
-        checkpoint: a file (``torch.load(weights_only=True)`` or safetensors) or a state dict.
-            Training dicts (``{'state_dict': ...}``, ``{'model': ...}``) are unwrapped.
-        prefix: the backbone's key prefix; entries without it are ignored (neck, heads). If no
-            key has the prefix, the whole dict is taken as the backbone.
+        checkpoint: a weights file or converted folder (read by ``dgmn_timm.checkpoints.read_state_dict``:
+            training dicts unwrapped, the ``'backbone.'`` entries kept) or a state dict.
+        prefix: the backbone's key prefix; entries without it are ignored (neck, heads). If no key has the prefix, the whole dict is taken as the backbone.
 
     The architecture's own ``checkpoint_filter_fn`` is applied (for DGMN2 that maps the
-    authors' released key layout), then the keys are matched to the feature model's names.
+    authors' released key layout and refuses another variant), then the keys are matched to the
+    feature model's names.
 
     Returns:
         The checkpoint keys that were not used (e.g. a classifier head, stages the feature
         model does not compute).
 
     Raises:
-        RuntimeError: naming the missing keys, shape mismatches and unexpected keys inside the
-            loaded modules (e.g. the extra blocks of a deeper variant) if the backbone does not fit.
+        CheckpointError (and subclasses): the file cannot be read, or (CheckpointMismatchError, a
+            RuntimeError) the backbone does not fit: the message names the file, the variant, or the
+            missing keys, shape mismatches and unexpected keys inside the loaded modules.
     """
-    state_dict = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
-    for key in ('state_dict', 'model'):
-        if isinstance(state_dict.get(key), Mapping):
-            state_dict = dict(state_dict[key])
-    if prefix:
-        for p in (prefix, 'module.' + prefix):
-            if any(k.startswith(p) for k in state_dict):
-                state_dict = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
-                break
-    filter_fn = _filter_fn_for(body)
+    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None
+    if source is not None:
+        check_folder_architecture(source, architecture_of(body))
+        state_dict = read_state_dict(source)
+    else:
+        state_dict = dict(checkpoint)
+    for p in (prefix, 'module.' + prefix) if prefix else ():  # (the reader already took 'backbone.' off)
+        if any(k.startswith(p) for k in state_dict):
+            state_dict = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+            break
+    try:
+        return _load_backbone(body, state_dict)
+    except RuntimeError as e:
+        if source is None:
+            raise
+        raise checkpoint_mismatch(source, e) from e
+
+
+def _load_backbone(body: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    filter_fn = filter_fn_for(body)
     if filter_fn is not None:
         try:
             state_dict = filter_fn(state_dict, body)
-        except (AttributeError, TypeError):
-            # some filters need attributes only the full model has
+        except (AttributeError, TypeError):  # a filter that needs attributes only the full model has
             state_dict = filter_fn(state_dict, None)
-
     own = body.state_dict()
     mapped: Dict[str, torch.Tensor] = {}
     missing, mismatched = [], []
@@ -204,7 +181,7 @@ def load_backbone_checkpoint(
         value = state_dict[source]
         used.add(source)
         if tuple(value.shape) != tuple(param.shape):
-            mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}')
+            mismatched.append(f'{source}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}')
             continue
         mapped[key] = value
     # Keys the feature model has no module for (a classifier, stages after the last feature level)
@@ -216,8 +193,8 @@ def load_backbone_checkpoint(
     unexpected = [k for k in state_dict if k not in used and not k.endswith('num_batches_tracked') and any(
         '.'.join(k.split('.')[:i]) in loaded_modules for i in range(2, len(k.split('.'))))]
     if missing or mismatched or unexpected:
-        arch = (getattr(body, 'pretrained_cfg', None) or {}).get('architecture', type(body).__name__)
-        raise mismatch_error(f'Backbone checkpoint does not match {arch}.', missing, unexpected, mismatched)
+        arch = architecture_of(body) or type(body).__name__
+        raise mismatch_error(f'The weights do not fit {arch}:', missing, unexpected, mismatched)
     body.load_state_dict(mapped, strict=False)
     unused = [k for k in state_dict if k not in used]
     if unused:
@@ -331,9 +308,7 @@ def create_feature_backbone(
         frozen_stages: freeze the stem (0) and the first n stages (n > 0); -1 freezes nothing.
         **kwargs: passed to ``timm.create_model`` (``output_stride``, ``drop_path_rate``, ...).
     """
-    if pretrained_file is not None:
-        if not os.path.isfile(pretrained_file):
-            raise FileNotFoundError(f'pretrained_file not found: {pretrained_file}')
+    if pretrained_file is not None:  # read (and refused with a clear error) by dgmn_timm.checkpoints
         pretrained = True
         overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
         overlay['file'] = os.fspath(pretrained_file)

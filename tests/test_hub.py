@@ -17,6 +17,8 @@ import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 import dgmn_timm.hub as hub
+from dgmn_timm.checkpoints import read_checkpoint
+from dgmn_timm.convert import convert_checkpoint
 from dgmn_timm.models.dgmn2 import to_released_layout
 from utils import load_script
 
@@ -130,7 +132,7 @@ def released(tmp_path_factory):
 def converted(released, tmp_path_factory):
     out = tmp_path_factory.mktemp('converted') / 'dgmn2_tiny.in1k'
     # the folder's reload check runs in test_converter_cli_to_cache, here the tests below do it
-    return hub.convert_checkpoint(released['cls'], 'dgmn2_tiny', out, check_size=SIZE, verify=False)
+    return convert_checkpoint(released['cls'], 'dgmn2_tiny', out, check_size=SIZE, verify=False)
 
 
 def run(model, x):
@@ -160,7 +162,8 @@ def test_folder_layout(converted):
     cfg = json.loads((folder / 'config.json').read_text())
     assert cfg['architecture'] == 'dgmn2_tiny'
     assert cfg['num_classes'] == 1000 and cfg['num_features'] == 512 and cfg['global_pool'] == 'avg'
-    assert cfg['model_args'] == {'in_chans': 3, 'num_classes': 1000, 'global_pool': 'avg'}
+    # transformers' TimmWrapper passes num_classes itself: model_args must not hold it
+    assert cfg['model_args'] == {'in_chans': 3, 'global_pool': 'avg'}
     pcfg = cfg['pretrained_cfg']
     assert pcfg['tag'] == 'in1k' and pcfg['num_classes'] == 1000
     assert pcfg['input_size'] == [3, 224, 224] and pcfg['crop_pct'] == 0.875 and pcfg['interpolation'] == 'bicubic'
@@ -203,7 +206,7 @@ def test_converter_cli_to_cache(released, hf_cache, tmp_path, capsys):
     torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
     # errors go to stderr with a non-zero exit status
     rc = load_script('convert_official').main([str(released['cls']), '--model', 'dgmn2_tiny', '--output-dir', str(out)])
-    assert rc == 1 and 'not empty' in capsys.readouterr().err
+    assert rc == 2 and 'not empty' in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -221,7 +224,7 @@ def test_converter_all_variants_full_size(variant, tmp_path):
     model.load_state_dict(state_dict, assign=True)
     path = tmp_path / f'{variant}.pth'
     torch.save({'model': to_authors_layout(state_dict), 'epoch': 299, 'args': argparse.Namespace(model=variant)}, path)
-    result = hub.convert_checkpoint(path, variant, tmp_path / 'out')
+    result = convert_checkpoint(path, variant, tmp_path / 'out')
     assert result.verified and result.repo_id == f'dgmn-timm/{variant}.in1k'
     torch.testing.assert_close(run(model, result.check_input), result.check_output, rtol=0, atol=0)
     card = (tmp_path / 'out' / 'README.md').read_text()
@@ -253,11 +256,11 @@ def test_converter_script_respects_hf_home(released, tmp_path):
 
 def test_converter_refuses_unsafe_pickle(released, tmp_path):
     path = tmp_path / 'evil.pth'
-    ckpt = hub.load_released_checkpoint(released['cls'])
+    ckpt = read_checkpoint(released['cls'])
     ckpt['extra'] = NotAllowed()
     torch.save(ckpt, path)
     with pytest.raises(hub.PretrainedWeightsError, match='Refusing to read'):
-        hub.convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
+        convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
     assert not (tmp_path / 'out').exists()
 
 
@@ -266,14 +269,14 @@ def test_converter_truncated_checkpoint(released, tmp_path):
     data = released['cls'].read_bytes()
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(hub.PretrainedWeightsError, match='truncated') as e:
-        hub.convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
+        convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
     assert str(path) in str(e.value)
 
 
 def test_converter_untagged_name_and_tag(released, tmp_path):
     """ A tag that is not registered only names the folder (here: a backbone under its own id). """
     out = tmp_path / 'dgmn2_tiny.coco'
-    result = hub.convert_checkpoint(
+    result = convert_checkpoint(
         released['det'], 'dgmn2_tiny.coco', out, check_size=32, verify=False, to_cache=True,
         repo_id='someone/dgmn2_tiny.coco', cache_dir=tmp_path / 'cache')
     assert result.tag == 'coco' and result.num_classes == 0
@@ -284,13 +287,13 @@ def test_converter_untagged_name_and_tag(released, tmp_path):
 
 def test_converter_wrong_variant(released, tmp_path):
     with pytest.raises(hub.PretrainedWeightsError) as e:
-        hub.convert_checkpoint(released['cls'], 'dgmn2_small', tmp_path / 'out', check_size=SIZE)
+        convert_checkpoint(released['cls'], 'dgmn2_small', tmp_path / 'out', check_size=SIZE)
     assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
 
 
 def test_converter_detection_backbone(released, tmp_path):
     out = tmp_path / 'dgmn2_tiny.coco'
-    result = hub.convert_checkpoint(released['det'], 'dgmn2_tiny', out, check_size=SIZE, verify=False)
+    result = convert_checkpoint(released['det'], 'dgmn2_tiny', out, check_size=SIZE, verify=False)
     assert result.num_classes == 0 and result.tag == 'backbone' and result.repo_id is None
     assert sorted({k.split('.')[0] for k in result.ignored_keys}) == ['bbox_head', 'neck']
     cfg = json.loads((out / 'config.json').read_text())
@@ -373,7 +376,7 @@ def test_error_no_cache_offline(hf_cache):
             timm.create_model(name, pretrained=True)
         msg = str(e.value)
         assert f"'{hub_id}'" in msg and str(hf_cache) in msg and 'HF_HUB_OFFLINE' in msg
-        assert 'scripts/convert_official.py' in msg and '--to-cache' in msg
+        assert 'python -m dgmn_timm.convert' in msg and '--to-cache' in msg
         assert isinstance(e.value, FileNotFoundError)
     # without pretrained nothing is looked up
     assert timm.create_model('dgmn2_tiny', pretrained=False).num_classes == 1000
@@ -406,7 +409,7 @@ def test_error_corrupt_weights(converted, tmp_path, hf_cache):
     (folder / 'model.safetensors').write_bytes(data[:len(data) // 3])
     with pytest.raises(hub.PretrainedWeightsError) as e:
         timm.create_model(f'local-dir:{folder}', pretrained=True)
-    assert 'truncated' in str(e.value) and str(folder) in str(e.value) and 'dgmn2_tiny' in str(e.value)
+    assert 'truncated' in str(e.value) and str(folder) in str(e.value)
     hub.place_in_cache(folder, HUB_ID)
     with pytest.raises(hub.PretrainedWeightsError) as e:
         timm.create_model('dgmn2_tiny', pretrained=True)
@@ -435,7 +438,7 @@ def test_push_dry_run(converted, capsys, monkeypatch):
     # another architecture's Hub id is refused
     rc = load_script('push_to_hub').main(
         [str(converted.output_dir), '--repo-id', 'dgmn-timm/dgmn2_small.in1k', '--dry-run'])
-    assert rc == 1
+    assert rc == 2
     assert 'dgmn2_small' in capsys.readouterr().err
 
 

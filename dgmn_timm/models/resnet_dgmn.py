@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Mapping, Sequence, Type
 import torch
 import torch.nn as nn
 
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.dgmn import DGMN
-from ..state_dicts import mismatch_error, shape_mismatches
+from ..checkpoints import mismatch_error, shape_mismatches
 
 __all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']
 
@@ -130,14 +130,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ResNetDGMN) -> Di
     """ Check a (plain ResNet) checkpoint against ``model`` and complete it with the DGMN part.
 
     Accepts a plain timm ResNet state dict of the same depth/width (DGMN keys missing) or a
-    ResNetDGMN one. Any missing key that is not a DGMN key, and any unexpected key, is an
-    error. Missing DGMN keys are filled with the model's current (initial) values and logged.
+    ResNetDGMN one (``dgmn_timm.checkpoints.read_state_dict`` takes it out of a training checkpoint).
+    Any missing key that is not a DGMN key, and any unexpected key, is an error. Missing DGMN keys
+    are filled with the model's current (initial) values and logged.
     """
-    for wrapper in ('state_dict', 'model'):
-        inner = state_dict.get(wrapper) if isinstance(state_dict, Mapping) else None
-        if isinstance(inner, Mapping):
-            state_dict = inner
-    state_dict = {(k[7:] if k.startswith('module.') else k): v for k, v in state_dict.items()}
     own = model.state_dict()
     # the classifier is timm's business: dropped by load_pretrained when num_classes differs
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -174,9 +170,7 @@ def _natural(s: str):
 
 
 def _create_resnet_dgmn(variant: str, pretrained: bool = False, **kwargs) -> ResNetDGMN:
-    # build_model_with_cfg, with errors that name the weights' source when they cannot be loaded
-    from ..hub import build_model_with_pretrained_checks
-    return build_model_with_pretrained_checks(
+    return build_model_with_cfg(
         ResNetDGMN,
         variant,
         pretrained,
