@@ -7,6 +7,9 @@
 - ``FCNHead``: a simple single-level head (3x3 conv-norm-ReLU stack, 1x1 classifier), for
   dilated backbones (``output_stride=8``).
 - ``SegmentationModel``: backbone + head, returning logits at the input resolution (any size).
+- ``CDGCNet`` (Hu et al., ECCV 2020): ASPP, coarse logits, the class-wise dynamic graph
+  convolution ``dgmn_timm.layers.CDGC`` and refined logits, an auxiliary FCN head; trained with
+  ``CDGCLoss`` through ``training_loss`` (``cdgcnet``, ``cdgcnet_resnet101``; ``HEADS['cdgc']``).
 
     >>> import dgmn_timm
     >>> from dgmn_timm.segmentation import semantic_fpn_dgmn2, fcn_dgmn2

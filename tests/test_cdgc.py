@@ -356,3 +356,17 @@ def test_benchmark_script_peak_memory_below_the_dense_adjacency(capsys):
     assert 'peak MB' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main(['--size', '8', '8', '--dim', '8', '--classes', '2', '--limit-gb', '1e-9'])
+
+
+def test_readme_cdgcnet_snippet():
+    """ The README's CDGCNet example runs (no download: pretrained=False; 64 px images instead of 256). """
+    text = (REPO / 'README.md').read_text()
+    start = text.index('### CDGCNet')
+    code = text[text.index('```python\n', start) + len('```python\n'):]
+    code = code[:code.index('```')]
+    assert 'cdgcnet_resnet101(num_classes=19, pretrained=True)' in code and '# refined logits (2, 19, 256, 256)' in code
+    code = code.replace('pretrained=True', 'pretrained=False').replace('256, 256', '64, 64')
+    scope = {}
+    exec(compile(code, 'README.md', 'exec'), scope)
+    assert scope['logits'].shape == (2, 19, 64, 64)
+    assert torch.isfinite(scope['loss']) and scope['refined'].shape == (1, 19, 33, 33)
