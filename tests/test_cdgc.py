@@ -139,6 +139,19 @@ def test_cdgc_float32_matches_float64():
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_cdgc_under_autocast():
+    torch.manual_seed(0)
+    layer = CDGC(16, 4)
+    x = torch.randn(2, 16, 9, 7, requires_grad=True)
+    coarse = torch.randn(2, 4, 9, 7)
+    target = torch.randint(0, 4, (2, 9, 7))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x, coarse, target)
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.class_conv.weight.grad).all()
+    torch.testing.assert_close(out.float(), layer(x, coarse, target), rtol=0.05, atol=0.05)
+
+
 def test_dynamic_sampling_hand_computed():
     # coarse labels and ground truth on a 2 x 3 map, 3 classes, 255 unlabelled
     coarse_labels = torch.tensor([[[0, 0, 1],

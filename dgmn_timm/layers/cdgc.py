@@ -18,8 +18,8 @@ The dense form (an N x N adjacency per class, an (M * C, H, W) class map) would 
 floats; here each class's pixels are gathered and attend among themselves through
 ``scaled_dot_product_attention``, and the class map is never formed: the per-class weight
 and the merging conv are applied to the gathered pixels and the results are added back at
-their positions. Memory is O(C * sum_m n_m) plus what the attention kernel keeps (on CPU and
-CUDA a flash kernel: O(n_m * C) per class).
+their positions. Memory is O(C * sum_m n_m) plus what the attention kernel keeps (on CPU a
+flash kernel: O(n_m * C) per class).
 
 @inproceedings{hu2020cdgc,
   title={Class-wise Dynamic Graph Convolution for Semantic Segmentation},
@@ -145,9 +145,11 @@ class CDGC(nn.Module):
             z = F.relu(y[0, 0] @ w_class[m].t())
             parts.append(z @ w_merge[:, m].t())
             part_rows.append(idx)
-        merged = x.new_zeros(batch * n, dim)
         if parts:
-            merged = merged.index_add(0, torch.cat(part_rows), torch.cat(parts))
+            source = torch.cat(parts)  # in the matmul's dtype (autocast may lower it)
+            merged = source.new_zeros(batch * n, dim).index_add(0, torch.cat(part_rows), source)
+        else:
+            merged = x.new_zeros(batch * n, dim)
         merged = merged.view(batch, height, width, dim).permute(0, 3, 1, 2)
         return merged + self.merge.bias.view(1, dim, 1, 1)
 
