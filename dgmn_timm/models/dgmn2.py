@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_exportable, is_scriptable, trunc_normal_, \
     use_fused_attn
-from timm.models import adapt_input_conv, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
-from ..state_dicts import mismatch_error, shape_mismatches
+from ..checkpoints import CheckpointMismatchError, mismatch_error, shape_mismatches
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_logits', 'MIN_INPUT_SIZE']
 
@@ -531,34 +531,26 @@ class DGMN2(nn.Module):
 
     @torch.jit.ignore
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """ Load our own, the authors' released (any nesting or prefix) or a detector's state dict.
+        """ Load our own, the authors' released or a detector's ('backbone.'-prefixed) state dict.
 
-        Raises a RuntimeError naming the variant and the offending keys if the checkpoint
-        does not fit this model.
+        Raises a RuntimeError naming the variant the weights are for, or the offending keys, if they
+        do not fit this model.
         """
         state_dict = checkpoint_filter_fn(state_dict, self)
         own = self.state_dict()
-        name = self.variant_name()
-        ckpt_depths, own_depths = _depths_in(state_dict), _depths_in(own)
-        if ckpt_depths is not None and own_depths is not None:
-            common = min(len(ckpt_depths), len(own_depths))
-            if ckpt_depths[:common] != own_depths[:common]:
-                raise RuntimeError(
-                    f'Checkpoint is for {_variant_for_depths(ckpt_depths)} (blocks per stage {ckpt_depths}) '
-                    f'but the model is {name} (blocks per stage {own_depths}).')
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         mismatched = shape_mismatches(state_dict, own)
         if mismatched or (strict and (missing or unexpected)):
-            raise mismatch_error(f'Checkpoint does not match {name}.', missing, unexpected, mismatched)
+            raise mismatch_error(f'The weights do not fit {_model_name(self)}:', missing, unexpected, mismatched)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _depths_in(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
-    """ Blocks per stage of a state dict in our layout, or None if it has no blocks. """
+    """ Blocks per stage of a state dict in our layout (or a feature wrapper's 'stages_i.'), None without blocks. """
     counts: Dict[int, int] = {}
     for k in state_dict:
-        m = re.match(r'^stages\.(\d+)\.blocks\.(\d+)\.', k)
+        m = re.match(r'^stages[._](\d+)\.blocks\.(\d+)\.', k)
         if m:
             s, b = int(m.group(1)), int(m.group(2))
             counts[s] = max(counts.get(s, 0), b + 1)
@@ -574,20 +566,17 @@ def _variant_for_depths(depths: Tuple[int, ...]) -> str:
     return f'a DGMN2 with depths {tuple(depths)}'
 
 
+def _model_name(model: nn.Module) -> str:
+    """ The architecture a model (or its timm feature wrapper) was built as. """
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    return name or _variant_for_depths(_depths_in(model.state_dict()) or ())
+
+
 _RELEASED_MARKERS = ('patch_embed1.conv1.weight', 'stem.conv1.weight')
 
 
-def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """ Take the weights out of a training checkpoint ({'model': ...}, {'state_dict': ...}). """
-    for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
-        inner = state_dict.get(key) if isinstance(state_dict, Mapping) else None
-        if isinstance(inner, Mapping):
-            return inner
-    return state_dict
-
-
 def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """ Keep only the backbone of a wrapped checkpoint ('backbone.', 'module.', ...), prefix removed. """
+    """ Keep only the backbone of a wrapped state dict ('backbone.', 'module.', ...), prefix removed. """
     prefix = None
     for k in state_dict:
         for marker in _RELEASED_MARKERS:
@@ -610,16 +599,15 @@ _ATTN_RENAMES = (
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """ Map the authors' released checkpoints (spec section 4) and wrapped ones to our key names.
+    """ Map the authors' released state dicts (spec section 4) and prefixed ones to our key names.
 
-    Accepts DeiT-style dicts ({'model': state_dict, 'args': ..., ...}), plain state dicts,
-    and detection / segmentation checkpoints whose backbone carries a prefix such as
-    'backbone.'. Our own state dicts pass through unchanged. When ``model`` is given and
-    it has a different number of input channels, the first conv is adapted.
+    Takes a state dict (``dgmn_timm.checkpoints.read_state_dict`` takes it out of a training
+    checkpoint): the released layout, ours (unchanged), or a detector's backbone with a prefix such as
+    'backbone.'. With ``model`` (the model or its feature wrapper) weights of another variant are
+    refused, naming it, and the first conv is adapted to another number of input channels.
     """
-    state_dict = _strip_prefix(_unwrap(state_dict))
     out = {}
-    for k, v in state_dict.items():
+    for k, v in _strip_prefix(state_dict).items():
         if k.startswith('patch_embed1.'):
             k = 'stem.' + k[len('patch_embed1.'):]
         k = re.sub(r'^patch_embed([2-4])\.', lambda m: f'stages.{int(m.group(1)) - 1}.downsample.', k)
@@ -627,11 +615,17 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
         for released, ours in _ATTN_RENAMES:
             k = k.replace(released, ours)
         out[k] = v
-    if model is not None and 'stem.conv1.weight' in out:
-        w = out['stem.conv1.weight']
-        in_chans = model.stem.conv1.weight.shape[1]
-        if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] != in_chans:
-            out['stem.conv1.weight'] = adapt_input_conv(in_chans, w)
+    if model is None:
+        return out
+    ckpt_depths, own_depths = _depths_in(out), _depths_in(model.state_dict())
+    if ckpt_depths and own_depths and ckpt_depths[:len(own_depths)] != own_depths[:len(ckpt_depths)]:
+        raise CheckpointMismatchError(
+            f'The weights are for {_variant_for_depths(ckpt_depths)} (blocks per stage {ckpt_depths}) '
+            f'but the model is {_model_name(model)} (blocks per stage {own_depths}).')
+    w = out.get('stem.conv1.weight')
+    in_chans = model.stem.conv1.weight.shape[1]
+    if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] != in_chans:
+        out['stem.conv1.weight'] = adapt_input_conv(in_chans, w)
     return out
 
 
@@ -653,10 +647,8 @@ def to_released_layout(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def _create_dgmn2(variant: str, pretrained: bool = False, **kwargs) -> DGMN2:
-    # build_model_with_cfg, with errors that name the Hub id / folder and say how to get the weights
-    from ..hub import build_model_with_pretrained_checks
     out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_pretrained_checks(
+    return build_model_with_cfg(
         DGMN2,
         variant,
         pretrained,
