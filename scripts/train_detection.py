@@ -220,12 +220,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     # every check before anything is built
     previous = check_dense_args(args)
+    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     with_masks = args.model == 'maskrcnn'
     train_set = _dataset(args.train_images, args.train_ann, 'training', with_masks=with_masks, train=True,
                          hflip=args.hflip)
     val_set = _dataset(args.val_images or args.train_images, args.val_ann or args.train_ann, 'validation',
                        with_masks=with_masks, cat_ids=train_set.cat_ids)
-    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     device = init_distributed(args.device).device
     set_threads(args.threads, args.workers)
     if args.overwrite:

@@ -215,12 +215,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.num_classes < 1:
         raise UsageError(f'--num-classes must be at least 1, got {args.num_classes}')
     previous = check_dense_args(args)
+    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     train_pairs, unmatched = find_pairs(args.train_images, args.train_masks, args.image_suffix, args.mask_suffix)
     if unmatched:
         tqdm.write(f'warning: {unmatched} images in {args.train_images} have no mask, skipped')
     val_pairs, _ = find_pairs(args.val_images or args.train_images, args.val_masks or args.train_masks,
                               args.image_suffix, args.mask_suffix)
-    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     device = init_distributed(args.device).device
     set_threads(args.threads, args.workers)
     if args.overwrite:

@@ -388,13 +388,14 @@ def test_train_detection_script(tmp_path):
         '--train-images', str(images), '--train-ann', str(ann),
         '--model', 'maskrcnn', '--backbone', 'dgmn2_tiny', '--min-size', '64', '--max-size', '96',
         '--epochs', '1', '--batch-size', '2', '--lr', '1e-4', '--warmup-iters', '1', '--workers', '0',
-        '--device', 'cpu', '--num-threads', '1', '--detections-per-img', '10',
+        '--device', 'cpu', '--threads', '1', '--detections-per-img', '10',
         '--detector-kwargs', json.dumps(small), '--output-dir', str(out),
     ]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'epoch 1/1' in proc.stderr  # tqdm progress bar
+    assert re.search(r'epoch 1/1: loss .*, box AP \d\.\d{4}, mask AP \d\.\d{4}', proc.stdout), proc.stdout[-2000:]
     metrics = json.loads((out / 'metrics.json').read_text())
     assert metrics['num_classes'] == 3 and metrics['cat_ids'] == [3, 7]
     assert len(metrics['epochs']) == 1 and np.isfinite(metrics['epochs'][0]['loss'])

@@ -85,6 +85,18 @@ def test_finetune_mechanics(mechanics_run, digits01):
         assert os.path.isfile(os.path.join(out, name)), name
 
 
+def test_finished_run_is_never_overwritten(mechanics_run, digits01, capsys):
+    """ A second run into the folder of a finished one, without --resume / --overwrite: one error line,
+    every file of the finished run byte-identical. """
+    from dgmn_timm.engine import run_cli
+    out, _ = mechanics_run
+    before = {name: Path(out, name).read_bytes() for name in os.listdir(out)}
+    assert run_cli(finetune.main, FAST + ['--data-dir', digits01, '--output-dir', out, '--epochs', '1']) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f'error: {out} holds a previous run') and '--resume' in line and '--overwrite' in line
+    assert {name: Path(out, name).read_bytes() for name in os.listdir(out)} == before
+
+
 def test_best_checkpoint_reproduces_val_top1(mechanics_run, digits01):
     """ best.safetensors loads with plain timm and gives the reported val accuracy. """
     from PIL import Image

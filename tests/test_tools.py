@@ -1,4 +1,6 @@
-""" scripts/extract_features.py, scripts/visualize_sampling.py and dgmn_timm.visualize. """
+""" scripts/extract_features.py, scripts/visualize_sampling.py, dgmn_timm.visualize, and what every script
+shares (dgmn_timm.engine): argument errors, the no-overwrite rule, help texts, thread defaults. """
+import argparse
 import json
 import os
 from pathlib import Path
@@ -340,3 +342,202 @@ def test_visualize_script_errors(tmp_path):
     with pytest.raises(UsageError, match='resnet50_dgmn_c5 does not have'):
         visualize_script.main(['--image', str(img), '--model', 'resnet50_dgmn_c5', '--output', out])
     assert sorted(os.listdir(tmp_path)) == ['photo.png']  # nothing written
+
+
+# ------------------------------------------------------------------------------------------
+# every script: one error line per mistake, before any model is built, nothing written
+
+
+SCRIPTS = {name: load_script(name) for name in ('finetune', 'extract_features', 'visualize_sampling',
+                                                'train_detection', 'train_segmentation')}
+
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory):
+    """ A folder of small inputs: a tiny ImageFolder tree, COCO json, image / mask pairs and bad files. """
+    root = tmp_path_factory.mktemp('bad_inputs')
+    for rel in ('tree/train/a/1.png', 'tree/val/a/1.png', 'pairs/img/1.png', 'coco/1.png'):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (32, 32)).save(root / rel)
+    (root / 'pairs/mask').mkdir()
+    Image.new('L', (32, 32)).save(root / 'pairs/mask/1.png')
+    (root / 'coco/ann.json').write_text(json.dumps(dict(
+        images=[dict(id=1, file_name='1.png', height=32, width=32)], categories=[dict(id=1, name='thing')],
+        annotations=[dict(id=1, image_id=1, category_id=1, bbox=[2, 2, 20, 20], area=400, iscrowd=0)])))
+    (root / 'notes.txt').write_text('not an image')
+    (root / 'bad.pth').write_text('a text file renamed .pth')
+    (root / 'prev').mkdir()
+    (root / 'prev' / 'train_state.pt').write_bytes(b'PK\x03\x04 truncated')
+    (root / 'prev' / 'metrics.jsonl').write_text('')
+    return root
+
+
+def _cases():
+    ft = ['finetune', '--data-dir', '{r}/tree', '--output-dir', '{out}', '--img-size', '32']
+    seg = ['train_segmentation', '--train-images', '{r}/pairs/img', '--train-masks', '{r}/pairs/mask',
+           '--num-classes', '2', '--output-dir', '{out}']
+    det = ['train_detection', '--train-images', '{r}/coco', '--train-ann', '{r}/coco/ann.json', '--output-dir', '{out}']
+    ex = ['extract_features', '{r}/tree', '--output', '{out}/f.safetensors']
+    return [
+        (ft + ['--batch-size', '0'], '--batch-size must be at least 1'),
+        (ft + ['--epochs', '0'], '--epochs must be at least 1'),
+        (ft + ['--model', 'dgmn2_tinny'], "unknown model 'dgmn2_tinny'; did you mean dgmn2_tiny"),
+        (ft + ['--checkpoint', '{r}/bad.pth'], 'bad.pth is not a weights file'),
+        (ft + ['--checkpoint', '{r}/missing.pth'], 'missing.pth does not exist'),
+        (ft + ['--pretrained', '--checkpoint', '{r}/bad.pth'], 'not both'),
+        (ft[:2] + ['{r}/nothing'] + ft[3:], 'Data directory .*nothing does not exist'),
+        (ft[:4] + ['{r}/prev'] + ft[5:], r'prev holds a previous run .*--resume.*--overwrite'),
+        (ft[:4] + ['{r}/prev'] + ft[5:] + ['--resume'], 'cannot read the training state .*truncated'),
+        (ft + ['--resume'], 'no training state to resume from'),
+        (ft + ['--resume', '--overwrite'], 'not both'),
+        (ex + ['--batch-size', '0'], '--batch-size must be at least 1'),
+        (ex[:1] + ['{r}/nothing'] + ex[2:], 'neither a folder of images nor a list file'),
+        (ex[:-1] + ['{out}/f.pt'], 'must end in .safetensors or .npy'),
+        (ex + ['--checkpoint', '{r}/bad.pth'], 'bad.pth is not a weights file'),
+        (ex + ['--levels', 'a,b'], 'comma-separated integers'),
+        (ex + ['--resume'], 'no unfinished extraction'),
+        (seg + ['--num-classes', '0'], '--num-classes must be at least 1'),
+        (seg + ['--batch-size', '0'], '--batch-size must be at least 1'),
+        (seg[:4] + ['{r}/nothing'] + seg[5:], 'mask folder .*nothing does not exist'),
+        (seg + ['--checkpoint', '{r}/bad.pth'], 'bad.pth is not a weights file'),
+        (seg + ['--backbone', 'nope_net'], "unknown model 'nope_net'"),
+        (seg + ['--device', 'tpu:9'], "unknown --device 'tpu:9'"),
+        (det[:2] + ['{r}/nothing'] + det[3:], 'training image folder .*nothing does not exist'),
+        (det[:4] + ['{r}/coco/missing.json'] + det[5:], 'annotation file .*missing.json does not exist'),
+        (det[:4] + ['{r}/notes.txt'] + det[5:], 'notes.txt is not a COCO-format annotation file'),
+        (det + ['--checkpoint', '{r}/bad.pth'], 'bad.pth is not a weights file'),
+        (det + ['--epochs', '0'], '--epochs must be at least 1'),
+        (['visualize_sampling', '--image', '{r}/notes.txt', '--output', '{out}/v.png'], 'cannot read image'),
+        (['visualize_sampling', '--model', 'resnet50_dgmn_c5', '--output', '{out}/v.png'], 'does not have'),
+    ]
+
+
+@pytest.mark.parametrize('argv, message', _cases(), ids=lambda v: ' '.join(v[:1] + v[-2:]) if isinstance(v, list)
+                         else None)
+def test_script_argument_errors(argv, message, bad_inputs, tmp_path, monkeypatch, capsys):
+    """ exit code 2, one 'error:' line naming the mistake, no model built, nothing written. """
+    from dgmn_timm.engine import run_cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError('a model was built before the arguments were checked')
+
+    monkeypatch.setattr(timm, 'create_model', no_model)
+    out = tmp_path / 'out'
+    before = {p: p.read_bytes() for p in bad_inputs.rglob('*') if p.is_file()}
+    name, *args = [a.format(r=bad_inputs, out=out) for a in argv]
+    assert run_cli(SCRIPTS[name].main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: '), err
+    import re
+    assert re.search(message, err[0]), err[0]
+    assert not out.exists()
+    assert {p: p.read_bytes() for p in bad_inputs.rglob('*') if p.is_file()} == before
+
+
+def test_quick_start_cli_errors(tmp_path):
+    """ ``python -m dgmn_timm``: a missing image is one error line and exit code 2, in a fresh process. """
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, '-m', 'dgmn_timm', '--image', str(tmp_path / 'none.jpg')],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f'error: image {tmp_path / "none.jpg"} does not exist'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--image', '{r}/missing.png'], 'missing.png does not exist'),
+    (['--image', '{r}/notes.txt'], 'cannot read image'),
+    (['--model', 'dgmn3_tiny'], "unknown model 'dgmn3_tiny'"),
+    (['--checkpoint', '{r}/bad.pth'], 'bad.pth is not a weights file'),
+])
+def test_quick_start_argument_errors(argv, message, bad_inputs, monkeypatch, capsys):
+    from dgmn_timm.__main__ import main
+    from dgmn_timm.engine import run_cli
+    monkeypatch.setattr(timm, 'create_model', lambda *a, **kw: pytest.fail('model built before the checks'))
+    assert run_cli(main, [a.format(r=bad_inputs) for a in argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith('error: ') and message in line
+
+
+def test_every_option_has_help_and_one_default():
+    from dgmn_timm.__main__ import get_parser as quick_start_parser
+    parsers = {name: s.get_parser() for name, s in SCRIPTS.items()}
+    parsers['python -m dgmn_timm'] = quick_start_parser()
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == 'help':
+                continue
+            text = formatter._get_help_string(action).replace('%(default)s', 'X')
+            assert action.help and action.help.strip(), (name, action.option_strings)
+            assert text.count('default') <= 1, (name, action.option_strings, text)
+
+
+def test_deprecated_spellings_still_work(capsys):
+    args = SCRIPTS['finetune'].get_parser().parse_args(
+        ['--data-dir', 'd', '--output', 'o', '--num-threads', '3', '--weights', 'w.pth'])
+    assert (args.output_dir, args.threads, args.checkpoint) == ('o', 3, 'w.pth')
+    err = capsys.readouterr().err
+    assert '--output is deprecated' in err and 'use --output-dir' in err and '--num-threads is deprecated' in err
+    args = SCRIPTS['train_segmentation'].parse_args(['--train-images', 'i', '--train-masks', 'm', '--num-classes',
+                                                     '3', '--weights', 'w.safetensors'])
+    assert args.checkpoint == 'w.safetensors'
+
+
+def test_segmentation_recipe_follows_the_head(monkeypatch):
+    """ HEAD_DEFAULTS of the chosen head fill every option not given on the command line. """
+    from dgmn_timm import segmentation
+    seg = SCRIPTS['train_segmentation']
+    monkeypatch.setitem(segmentation.HEADS, 'toy', segmentation.HEADS['fcn'])
+    monkeypatch.setitem(segmentation.HEAD_DEFAULTS, 'toy', dict(opt='sgd', lr=0.01, momentum=0.8, output_stride=16,
+                                                                 channels=64))
+    base = ['--train-images', 'i', '--train-masks', 'm', '--num-classes', '3']
+    args = seg.parse_args(base + ['--head', 'toy', '--lr', '0.02'])
+    assert (args.opt, args.lr, args.momentum, args.output_stride) == ('sgd', 0.02, 0.8, 16)
+    assert args.weight_decay == seg.RECIPE['weight_decay'] and args.head_kwargs == {'channels': 64}
+    args = seg.parse_args(base)
+    assert (args.opt, args.lr, args.epochs) == ('adamw', 1e-4, 10) and args.head_kwargs == {}
+
+
+# ------------------------------------------------------------------------------------------
+# threads
+
+
+class _ThreadsDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.get_num_threads()
+
+
+def test_loader_workers_use_one_thread():
+    from dgmn_timm.engine import make_loader
+    threads = torch.get_num_threads()
+    loader = make_loader(_ThreadsDataset(), batch_size=1, workers=1)
+    assert [int(b) for b in loader] == [1, 1]
+    assert torch.get_num_threads() == threads  # the main process keeps its own
+
+
+def test_default_threads_leave_room_for_workers(monkeypatch):
+    from dgmn_timm import engine
+    monkeypatch.setattr(engine, 'cpu_count', lambda: 2)
+    assert (engine.default_workers(), engine.default_threads(1)) == (1, 1)
+    monkeypatch.setattr(engine, 'cpu_count', lambda: 16)
+    assert (engine.default_workers(), engine.default_threads(4)) == (4, 12)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # torchrun: 4 processes share the cores
+    assert (engine.default_workers(), engine.default_threads(2)) == (2, 2)
+
+
+def test_extract_overwrite_replaces_only_with_the_flag(image_folder, weights, tmp_path):
+    ckpt, _ = weights
+    out = tmp_path / 'feats.safetensors'
+    args = [image_folder, '--output', str(out), '--checkpoint', ckpt] + FAST
+    extract.main(args)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UsageError, match='already exist.*--overwrite'):
+        extract.main(args)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    extract.main(args + ['--overwrite', '--levels', '3'])
+    from safetensors.torch import load_file
+    assert list(load_file(str(out))) == ['level3']
