@@ -416,3 +416,27 @@ def test_repgraph_nodes_and_plot(tmp_path):
     path = tmp_path / 'nodes.png'
     plot_repgraph_nodes(np.zeros((64, 48, 3), np.uint8), res, str(path), title='res4 RepGraph')
     assert path.stat().st_size > 1000
+
+
+def test_param_counts_in_readme():
+    counts = {
+        'resnet50_repgraph': 26_285_882, 'resnet50_repgraph_3l': 29_369_566, 'resnet50_repgraph_5l': 30_827_266,
+        'resnet50_nonlocal': 26_608_424, 'resnet101_repgraph': 45_278_010, 'resnet101_nonlocal': 45_600_552,
+    }
+    for name, n in counts.items():
+        model = timm.create_model(name, device='meta')
+        assert sum(p.numel() for p in model.parameters()) == n, name
+
+
+def test_readme_example_runs():
+    """ The README's RepGraph example runs (no download: pretrained=False; 64 px images instead of 256). """
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    start = text.index('### RepGraph (ECCV 2020)')
+    code = text[text.index('```python\n', start) + len('```python\n'):]
+    code = code[:code.index('```')]
+    assert "timm.create_model('resnet50_repgraph', pretrained=True)" in code
+    code = code.replace('pretrained=True', 'pretrained=False').replace('256, 256', '64, 64')
+    scope = {}
+    exec(compile(code, 'README.md', 'exec'), scope)
+    assert scope['y'].shape == (2, 512, 33, 33) and torch.isfinite(scope['loss'])
