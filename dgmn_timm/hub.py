@@ -107,27 +107,26 @@ def registered_architecture(repo_id: str) -> Optional[Tuple[str, Any]]:
 
 
 def is_package_repo(hub_id: str) -> bool:
-    """ Whether a Hub id belongs to this package: registered by one of its models, or named after one. """
-    repo_id = _split_revision(hub_id)[0]
-    return registered_architecture(repo_id) is not None or is_package_architecture(repo_id.split('/')[-1])
+    """ Whether a Hub repo holds weights of this package's models (named after one: 'ORG/dgmn2_tiny.in1k'). """
+    return is_package_architecture(_split_revision(hub_id)[0].split('/')[-1])
 
 
 def _not_found_message(hub_id: str, model_name: Optional[str], cache_dir, why: str) -> str:
     """ One line: which weights are missing, why, and the command that provides them. """
     repo_id = _split_revision(hub_id)[0]
     where = f"the Hugging Face Hub repo '{repo_id}' is not in the local cache ({hf_cache_dir(cache_dir)}) and {why}."
-    offline = 'Without network access set HF_HUB_OFFLINE=1 so that nothing waits for the Hub.'
+    offline = '' if _hf_offline() else 'Without network access set HF_HUB_OFFLINE=1 so that nothing waits for the Hub.'
     if is_package_repo(hub_id):
         name = model_name or repo_id.split('/')[-1]
         cmd = convert_command(name) + (f' --cache-dir {cache_dir}' if cache_dir else '')
         return (f"No pretrained weights for {name}: {where} Convert the authors' released checkpoint into the "
                 f"local cache once with `{cmd}`; then timm.create_model('{name}', pretrained=True) works, offline "
                 f"too (a converted folder elsewhere loads with timm.create_model('local-dir:FOLDER', "
-                f'pretrained=True)). {offline}')
+                f'pretrained=True)). {offline}').strip()
     timm_name = repo_id.split('/')[-1]
     return (f"No pretrained weights for {model_name or timm_name}: they are timm's {timm_name} weights, and {where} "
             f"Fetch them into the cache once, with network access: `python -c \"import timm; "
-            f"timm.create_model('{timm_name}', pretrained=True)\"`; after that they load offline. {offline}")
+            f"timm.create_model('{timm_name}', pretrained=True)\"`; after that they load offline. {offline}").strip()
 
 
 def hub_file(
@@ -489,12 +488,6 @@ def push_folder(
         commit_message=commit_message, revision=revision)
     print_fn(f'Uploaded: {getattr(info, "commit_url", info)}')
     return info
-
-
-def build_model_with_pretrained_checks(model_cls, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """ Deprecated (model files call timm's ``build_model_with_cfg``; its loaders report bad weights clearly). """
-    from timm.models import build_model_with_cfg
-    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
