@@ -114,7 +114,7 @@ def _file_kind(path: Path) -> str:
 
 
 def _unreadable(path: Path, error: BaseException) -> CheckpointError:
-    detail = f'{type(error).__name__}: {error}'.strip().rstrip(':')
+    detail = ' '.join(f'{type(error).__name__}: {error}'.split()).rstrip(':')
     return CheckpointError(
         f'{path} is truncated or corrupt: it cannot be read ({detail}). Save, download or convert it again.')
 

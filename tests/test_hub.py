@@ -382,6 +382,61 @@ def test_error_no_cache_offline(hf_cache):
     assert timm.create_model('dgmn2_tiny', pretrained=False).num_classes == 1000
 
 
+def test_error_hf_hub_name_offline(hf_cache):
+    """ An hf-hub: name of this package's weights, not cached, offline: the same error as the tag (no raw huggingface_hub one). """
+    with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
+        timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True)
+    msg = str(e.value)
+    assert f"'{HUB_ID}'" in msg and 'HF_HUB_OFFLINE is set' in msg and 'python -m dgmn_timm.convert' in msg
+
+
+def test_error_resnet_dgmn_offline_names_timm_weights(hf_cache):
+    """ The ResNet-DGMN models load timm's plain ResNet weights: the error names those, not a release to convert. """
+    with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
+        timm.create_model('resnet50_dgmn_c5', pretrained=True)
+    msg = str(e.value)
+    assert "'timm/resnet50.a1_in1k'" in msg and "timm.create_model('resnet50.a1_in1k', pretrained=True)" in msg
+    assert 'convert' not in msg and '.pth' not in msg
+
+
+def test_unreachable_hub_fails_without_retries(hf_cache, monkeypatch):
+    """ Online but the Hub cannot be reached: one attempt per file, not huggingface_hub's retries (~47 s). """
+    import time
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', 'http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}')
+    start = time.perf_counter()
+    for name in ('dgmn2_tiny', f'hf-hub:{HUB_ID}'):
+        with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
+            timm.create_model(name, pretrained=True)
+        assert 'could not be reached' in str(e.value) and 'HF_HUB_OFFLINE=1' in str(e.value)
+    # huggingface_hub's own retries sleep 1 + 2 + 4 + 8 + 8 s per file
+    assert time.perf_counter() - start < 20
+
+
+def test_transformers_loads_converted_folder(converted, released):
+    """ A converted folder in Hugging Face transformers: TimmWrapper and the pipeline, ImageNet labels, timm's logits. """
+    transformers = pytest.importorskip('transformers')
+    import numpy as np
+    from PIL import Image
+    folder = str(converted.output_dir)
+    model = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert type(model).__name__ == 'TimmWrapperForImageClassification'
+    assert model.config.num_labels == 1000 and model.config.id2label[0] == 'tench, Tinca tinca'
+    x = released['x']
+    with torch.inference_mode():
+        torch.testing.assert_close(model(pixel_values=x).logits, run(converted.model, x), rtol=0, atol=0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    pipe = transformers.pipeline('image-classification', model=folder)
+    top = pipe(image, top_k=1)[0]
+    timm_model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(timm_model))
+    expected = run(timm_model, transform(image).unsqueeze(0)).softmax(-1)[0]
+    assert top['label'] == model.config.id2label[int(expected.argmax())]
+    assert top['score'] == pytest.approx(float(expected.max()), rel=1e-4)
+
+
 def test_error_wrong_architecture_folder(converted, tmp_path, hf_cache):
     folder = tmp_path / 'mislabelled'
     shutil.copytree(converted.output_dir, folder)
