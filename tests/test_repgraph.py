@@ -440,3 +440,42 @@ def test_readme_example_runs():
     scope = {}
     exec(compile(code, 'README.md', 'exec'), scope)
     assert scope['y'].shape == (2, 512, 33, 33) and torch.isfinite(scope['loss'])
+
+
+# ---------------------------------------------------------------- real clients on the layer
+
+
+def _perturbed(layer):
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return layer.eval()
+
+
+def test_layer_compile_export_script_trace():
+    torch.manual_seed(0)
+    layer = _perturbed(RepGraph(16, 8, num_nodes=5, grid=2, groups=2, fusion='concat'))
+    x, x2 = torch.randn(2, 16, 9, 7), torch.randn(1, 16, 6, 11)
+    with torch.no_grad():
+        ref = layer(x)
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), ref)
+        torch.testing.assert_close(torch.export.export(layer, (x,)).module()(x), ref)
+        torch.testing.assert_close(torch.jit.trace(layer, (x,))(x2), layer(x2))
+        torch.testing.assert_close(torch.jit.script(layer)(x2), layer(x2), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_portable_path_exports_to_onnx():
+    import io
+    ort = pytest.importorskip('onnxruntime')
+    from timm.layers import set_layer_config
+    torch.manual_seed(0)
+    with set_layer_config(exportable=True):
+        layer = _perturbed(RepGraph(16, 8, num_nodes=5, grid=2, groups=2))
+    assert layer.portable and not RepGraph(16, 8).portable
+    f = io.BytesIO()
+    torch.onnx.export(layer, (torch.randn(2, 16, 9, 7),), f, opset_version=17, dynamo=False, input_names=['x'],
+                      dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}})
+    sess = ort.InferenceSession(f.getvalue())
+    x = torch.randn(1, 16, 12, 5)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {'x': x.numpy()})[0], layer(x).numpy(), rtol=1e-4, atol=1e-5)
