@@ -6,7 +6,10 @@ models through ``dgmn_timm.checkpoints`` (one reader, one clear error per bad fi
 """
 from .sampling import sample_nodes, sample_nodes_reference
 from .models import *  # noqa: F401,F403  (registers the models with timm)
-from .checkpoints import CheckpointError, install_timm_loaders, load_weights, read_state_dict
+from .checkpoints import (
+    CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, install_timm_loaders, load_weights,
+    read_state_dict,
+)
 
 install_timm_loaders()
 

@@ -186,3 +186,73 @@ def test_num_classes_override_drops_head(source, image, tmp_path):
     with torch.no_grad():
         assert model(image).shape == (2, 5)
         torch.testing.assert_close(model.forward_features(image), source.forward_features(image), atol=0, rtol=0)
+
+
+def test_training_checkpoint_unwrap_order(source, tmp_path):
+    """ The reader's one order: 'model', else 'state_dict'; with use_ema 'model_ema', else 'state_dict_ema'. """
+    from dgmn_timm.checkpoints import CheckpointError, read_state_dict
+    a = {'x': torch.zeros(1)}
+    b = {'x': torch.ones(1)}
+    c = {'x': torch.full((1,), 2.)}
+    cases = [
+        (dict(model=a, model_ema=b, state_dict=c, state_dict_ema=c), a, b),
+        (dict(state_dict=a, state_dict_ema=b, args=argparse.Namespace(lr=1)), a, b),
+        (dict(model=a, state_dict=c), a, None),
+        ({'module.x': torch.zeros(1), 'backbone.y': torch.ones(1)}, None, None),
+    ]
+    for i, (ckpt, plain, ema) in enumerate(cases):
+        path = tmp_path / f'{i}.pth'
+        torch.save(ckpt, path)
+        if plain is None:
+            assert read_state_dict(path).keys() == {'y'}  # DDP prefix off, a detector's backbone kept
+            continue
+        assert torch.equal(read_state_dict(path)['x'], plain['x'])
+        if ema is None:
+            with pytest.raises(CheckpointError, match='has no EMA weights'):
+                read_state_dict(path, use_ema=True)
+        else:
+            assert torch.equal(read_state_dict(path, use_ema=True)['x'], ema['x'])
+
+
+def test_one_reader_serves_every_route(source, image, tmp_path, monkeypatch):
+    """ The same released file through every route: read by dgmn_timm.checkpoints each time, same model. """
+    from dgmn_timm import checkpoints
+    from dgmn_timm.convert import convert_checkpoint
+    from dgmn_timm.detection import create_feature_backbone
+    from pathlib import Path
+    path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
+    reads = []
+    real = checkpoints._weights_file
+    monkeypatch.setattr(checkpoints, '_weights_file', lambda p: reads.append(str(p)) or real(p))
+    repo = str(Path(__file__).resolve().parents[1])
+    models = {
+        'checkpoint_path': lambda: timm.create_model('dgmn2_tiny', checkpoint_path=path),
+        'overlay': lambda: timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path)),
+        'torch_hub': lambda: torch.hub.load(repo, 'dgmn2_tiny', source='local', checkpoint_path=path),
+        'load_weights': lambda: checkpoints.load_weights(timm.create_model('dgmn2_tiny'), path) and None,
+        'converter': lambda: convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=32, verify=False).model,
+    }
+    for route, build in models.items():
+        reads.clear()
+        model = build()
+        assert reads == [path], route
+        if model is not None:
+            with torch.no_grad():
+                torch.testing.assert_close(model.eval()(image), source(image), atol=0, rtol=0, msg=route)
+    reads.clear()
+    features = create_feature_backbone('dgmn2_tiny', backbone_checkpoint=path).eval()
+    assert reads == [path]
+    with torch.no_grad():
+        torch.testing.assert_close(features(image)[-1], source.forward_features(image), atol=0, rtol=0)
+
+
+def test_other_timm_models_load_as_timm_loads_them(tmp_path):
+    """ import dgmn_timm changes nothing for models registered elsewhere: timm's own reader and errors. """
+    from dgmn_timm.checkpoints import CheckpointError
+    model = timm.create_model('test_vit')
+    torch.save({'state_dict_ema': model.state_dict(), 'state_dict': {}}, tmp_path / 'ema.pth')
+    timm.create_model('test_vit', checkpoint_path=str(tmp_path / 'ema.pth'))  # timm's EMA-first order
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(Exception) as e:
+        timm.create_model('test_vit', checkpoint_path=str(tmp_path / 'empty.pth'))
+    assert not isinstance(e.value, CheckpointError)
