@@ -15,7 +15,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import timm
 import dgmn_timm  # noqa: F401
 from dgmn_timm.models.dgmn2 import to_released_layout
-from dgmn_timm.state_dicts import safe_load
+from dgmn_timm.checkpoints import read_checkpoint
 from utils import load_script
 from dgmn_timm.detection import (
     create_feature_backbone, fasterrcnn_dgmn2, freeze_batch_norm, load_backbone_checkpoint,
@@ -291,7 +291,7 @@ def test_mismatched_detection_checkpoint_raises(tmp_path):
     torch.save({'state_dict': _to_released_layout(timm.create_model('dgmn2_small').state_dict())}, path)
     with pytest.raises(RuntimeError, match='dgmn2_tiny'):
         create_feature_backbone('dgmn2_tiny', backbone_checkpoint=str(path))
-    truncated = {k: v for k, v in safe_load(path)['state_dict'].items() if 'block4' not in k}
+    truncated = {k: v for k, v in read_checkpoint(path)['state_dict'].items() if 'block4' not in k}
     body = timm.create_model('dgmn2_small', features_only=True)
     with pytest.raises(RuntimeError, match='Missing keys'):
         load_backbone_checkpoint(body, truncated)
