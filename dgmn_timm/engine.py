@@ -15,8 +15,9 @@ Run folders
     (a temp file next to it, then ``os.replace``).
 
 Threads
-    Data-loading workers run one intra-op thread each (``worker_init_fn``); the main process
-    takes the cores left after one per loader worker (``default_threads``).
+    torch runs each data-loading worker on one intra-op thread; the main process takes the cores
+    left after one per loader worker (``default_threads``), and the number of workers is half this
+    process's share of the cores (``default_workers``).
 
 Dense training
     ``add_dense_args`` and ``train_dense`` hold the argument group, optimiser, schedule, epoch
@@ -49,15 +50,21 @@ from .checkpoints import CheckpointError, load_weights, mismatch, read_checkpoin
 from .data import DataDirError
 
 __all__ = [
-    'UsageError', 'run_cli', 'HelpFormatter', 'add_alias', 'add_run_args', 'check_model_name', 'check_positive',
-    'read_rgb_image',
-    'check_run_folder', 'cpu_count', 'default_workers', 'default_threads', 'set_threads', 'worker_init_fn',
-    'make_loader', 'create_model', 'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
-    'resolve_amp_dtype', 'autocast', 'backward_step', 'rng_state', 'set_rng_state', 'atomic_path',
-    'save_safetensors', 'atomic_torch_save', 'atomic_write_text', 'write_json', 'read_model_weights',
-    'load_model_weights',
-    'load_train_state', 'clear_run_files', 'check_dense_args',
-    'add_dense_args', 'train_dense',
+    # command line
+    'UsageError', 'run_cli', 'HelpFormatter', 'add_alias', 'add_run_args', 'check_positive', 'check_model_name',
+    'read_rgb_image', 'check_run_folder', 'clear_run_files',
+    # models
+    'create_model', 'read_model_weights', 'load_model_weights',
+    # threads, loaders, devices
+    'cpu_count', 'default_workers', 'default_threads', 'set_threads', 'make_loader',
+    'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
+    # precision and updates
+    'resolve_amp_dtype', 'autocast', 'backward_step',
+    # state and files
+    'rng_state', 'set_rng_state', 'atomic_path', 'save_safetensors', 'atomic_torch_save', 'atomic_write_text',
+    'write_json', 'load_train_state',
+    # dense training
+    'add_dense_args', 'check_dense_args', 'train_dense',
 ]
 
 TRAIN_STATE = 'train_state.pt'
@@ -129,8 +136,8 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = No
     g.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available); '
                    'under torchrun each process takes its local rank\'s GPU')
     g.add_argument('--threads', type=int, default=None,
-                   help='intra-op CPU threads of the main process (default: the cores left after one per loader '
-                        'worker, at least 1)')
+                   help='intra-op CPU threads of the main process (default: OMP_NUM_THREADS if set, else the cores '
+                        'left after one per loader worker, at least 1)')
     add_alias(g, '--num-threads', '--threads', 'threads', type=int)
     g.add_argument('--workers', type=int, default=default_workers() if workers is None else workers,
                    help='data-loading processes (one thread each; 0 loads in the main process)')
@@ -296,24 +303,24 @@ def default_threads(workers: int) -> int:
 
 
 def set_threads(threads: Optional[int], workers: int) -> int:
-    """ Set the main process's intra-op threads (``threads`` or ``default_threads``); returns the number. """
+    """ Set the main process's intra-op threads; returns the number.
+
+    ``threads`` if given, else ``OMP_NUM_THREADS`` if set (torch already follows it), else ``default_threads``.
+    """
+    if not threads and os.environ.get('OMP_NUM_THREADS'):
+        return torch.get_num_threads()
     n = threads if threads else default_threads(workers)
     torch.set_num_threads(n)
     return n
 
 
-def worker_init_fn(worker_id: int):
-    """ One intra-op thread per data-loading worker (torch would start one per core in each). """
-    torch.set_num_threads(1)
-
-
 def make_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: Optional[int] = None, **kwargs
                 ) -> torch.utils.data.DataLoader:
-    """ A DataLoader whose workers use one thread each; ``seed`` fixes the shuffle order. """
+    """ A DataLoader with ``workers`` processes (torch gives each one intra-op thread); ``seed`` fixes the
+    shuffle order. """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-        worker_init_fn=worker_init_fn if workers > 0 else None, **kwargs)
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

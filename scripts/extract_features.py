@@ -37,8 +37,8 @@ import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import DataDirError, SafeImageDataset, collate_skip, list_images
 from dgmn_timm.engine import (
     HelpFormatter, UsageError, add_alias, add_run_args, atomic_path, atomic_write_text, autocast, barrier,
-    check_model_name, check_positive, clear_run_files, create_model, init_distributed, resolve_amp_dtype, run_cli, set_threads,
-    worker_init_fn,
+    check_model_name, check_positive, clear_run_files, create_model, init_distributed, resolve_amp_dtype, run_cli,
+    set_threads,
 )
 
 _logger = logging.getLogger('extract_features')
@@ -208,8 +208,7 @@ def main(argv=None) -> dict:
         if c in done:
             continue
         loader = DataLoader(torch.utils.data.Subset(dataset, list(chunk_range(c))), batch_size=args.batch_size,
-                            num_workers=args.workers, collate_fn=collate_skip, pin_memory=device.type == 'cuda',
-                            worker_init_fn=worker_init_fn if args.workers else None)
+                            num_workers=args.workers, collate_fn=collate_skip, pin_memory=device.type == 'cuda')
         outs: Dict[str, List[torch.Tensor]] = {}
         kept: List[int] = []
         with torch.no_grad():

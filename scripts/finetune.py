@@ -43,7 +43,7 @@ from dgmn_timm.engine import (
     HelpFormatter, UsageError, add_alias, add_run_args, all_reduce_sum, atomic_torch_save, atomic_write_text,
     autocast, backward_step, barrier, check_model_name, check_positive, check_run_folder, clear_run_files,
     create_model, init_distributed, load_train_state, resolve_amp_dtype, rng_state, run_cli, save_safetensors,
-    set_rng_state, set_threads, worker_init_fn,
+    set_rng_state, set_threads,
 )
 
 _logger = logging.getLogger('finetune')
@@ -279,8 +279,7 @@ def main(argv=None) -> dict:
     train_sampler = DistributedSampler(
         train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
     per_rank = len(train_sampler)
-    loader_kw = dict(num_workers=args.workers, collate_fn=collate_skip, pin_memory=args.pin_mem,
-                     worker_init_fn=worker_init_fn if args.workers else None)
+    loader_kw = dict(num_workers=args.workers, collate_fn=collate_skip, pin_memory=args.pin_mem)
     train_loader = DataLoader(
         train_ds, batch_size=args.batch_size, sampler=train_sampler,
         drop_last=per_rank >= 2 * args.batch_size, **loader_kw)

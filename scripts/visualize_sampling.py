@@ -26,8 +26,8 @@ from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.engine import (
-    HelpFormatter, UsageError, add_alias, atomic_path, atomic_write_text, check_model_name, create_model, read_rgb_image, resolve_device,
-    run_cli,
+    HelpFormatter, UsageError, add_alias, atomic_path, atomic_write_text, check_model_name, create_model,
+    read_rgb_image, resolve_device, run_cli,
 )
 from dgmn_timm.visualize import grid_points, plot_sampling, sampling_points_many
 

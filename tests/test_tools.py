@@ -512,6 +512,8 @@ class _ThreadsDataset(torch.utils.data.Dataset):
 
 
 def test_loader_workers_use_one_thread():
+    """ The README's claim: a data-loading worker computes on one intra-op thread (torch's worker loop
+    sets it), whatever the main process uses. """
     from dgmn_timm.engine import make_loader
     threads = torch.get_num_threads()
     loader = make_loader(_ThreadsDataset(), batch_size=1, workers=1)
@@ -521,6 +523,17 @@ def test_loader_workers_use_one_thread():
 
 def test_default_threads_leave_room_for_workers(monkeypatch):
     from dgmn_timm import engine
+    threads = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(engine, 'cpu_count', lambda: 3)
+    try:
+        assert engine.set_threads(None, 1) == 2 == torch.get_num_threads()
+        assert engine.set_threads(1, 1) == 1 == torch.get_num_threads()
+        monkeypatch.setenv('OMP_NUM_THREADS', '1')  # an explicit environment setting is kept
+        torch.set_num_threads(1)
+        assert engine.set_threads(None, 0) == 1
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(engine, 'cpu_count', lambda: 2)
     assert (engine.default_workers(), engine.default_threads(1)) == (1, 1)
     monkeypatch.setattr(engine, 'cpu_count', lambda: 16)
