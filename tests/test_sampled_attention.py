@@ -7,6 +7,7 @@ from dgmn_timm.kernels import (
     attention_weights, sampled_attention, sampled_attention_portable, sampled_attention_reference)
 
 OP = torch.ops.dgmn_timm.sampled_attention
+FWD = torch.ops.dgmn_timm.sampled_attention_fwd
 
 
 def _inputs(B, H, W, nh, hd, K=9, bias=True, walk=1.5, dtype=torch.float64, seed=0):
@@ -164,8 +165,9 @@ def test_gradcheck(K, bias):
 def test_opcheck():
     for K, bias in ((9, True), (3, False)):
         qkv, off, b = _inputs(1, 3, 4, 2, 4, K, bias, dtype=torch.float32)
-        torch.library.opcheck(OP, (qkv, off, b, 0.5))
-        torch.library.opcheck(OP, (qkv.detach(), off.detach(), None if b is None else b.detach(), 0.5))
+        for op in (OP, FWD):  # the public op and the forward it decomposes into
+            torch.library.opcheck(op, (qkv, off, b, 0.5))
+            torch.library.opcheck(op, (qkv.detach(), off.detach(), None if b is None else b.detach(), 0.5))
 
 
 def test_fake_shapes_and_errors():

@@ -37,8 +37,8 @@ for (B, H, W, nh, hd, K, walk, bias) in [(2, 5, 4, 2, 8, 9, 1.5, True), (1, 1, 1
     go = torch.randn(ref.shape, dtype=torch.float64)
     refg = torch.autograd.grad(ref, args, go)
     f32 = [t.detach().float() for t in (qkv, off)] + [None if b is None else b.detach().float()]
-    out = triton_forward(*f32, scale)
-    grads = triton_backward(go.float(), *f32, out, scale)
+    out, lse = triton_forward(*f32, scale)
+    grads = triton_backward(go.float(), *f32, out, lse, scale)
     err = (out.double() - ref).abs().max().item()
     gerr = [(g.double() - r).abs().max().item() for g, r in zip(grads, refg)]
     print((B, H, W, nh, hd, K, bias), 'forward', err, 'grads', gerr)
@@ -48,10 +48,10 @@ for (B, H, W, nh, hd, K, walk, bias) in [(2, 5, 4, 2, 8, 9, 1.5, True), (1, 1, 1
 qkv, off, b = inputs(1, 4, 4, 2, 8, 9, 1.5, True)
 off = off.round() + 0.25
 bf = [t.bfloat16() for t in (qkv, off, b)]
-out = triton_forward(*bf, 8 ** -0.5)
+out, lse = triton_forward(*bf, 8 ** -0.5)
 ref = sampled_attention_reference(*[t.double() for t in bf], 8 ** -0.5)
 err = (out.double() - ref).abs().max().item()
-grads = triton_backward(torch.ones_like(out), *bf, out, 8 ** -0.5)
+grads = triton_backward(torch.ones_like(out), *bf, out, lse, 8 ** -0.5)
 print('bfloat16 forward', err, out.dtype, [g.dtype for g in grads])
 if err > 3e-2 or out.dtype != torch.bfloat16 or any(g.dtype != torch.bfloat16 for g in grads):
     failures.append('bf16')

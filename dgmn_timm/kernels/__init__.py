@@ -7,19 +7,15 @@
   the float64 oracle; :func:`attention_weights` the softmax weights of the nodes.
 - :func:`chunked_mlp` is the transformer MLP computed in row blocks (large CPU maps).
 """
-import torch
-
 from .chunked_mlp import chunked_mlp, use_chunked_mlp
 from .sampled_attention import (
     DOUBLE_BACKWARD_MESSAGE,
     attention_weights,
+    sampled_attention,
     sampled_attention_portable,
     sampled_attention_reference,
     triton_available,
 )
-
-# the registered op itself (not the Python CustomOpDef), so that TorchScript can call it too
-sampled_attention = torch.ops.dgmn_timm.sampled_attention
 
 __all__ = [
     'sampled_attention', 'sampled_attention_portable', 'sampled_attention_reference', 'attention_weights',

@@ -69,8 +69,8 @@ DOUBLE_BACKWARD_MESSAGE = (
     "(or with the environment variable TIMM_FUSED_ATTN=0).")
 
 _CORNERS = 4
-# base grids (pixel coordinates + 1, the table's padding) per (H, W, device, dtype)
-_BASE_GRIDS: Dict[Tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+# small shape-dependent index tensors, see _cached
+_CACHE: Dict[tuple, object] = {}
 _TRITON_OK: Dict[str, bool] = {}
 
 
@@ -117,71 +117,115 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _base_grid(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """ (H, W, 1, 1, 2) padded pixel coordinates (y + 1, x + 1), cached. """
-    key = (height, width, str(device), dtype)
-    grid = _BASE_GRIDS.get(key)
-    if grid is None:
-        if len(_BASE_GRIDS) > 64:
-            _BASE_GRIDS.clear()
-        ys = torch.arange(1, height + 1, device=device, dtype=dtype)
-        xs = torch.arange(1, width + 1, device=device, dtype=dtype)
-        grid = torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1).view(height, width, 1, 1, 2)
-        _BASE_GRIDS[key] = grid
-    return grid
+def _cached(key, build):
+    """ ``build()``, memoised per key (small index tensors that depend only on shapes). """
+    out = _CACHE.get(key)
+    if out is None:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        out = build()
+        _CACHE[key] = out
+    return out
 
 
-def _corner_const(which: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """ Per-corner constants: 0 / 1 = base / sign of the row factor, 2 / 3 = of the column factor. """
-    table = ((1., 1., 0., 0.), (-1., -1., 1., 1.), (1., 0., 1., 0.), (-1., 1., -1., 1.))
-    return torch.tensor(table[which], device=device, dtype=dtype)
+def _axis_coords(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ (H, 1, 1, 1) row and (W, 1, 1) column pixel coordinates. """
+    return _cached(('coords', H, W, str(device), dtype), lambda: (
+        torch.arange(H, device=device, dtype=dtype).view(H, 1, 1, 1),
+        torch.arange(W, device=device, dtype=dtype).view(W, 1, 1)))
 
 
-def _corners(offset: torch.Tensor, height: int, width: int, cdt: torch.dtype, need_mask: bool):
-    """ Corner rows and bilinear weights of the K nodes of every (query, head).
+def _row_base(B: int, H: int, W: int, nh: int, device: torch.device, itype: torch.dtype) -> torch.Tensor:
+    """ (B, 1, 1, nh, 1) table row of the key of head h at pixel (0, 0) of image b. """
+    def build():
+        b = torch.arange(B, device=device, dtype=itype).view(B, 1, 1, 1, 1) * (H * W * 3 * nh)
+        return b + torch.arange(nh, device=device, dtype=itype).view(1, 1, 1, nh, 1) + nh
+    return _cached(('rows', B, H, W, nh, str(device), itype), build)
 
-    The table the rows index is the zero-padded key/value map (B, H + 3, W + 3, 2, nh, hd)
-    viewed as (rows, hd): the key of head h at padded pixel P is row 2 * nh * P + h, its value
-    row 2 * nh * P + nh + h.
+
+def _bag_index(n: int, bag_size: int, device: torch.device, itype: torch.dtype):
+    """ offsets and offset2bag of ``n`` bags of ``bag_size`` consecutive entries. """
+    def build():
+        bags = torch.arange(n, device=device, dtype=itype)
+        return bags * bag_size, bags.view(n, 1).expand(n, bag_size).reshape(-1)
+    return _cached(('bags', n, bag_size, str(device), itype), build)
+
+
+def _corners(offset: torch.Tensor, height: int, width: int, nh: int, cdt: torch.dtype, need_grad: bool):
+    """ Table rows and bilinear weights of the 4 corners of the K nodes of every (query, head).
+
+    The table is qkv itself viewed as (B * H * W * 3 * nh, hd): the key of head h at pixel P is
+    row (3P + 1) * nh + h, its value that row + nh. A corner outside the map gets weight zero
+    and a clamped (valid) row. Works per axis on (B, H, W, nh, K) tensors.
 
     Returns:
         idx: (M * K * 4,) key rows (M = B * H * W * nh), corners ordered (y0, x0), (y0, x0 + 1),
             (y0 + 1, x0), (y0 + 1, x0 + 1); int32 when the table has fewer than 2**31 rows.
-        w, gy, gx: (M, K, 4) bilinear weights and their row / column factors (w = gy * gx).
-        mask: (M, K, 2) bool, where the unclamped coordinate lies in the padded range (where it
-            has a gradient), or None.
+        w: (M, K, 4) bilinear weights, zero for corners outside the map.
+        axes: with need_grad, (gy0, gy1, gx0, gx1, dgy0, dgy1, dgx0, dgx1), each (M, K): the
+            per-axis weight factors (w of corner (a, b) = gy_a * gx_b) and their derivatives by
+            the coordinate (zero where the coordinate lies outside [-1, L], where it is clamped).
     """
-    B, _, _, nh, K2 = offset.shape
+    B, _, _, _, K2 = offset.shape
     K = K2 // 2
-    device = offset.device
-    Hp, Wp = height + 3, width + 3
-    itype = torch.int32 if B * Hp * Wp * 2 * nh < 2 ** 31 - 1 else torch.int64
     M = B * height * width * nh
-
-    pos = offset.reshape(B, height, width, nh, K, 2).to(cdt) + _base_grid(height, width, device, cdt)
-    lim = torch.tensor([height + 1., width + 1.], device=device, dtype=cdt)
-    mask = ((pos >= 0.) & (pos <= lim)).view(M, K, 2) if need_mask else None
-    # beyond the padded range all 4 corners read zeros: clamping changes no value
-    pos = torch.clamp(pos, min=torch.zeros_like(lim), max=lim)
-    frac = torch.frac(pos)  # pos >= 0: truncation is floor
-    fl = pos.to(itype)
-    stride = torch.tensor([Wp * 2 * nh, 2 * nh], device=device, dtype=itype)
-    corner = torch.tensor([0, 2 * nh, Wp * 2 * nh, (Wp + 1) * 2 * nh], device=device, dtype=itype)
-    corner = (corner + (torch.arange(B, device=device, dtype=itype) * (Hp * Wp * 2 * nh)).view(B, 1, 1, 1, 1, 1)
-              + torch.arange(nh, device=device, dtype=itype).view(1, 1, 1, nh, 1, 1))
-    idx = ((fl * stride).sum(-1, dtype=itype).unsqueeze(-1) + corner).view(-1)
-    # factors of the 4 corner weights, (1 - f) or f per axis: base + f * sign
-    gy = torch.addcmul(_corner_const(0, device, cdt), frac[..., 0:1], _corner_const(1, device, cdt)).view(M, K, 4)
-    gx = torch.addcmul(_corner_const(2, device, cdt), frac[..., 1:2], _corner_const(3, device, cdt)).view(M, K, 4)
-    return idx, gy * gx, gy, gx, mask
+    device = offset.device
+    itype = torch.int32 if B * height * width * 3 * nh < 2 ** 31 - 1 else torch.int64
+    off = offset.view(B, height, width, nh, K, 2) if offset.stride(-1) == 1 else offset.reshape(
+        B, height, width, nh, K, 2)
+    ys, xs = _axis_coords(height, width, device, cdt)
+    py = off[..., 0].to(cdt) + ys
+    px = off[..., 1].to(cdt) + xs
+    if need_grad:
+        my = (py >= -1.) & (py <= height)
+        mx = (px >= -1.) & (px <= width)
+    # at or beyond -1 / L both corners on that axis are outside: clamping changes no value
+    py = py.clamp_(-1., height)
+    px = px.clamp_(-1., width)
+    y0 = torch.floor(py)
+    x0 = torch.floor(px)
+    fy = py.sub_(y0)
+    fx = px.sub_(x0)
+    # y0 in [-1, L]: corner y0 is inside iff y0 in [0, L - 1], corner y0 + 1 iff y0 <= L - 2
+    iy0 = (y0 >= 0.) & (y0 <= height - 1)
+    iy1 = y0 <= height - 2
+    ix0 = (x0 >= 0.) & (x0 <= width - 1)
+    ix1 = x0 <= width - 2
+    gy1 = fy * iy1
+    gx1 = fx * ix1
+    gy0 = (1. - fy).mul_(iy0)
+    gx0 = (1. - fx).mul_(ix0)
+    w = torch.empty((B, height, width, nh, K, 4), device=device, dtype=cdt)
+    torch.mul(gy0, gx0, out=w[..., 0])
+    torch.mul(gy0, gx1, out=w[..., 1])
+    torch.mul(gy1, gx0, out=w[..., 2])
+    torch.mul(gy1, gx1, out=w[..., 3])
+    # rows ((b * H + y) * W + x) * 3 * nh + nh + h, corners clamped into the map
+    yi = y0.to(itype)
+    xi = x0.to(itype)
+    base = _row_base(B, height, width, nh, device, itype)
+    ry0 = yi.clamp(0, height - 1).mul_(width * 3 * nh).add_(base)
+    ry1 = yi.add_(1).clamp_(0, height - 1).mul_(width * 3 * nh).add_(base)
+    cx0 = xi.clamp(0, width - 1).mul_(3 * nh)
+    cx1 = xi.add_(1).clamp_(0, width - 1).mul_(3 * nh)
+    idx = torch.empty((B, height, width, nh, K, 4), device=device, dtype=itype)
+    torch.add(ry0, cx0, out=idx[..., 0])
+    torch.add(ry0, cx1, out=idx[..., 1])
+    torch.add(ry1, cx0, out=idx[..., 2])
+    torch.add(ry1, cx1, out=idx[..., 3])
+    axes = None
+    if need_grad:
+        dgy1 = (iy1 & my).to(cdt)
+        dgx1 = (ix1 & mx).to(cdt)
+        dgy0 = (iy0 & my).to(cdt).neg_()
+        dgx0 = (ix0 & mx).to(cdt).neg_()
+        axes = tuple(t.view(M, K) for t in (gy0, gy1, gx0, gx1, dgy0, dgy1, dgx0, dgx1))
+    return idx.view(-1), w.view(M, K, 4), axes
 
 
 def _gather_dot(rows_of: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, bag_size: int) -> torch.Tensor:
     """ out[j] = <rows_of[j // bag_size], table[idx[j]]>, fused (no gathered copy). """
-    n = rows_of.shape[0]
-    bags = torch.arange(n, device=idx.device, dtype=idx.dtype)
-    offsets = bags * bag_size
-    offset2bag = bags.view(n, 1).expand(n, bag_size).reshape(-1)
+    offsets, offset2bag = _bag_index(rows_of.shape[0], bag_size, idx.device, idx.dtype)
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         rows_of, table, idx, offsets, offset2bag, 0, -1)
 
@@ -191,102 +235,140 @@ def _gather_sum(idx: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -
     return F.embedding_bag(idx, table, per_sample_weights=weights, mode='sum')
 
 
-def _tables(qkv: torch.Tensor, scale: float, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ Scaled queries (M, hd) and the padded key/value table (rows, hd), see ``_corners``. """
-    B, H, W, _, nh, hd = qkv.shape
-    qs = (qkv[:, :, :, 0].to(cdt) * scale).reshape(-1, hd)
-    # (B, H + 3, W + 3, 2, nh, hd): zero only the border, copy the interior
-    kv = qkv.new_empty((B, H + 3, W + 3, 2, nh, hd), dtype=cdt)
-    kv[:, :1].zero_()
-    kv[:, H + 1:].zero_()
-    kv[:, 1:H + 1, :1].zero_()
-    kv[:, 1:H + 1, W + 1:].zero_()
-    kv[:, 1:H + 1, 1:W + 1].copy_(qkv[:, :, :, 1:])
-    return qs, kv.view(-1, hd)
-
-
-def _attend(qkv, offset, bias, scale, need_mask: bool = False):
-    """ The gather kernel's forward; returns out (M, hd) and what the backward needs. """
+def _corner_logits(qkv, offset, bias, scale: float, need_grad: bool = False):
+    """ Corners, scaled queries, the table, the corner dots <scale q, K[i_kc]> (M, K, 4) and the
+    softmax weights p (M, K). """
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     M = B * H * W * nh
     cdt = _compute_dtype(qkv.dtype, offset.dtype)
-    idx, w, gy, gx, mask = _corners(offset, H, W, cdt, need_mask)
-    qs, table = _tables(qkv, scale, cdt)
+    idx, w, axes = _corners(offset, H, W, nh, cdt, need_grad)
+    table = qkv.to(cdt).contiguous()  # no copy for a contiguous float32 / float64 qkv
+    qs = (table[:, :, :, 0] * scale).view(M, hd)
+    table = table.view(-1, hd)
     dots = _gather_dot(qs, table, idx, K * _CORNERS).view(M, K, _CORNERS)
-    logits = (dots * w).sum(-1)
-    if bias is not None:
-        logits += bias.reshape(M, K)
-    p = logits.softmax(dim=-1)
-    wp = w * p.unsqueeze(-1)
-    # value rows are key rows + nh: a view of the same table starting nh rows later
-    out = _gather_sum(idx.view(M, -1), table[nh:], wp.view(M, -1))
-    return out, (qs, table, idx, w, gy, gx, mask, p, dots, wp)
+    if bias is None:
+        logits = torch.bmm(dots.view(M * K, 1, _CORNERS), w.view(M * K, _CORNERS, 1)).view(M, K)
+    else:
+        logits = torch.baddbmm(bias.reshape(M * K, 1, 1).to(cdt), dots.view(M * K, 1, _CORNERS),
+                               w.view(M * K, _CORNERS, 1)).view(M, K)
+    return idx, w, axes, qs, table, dots, torch.softmax(logits, dim=-1)
 
 
-@torch.library.custom_op('dgmn_timm::sampled_attention', mutates_args=())
-def sampled_attention(qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """ Sampled attention (see the module doc): (B, H, W, nh, hd) output.
-
-    Args:
-        qkv: (B, H, W, 3, nh, hd).
-        offset: (B, H, W, nh, 2K) displacements (dy, dx) of the K nodes from their query, in pixels.
-        bias: (B, H, W, nh, K) logits added before the softmax, or None.
-        scale: multiplies <q, k>.
-
-    CPU (and any device without a kernel of its own): the gather kernel; CUDA: the Triton kernel
-    when Triton is installed (float64 takes the gather kernel there too). Half-precision inputs
-    are computed in float32 and the result is cast back to ``qkv``'s dtype.
-    """
-    _check_inputs(qkv, offset, bias)
+def _attend(qkv, offset, bias, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ The gather kernel's forward: out (B, H, W, nh, hd), p (B, H, W, nh, K), dots (B, H, W, nh, K, 4). """
     B, H, W, _, nh, hd = qkv.shape
+    K = offset.shape[-1] // 2
+    M = B * H * W * nh
     with _no_autocast(qkv.device.type):
-        out, _ = _attend(qkv, offset, bias, scale)
-    return out.view(B, H, W, nh, hd).to(qkv.dtype)
+        idx, w, _, _, table, dots, p = _corner_logits(qkv, offset, bias, scale)
+        # value rows are key rows + nh: a view of the same table starting nh rows later
+        out = _gather_sum(idx.view(M, -1), table[nh:], w.mul_(p.unsqueeze(-1)).view(M, -1))
+    return out.view(B, H, W, nh, hd).to(qkv.dtype), p.view(B, H, W, nh, K), dots.view(B, H, W, nh, K, 4)
 
 
-@sampled_attention.register_fake
+def _uses_triton(qkv: torch.Tensor) -> bool:
+    return qkv.device.type == 'cuda' and qkv.dtype != torch.float64 and triton_available()
+
+
+@torch.library.custom_op('dgmn_timm::sampled_attention_fwd', mutates_args=())
+def sampled_attention_fwd(
+        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ :func:`sampled_attention` plus two tensors its backward reuses: for the gather kernel the
+    softmax weights (B, H, W, nh, K) and the corner dots (B, H, W, nh, K, 4); for the Triton
+    kernel the log-sum-exp of the logits (B, H, W, nh) and an empty tensor. """
+    _check_inputs(qkv, offset, bias)
+    return _attend(qkv, offset, bias, scale)
+
+
+@sampled_attention_fwd.register_fake
+def _(qkv, offset, bias, scale):
+    K = _check_inputs(qkv, offset, bias)
+    B, H, W, _, nh, hd = qkv.shape
+    out = qkv.new_empty((B, H, W, nh, hd))
+    if _uses_triton(qkv):
+        return out, qkv.new_empty((B, H, W, nh), dtype=torch.float32), qkv.new_empty(0, dtype=torch.float32)
+    cdt = _compute_dtype(qkv.dtype, offset.dtype)
+    return out, qkv.new_empty((B, H, W, nh, K), dtype=cdt), qkv.new_empty((B, H, W, nh, K, 4), dtype=cdt)
+
+
+@sampled_attention_fwd.register_kernel('cuda')
 def _(qkv, offset, bias, scale):
     _check_inputs(qkv, offset, bias)
-    B, H, W, _, nh, hd = qkv.shape
-    return qkv.new_empty((B, H, W, nh, hd))
+    if _uses_triton(qkv):
+        from .triton_sampled_attention import triton_forward
+        out, lse = triton_forward(qkv, offset, bias, scale)
+        return out, lse, lse.new_empty(0)
+    return _attend(qkv, offset, bias, scale)
+
+
+torch.library.define(
+    'dgmn_timm::sampled_attention', '(Tensor qkv, Tensor offset, Tensor? bias, float scale) -> Tensor')
+
+
+@torch.library.impl('dgmn_timm::sampled_attention', 'CompositeImplicitAutograd')
+def _sampled_attention(qkv, offset, bias, scale):
+    return torch.ops.dgmn_timm.sampled_attention_fwd(qkv, offset, bias, scale)[0]
+
+
+# the registered op: callable from Python, TorchScript, torch.compile, FX and torch.export
+sampled_attention = torch.ops.dgmn_timm.sampled_attention
+sampled_attention.__doc__ = """ Sampled attention (see the module doc): (B, H, W, nh, hd) output.
+
+    sampled_attention(qkv, offset, bias, scale)
+
+    qkv: (B, H, W, 3, nh, hd); offset: (B, H, W, nh, 2K) displacements (dy, dx) of the K nodes
+    from their query, in pixels; bias: (B, H, W, nh, K) logits added before the softmax, or None;
+    scale: multiplies <q, k>.
+
+    CPU (and any device without a kernel of its own): the gather kernel; CUDA: the Triton
+    kernel when Triton is installed (float64 takes the gather kernel there too). Half-precision
+    inputs are computed in float32 and the result is cast back to ``qkv``'s dtype. Decomposes
+    into ``dgmn_timm::sampled_attention_fwd`` (which also returns what the backward reuses).
+    """
 
 
 @torch.library.custom_op('dgmn_timm::sampled_attention_backward', mutates_args=())
 def sampled_attention_backward(
         grad_out: torch.Tensor, qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor],
-        out: torch.Tensor, scale: float, need_qkv: bool, need_offset: bool,
+        out: torch.Tensor, saved1: torch.Tensor, saved2: torch.Tensor, scale: float, need_qkv: bool,
+        need_offset: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ Gradients (d qkv, d offset, d bias) of :func:`sampled_attention`; d qkv / d offset are empty
-    tensors where ``need_qkv`` / ``need_offset`` is False. ``out`` is the forward's result (the
-    Triton kernel uses it). """
+    """ Gradients (d qkv, d offset, d bias) of ``sampled_attention_fwd``'s output, given its outputs;
+    d qkv / d offset are empty tensors where ``need_qkv`` / ``need_offset`` is False. """
     with _no_autocast(qkv.device.type):
-        return _attend_backward(grad_out, qkv, offset, bias, scale, need_qkv, need_offset)
+        return _attend_backward(grad_out, qkv, offset, bias, saved1, saved2, scale, need_qkv, need_offset)
 
 
-def _attend_backward(grad_out, qkv, offset, bias, scale: float, need_qkv: bool, need_offset: bool):
+def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qkv: bool, need_offset: bool):
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
-    Hp, Wp = H + 3, W + 3
-    _, (qs, table, idx, w, gy, gx, mask, p, dots, wp) = _attend(qkv, offset, bias, scale, need_mask=need_offset)
-    M = qs.shape[0]
-    cdt = qs.dtype
+    M = B * H * W * nh
+    cdt = _compute_dtype(qkv.dtype, offset.dtype)
+    idx, w, axes = _corners(offset, H, W, nh, cdt, need_offset)
+    table = qkv.to(cdt).contiguous()
+    qs = (table[:, :, :, 0] * scale).view(M, hd)
+    table = table.view(-1, hd)
+    p = p.view(M, K)
+    dots = dots.view(M, K, _CORNERS)
     go = grad_out.to(cdt).reshape(M, hd)
 
     # d out / d (p_k w_kc) = <go, V[i_kc]>
     vdots = _gather_dot(go, table[nh:], idx, K * _CORNERS).view(M, K, _CORNERS)
-    dp = (vdots * w).sum(-1)
+    dp = torch.bmm(vdots.view(M * K, 1, _CORNERS), w.view(M * K, _CORNERS, 1)).view(M, K)
     dlogits = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward, (M, K)
     grad_qkv = grad_offset = qkv.new_empty(0)
     if need_qkv:
         wk = w * dlogits.unsqueeze(-1)  # d logits / d <scaled q, K[i_kc]>
-        dq = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)) * scale
-        # the scatter into the table, written as gathers: sort the corner entries by row, then
-        # one bag per table row over the queries that read it
+        wp = w * p.unsqueeze(-1)
+        # the scatter into the key / value rows, written as gathers: sort the corner entries by
+        # row, then one bag per table row over the queries that read it
         flat = idx.view(-1)
+        rows = table.shape[0]
         sorted_rows, order = torch.sort(flat)
-        bag_offsets = flat.new_zeros(table.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(flat, minlength=table.shape[0]), 0, out=bag_offsets[1:])
+        bag_offsets = flat.new_zeros(rows + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(flat, minlength=rows), 0, out=bag_offsets[1:])
         src = order // (K * _CORNERS)
         grad_table = F.embedding_bag(
             src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1).index_select(0, order),
@@ -295,20 +377,28 @@ def _attend_backward(grad_out, qkv, offset, bias, scale: float, need_qkv: bool, 
             src, go, bag_offsets, mode='sum', per_sample_weights=wp.view(-1).index_select(0, order),
             include_last_offset=True)
         grad_table[nh:] += grad_v[:-nh]  # value rows are key rows + nh
-        grad_kv = grad_table.view(B, Hp, Wp, 2, nh, hd)[:, 1:H + 1, 1:W + 1]
-        grad_qkv = torch.cat((dq.view(B, H, W, 1, nh, hd), grad_kv), dim=3).to(qkv.dtype)
+        grad_qkv = grad_table.view(B, H, W, 3, nh, hd)
+        # query rows: no corner reads them
+        grad_qkv[:, :, :, 0] = (_gather_sum(idx.view(M, -1), table, wk.view(M, -1)) * scale).view(B, H, W, nh, hd)
+        grad_qkv = grad_qkv.to(qkv.dtype)
     if need_offset:
-        # d/dw_kc, then through w_kc = gy * gx with d gy / d fy = +-1 (fy = position - floor)
-        dw = torch.addcmul(vdots * p.unsqueeze(-1), dots, dlogits.unsqueeze(-1))
-        dfy = torch.matmul(dw * gx, _corner_const(1, dw.device, dw.dtype))
-        dfx = torch.matmul(dw * gy, _corner_const(3, dw.device, dw.dtype))
-        grad_offset = (torch.stack((dfy, dfx), dim=-1) * mask).view(B, H, W, nh, 2 * K).to(offset.dtype)
+        # d / d w_kc, then through w of corner (a, b) = gy_a * gx_b
+        gy0, gy1, gx0, gx1, dgy0, dgy1, dgx0, dgx1 = axes
+        dw00, dw01, dw10, dw11 = torch.addcmul(vdots * p.unsqueeze(-1), dots, dlogits.unsqueeze(-1)).unbind(-1)
+        grad_offset = torch.empty((B, H, W, nh, K, 2), device=qkv.device, dtype=cdt)
+        dfy = (dw00 * gx0).addcmul_(dw01, gx1).mul_(dgy0)
+        dfy.addcmul_((dw10 * gx0).addcmul_(dw11, gx1), dgy1)
+        dfx = (dw00 * gy0).addcmul_(dw10, gy1).mul_(dgx0)
+        dfx.addcmul_((dw01 * gy0).addcmul_(dw11, gy1), dgx1)
+        grad_offset[..., 0] = dfy.view(B, H, W, nh, K)
+        grad_offset[..., 1] = dfx.view(B, H, W, nh, K)
+        grad_offset = grad_offset.view(B, H, W, nh, 2 * K).to(offset.dtype)
     grad_bias = dlogits.view(B, H, W, nh, K).to(qkv.dtype if bias is None else bias.dtype)
     return grad_qkv, grad_offset, grad_bias
 
 
 @sampled_attention_backward.register_fake
-def _(grad_out, qkv, offset, bias, out, scale, need_qkv, need_offset):
+def _(grad_out, qkv, offset, bias, out, saved1, saved2, scale, need_qkv, need_offset):
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     grad_qkv = qkv.new_empty(qkv.shape) if need_qkv else qkv.new_empty(0)
@@ -317,22 +407,33 @@ def _(grad_out, qkv, offset, bias, out, scale, need_qkv, need_offset):
     return grad_qkv, grad_offset, grad_bias
 
 
+@sampled_attention_backward.register_kernel('cuda')
+def _(grad_out, qkv, offset, bias, out, saved1, saved2, scale, need_qkv, need_offset):
+    if _uses_triton(qkv):
+        from .triton_sampled_attention import triton_backward
+        grad_qkv, grad_offset, grad_bias = triton_backward(grad_out, qkv, offset, bias, out, saved1, scale)
+        return (grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0),
+                grad_bias)
+    with _no_autocast('cuda'):
+        return _attend_backward(grad_out, qkv, offset, bias, saved1, saved2, scale, need_qkv, need_offset)
+
+
 def _setup_context(ctx, inputs, output):
     qkv, offset, bias, scale = inputs
-    ctx.save_for_backward(qkv, offset, bias, output)
+    ctx.save_for_backward(qkv, offset, bias, *output)
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out):
-    qkv, offset, bias, out = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_saved1, _grad_saved2):
+    qkv, offset, bias, out, saved1, saved2 = ctx.saved_tensors
     need_qkv, need_offset, need_bias = ctx.needs_input_grad[:3]
     grad_qkv, grad_offset, grad_bias = torch.ops.dgmn_timm.sampled_attention_backward(
-        grad_out, qkv, offset, bias, out, ctx.scale, need_qkv, need_offset)
+        grad_out, qkv, offset, bias, out, saved1, saved2, ctx.scale, need_qkv, need_offset)
     return (grad_qkv if need_qkv else None, grad_offset if need_offset else None,
             grad_bias if need_bias else None, None)
 
 
-sampled_attention.register_autograd(_backward, setup_context=_setup_context)
+sampled_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -342,37 +443,14 @@ def _refuse_double_backward(ctx, *grads):
 sampled_attention_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
-@sampled_attention.register_kernel('cuda')
-def _(qkv, offset, bias, scale):
-    _check_inputs(qkv, offset, bias)
-    if qkv.dtype != torch.float64 and triton_available():
-        from .triton_sampled_attention import triton_forward
-        return triton_forward(qkv, offset, bias, scale)
-    B, H, W, _, nh, hd = qkv.shape
-    with _no_autocast('cuda'):
-        out, _ = _attend(qkv, offset, bias, scale)
-    return out.view(B, H, W, nh, hd).to(qkv.dtype)
-
-
-@sampled_attention_backward.register_kernel('cuda')
-def _(grad_out, qkv, offset, bias, out, scale, need_qkv, need_offset):
-    if qkv.dtype != torch.float64 and triton_available():
-        from .triton_sampled_attention import triton_backward
-        grad_qkv, grad_offset, grad_bias = triton_backward(grad_out, qkv, offset, bias, out, scale)
-        return (grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0),
-                grad_bias)
-    with _no_autocast('cuda'):
-        return _attend_backward(grad_out, qkv, offset, bias, scale, need_qkv, need_offset)
-
-
 def attention_weights(
         qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """ (B, H, W, nh, K) softmax weights of the nodes, as the op's forward computes them (no autograd). """
     K = _check_inputs(qkv, offset, bias)
     B, H, W, _, nh, _ = qkv.shape
     with torch.no_grad(), _no_autocast(qkv.device.type):
-        _, saved = _attend(qkv, offset, bias, scale)
-    return saved[7].view(B, H, W, nh, K)
+        p = _corner_logits(qkv, offset, bias, scale)[-1]
+    return p.view(B, H, W, nh, K)
 
 
 def sampled_attention_portable(

@@ -10,10 +10,10 @@ qkv (masked: a corner outside the map reads zero), forms the sampled key and val
 registers and folds the node into an online softmax (running max, sum and weighted value).
 Sampled keys and values are never written to memory.
 
-Backward: one program per BLOCK_Q rows first recomputes the log-sum-exp of the logits (keys
-only), then, per node, p_k = exp(logit_k - lse); it writes dq, d bias and d offset directly
-(each row is owned by one program) and scatters the key / value gradients into the 4 corners
-with float32 atomic adds.
+The forward also stores the log-sum-exp of the logits (4 bytes per row). Backward: one program
+per BLOCK_Q rows recomputes the corners and p_k = exp(logit_k - lse), writes dq, d bias and
+d offset directly (each row is owned by one program) and scatters the key / value gradients
+into the 4 corners with float32 atomic adds.
 
 All arithmetic is float32 (inputs may be float32, bfloat16 or float16; results are cast back).
 float64 inputs take the gather kernel instead.
@@ -73,11 +73,11 @@ def _rows_and_query(QKV, M, H, W, NH, HD, BLOCK_Q: tl.constexpr, BLOCK_D: tl.con
 @triton.jit
 def _sampled_node(
         QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
-        k: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_VALUES: tl.constexpr,
+        k: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """ Node k of every row: its position, the bilinearly sampled key (and value if WITH_VALUES),
-    in registers only, and its logit. """
+    """ Node k of every row: its position, the bilinearly sampled key and value (registers
+    only) and its logit. """
     fy, fx, y0f, x0f = _node_position(OFF, rows, rmask, y, x, k, K)
     ks = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     vs = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
@@ -87,8 +87,7 @@ def _sampled_node(
         lm = inb[:, None] & dmask[None, :]
         wgt = (wy * wx)[:, None]
         ks += wgt * tl.load(ptr, mask=lm, other=0.).to(tl.float32)
-        if WITH_VALUES:
-            vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
+        vs += wgt * tl.load(ptr + C, mask=lm, other=0.).to(tl.float32)
     logit = tl.sum(q * ks, 1) * scale
     if HAS_BIAS:
         logit += tl.load(BIAS + rows * K + k, mask=rmask, other=0.).to(tl.float32)
@@ -97,7 +96,7 @@ def _sampled_node(
 
 @triton.jit
 def _fwd_kernel(
-        QKV, OFF, BIAS, OUT,
+        QKV, OFF, BIAS, OUT, LSE,
         M, H, W, NH, HD, scale,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -109,7 +108,7 @@ def _fwd_kernel(
     for k in tl.static_range(K):
         fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
             QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
-            k, K, HAS_BIAS, True, BLOCK_Q, BLOCK_D)
+            k, K, HAS_BIAS, BLOCK_Q, BLOCK_D)
         m_new = tl.maximum(m_i, logit)
         alpha = tl.exp(m_i - m_new)
         pk = tl.exp(logit - m_new)
@@ -118,11 +117,12 @@ def _fwd_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(OUT + rows[:, None] * HD + d[None, :], out.to(OUT.dtype.element_ty), mask=m2)
+    tl.store(LSE + rows, m_i + tl.log(l_i), mask=rmask)
 
 
 @triton.jit
 def _bwd_kernel(
-        QKV, OFF, BIAS, OUT, DO, DQKV, DOFF, DBIAS,
+        QKV, OFF, BIAS, OUT, LSE, DO, DQKV, DOFF, DBIAS,
         M, H, W, NH, HD, scale,
         K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -131,22 +131,12 @@ def _bwd_kernel(
     go = tl.load(DO + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
     o = tl.load(OUT + rows[:, None] * HD + d[None, :], mask=m2, other=0.).to(tl.float32)
     delta = tl.sum(go * o, 1)
-    # log-sum-exp of the logits (keys only)
-    m_i = tl.full([BLOCK_Q], -float('inf'), tl.float32)
-    l_i = tl.zeros([BLOCK_Q], tl.float32)
-    for k in tl.static_range(K):
-        fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
-            QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
-            k, K, HAS_BIAS, False, BLOCK_Q, BLOCK_D)
-        m_new = tl.maximum(m_i, logit)
-        l_i = l_i * tl.exp(m_i - m_new) + tl.exp(logit - m_new)
-        m_i = m_new
-    lse = m_i + tl.log(l_i)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.)
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for k in tl.static_range(K):
         fy, fx, y0f, x0f, ks, vs, logit = _sampled_node(
             QKV, OFF, BIAS, rows, rmask, y, x, bimg, h, d, dmask, H, W, HD, C, pstride, q, scale,
-            k, K, HAS_BIAS, True, BLOCK_Q, BLOCK_D)
+            k, K, HAS_BIAS, BLOCK_Q, BLOCK_D)
         p = tl.exp(logit - lse)
         dl = p * (tl.sum(go * vs, 1) - delta)
         tl.store(DBIAS + rows * K + k, dl, mask=rmask)
@@ -180,8 +170,9 @@ def _launch_cfg(hd: int):
     return block_q, block_d
 
 
-def triton_forward(qkv: torch.Tensor, offset: torch.Tensor, bias, scale: float) -> torch.Tensor:
-    """ The op's forward (float32 / bfloat16 / float16 inputs); see the module doc. """
+def triton_forward(qkv: torch.Tensor, offset: torch.Tensor, bias, scale: float):
+    """ The op's forward (float32 / bfloat16 / float16 inputs): out (B, H, W, nh, hd) and the
+    log-sum-exp of the logits (B, H, W, nh), float32. """
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     qkv = qkv.contiguous()
@@ -189,16 +180,17 @@ def triton_forward(qkv: torch.Tensor, offset: torch.Tensor, bias, scale: float) 
     bias_arg = offset if bias is None else bias.contiguous()
     M = B * H * W * nh
     out = torch.empty((B, H, W, nh, hd), device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty((B, H, W, nh), device=qkv.device, dtype=torch.float32)
     block_q, block_d = _launch_cfg(hd)
     _fwd_kernel[(triton.cdiv(M, block_q),)](
-        qkv, offset, bias_arg, out, M, H, W, nh, hd, float(scale),
+        qkv, offset, bias_arg, out, lse, M, H, W, nh, hd, float(scale),
         K=K, HAS_BIAS=bias is not None, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
-    return out
+    return out, lse
 
 
 def triton_backward(grad_out: torch.Tensor, qkv: torch.Tensor, offset: torch.Tensor, bias, out: torch.Tensor,
-                    scale: float):
-    """ (d qkv, d offset, d bias) of :func:`triton_forward`; ``out`` is its result. """
+                    lse: torch.Tensor, scale: float):
+    """ (d qkv, d offset, d bias) of :func:`triton_forward`, given its results ``out`` and ``lse``. """
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     M = B * H * W * nh
@@ -210,7 +202,8 @@ def triton_backward(grad_out: torch.Tensor, qkv: torch.Tensor, offset: torch.Ten
     dbias = torch.empty((B, H, W, nh, K), device=qkv.device, dtype=torch.float32)
     block_q, block_d = _launch_cfg(hd)
     _bwd_kernel[(triton.cdiv(M, block_q),)](
-        qkv, offset, bias_arg, out.contiguous(), grad_out.contiguous(), dqkv, doff, dbias, M, H, W, nh, hd,
+        qkv, offset, bias_arg, out.contiguous(), lse.contiguous(), grad_out.contiguous(), dqkv, doff, dbias,
+        M, H, W, nh, hd,
         float(scale), K=K, HAS_BIAS=bias is not None, BLOCK_Q=block_q, BLOCK_D=block_d, num_warps=4)
     return (dqkv.to(qkv.dtype), doff.to(offset.dtype),
             dbias.to(qkv.dtype if bias is None else bias.dtype))
