@@ -28,7 +28,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ import torch.nn as nn
 __all__ = [
     'CheckpointError', 'CheckpointNotFoundError', 'CheckpointMismatchError',
     'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'filter_fn_for',
-    'architecture_of', 'folder_architecture', 'convert_command',
+    'architecture_of', 'folder_architecture', 'check_folder_architecture', 'mismatch', 'convert_command',
     'shape_mismatches', 'mismatch_error', 'abbrev', 'is_package_architecture', 'install_timm_loaders',
 ]
 

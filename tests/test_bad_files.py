@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import dgmn_timm
+import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.checkpoints import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_weights
 from dgmn_timm.convert import convert_checkpoint
 from dgmn_timm.detection import create_feature_backbone
