@@ -40,6 +40,7 @@ def time_interleaved(
         warmup: int = 1,
         device: Optional[torch.device] = None,
         on_step: Optional[Callable[[], None]] = None,
+        clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, List[float]]:
     """ Seconds per call of every step, measured interleaved.
 
@@ -48,6 +49,8 @@ def time_interleaved(
         iters: measured rounds; warmup: discarded rounds before them.
         device: synchronised around every call (CUDA).
         on_step: called after every call (e.g. a progress bar's update).
+        clock: ``time.perf_counter`` (wall time) or ``time.process_time`` (CPU time of this
+            process: with one thread, insensitive to other processes' load on a shared machine).
 
     Returns:
         name -> ``iters`` durations in seconds, in round order.
@@ -58,11 +61,11 @@ def time_interleaved(
     for it in range(warmup + iters):
         for name, fn in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
             if it >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
             if on_step is not None:
                 on_step()
     return times

@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from contextlib import nullcontext
 from typing import Dict, List, Optional
 
@@ -57,6 +58,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--compile', action='store_true', help='torch.compile every model')
     p.add_argument('--channels-last', action='store_true', help='channels-last model and input')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave as is)')
+    p.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
+                   help='wall time, or CPU time of the process (with --threads 1: robust to a shared machine)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     p.add_argument('--sweep', default='', help='comma-separated input sizes for a time / memory sweep, e.g. 224,512,1024')
     p.add_argument('--sweep-batch-size', type=int, default=1)
@@ -112,9 +115,11 @@ class Runner:
         del self.model, self.fn, self.x, self.opt
 
 
-def time_runners(runners: List[Runner], step: str, iters: int, warmup: int, progress) -> Dict[str, List[float]]:
+def time_runners(runners: List[Runner], step: str, iters: int, warmup: int, progress,
+                 clock: str = 'wall') -> Dict[str, List[float]]:
     return time_interleaved({r.name: getattr(r, step) for r in runners}, iters, warmup,
-                            device=runners[0].device if runners else None, on_step=lambda: progress.update(1))
+                            device=runners[0].device if runners else None, on_step=lambda: progress.update(1),
+                            clock=time.process_time if clock == 'cpu' else time.perf_counter)
 
 
 def _fmt_mb(b: Optional[float]) -> str:
@@ -150,14 +155,14 @@ def main(argv=None):
 
     print(f'torch {torch.__version__}, timm {timm.__version__}, device {device}, threads {torch.get_num_threads()}, '
           f'{platform.processor() or platform.machine()}, amp={args.amp}, compile={args.compile}, '
-          f'channels_last={args.channels_last}')
+          f'channels_last={args.channels_last}, clock={args.clock}')
 
     # ---- throughput at one size
     runners = [Runner(n, args, device, args.img_size, args.batch_size) for n in names]
     rows = []
     med: Dict[str, Dict[str, float]] = {}
     for mode in modes:
-        med[mode] = medians(time_runners(runners, mode, args.iters, args.warmup, progress))
+        med[mode] = medians(time_runners(runners, mode, args.iters, args.warmup, progress, args.clock))
     mem = {r.name: (None if args.no_memory else r.peak_memory()) for r in runners}
     for r in runners:
         r.release()
@@ -173,7 +178,7 @@ def main(argv=None):
             line += f'{args.batch_size / t:14.2f}{med[mode][ref] / t:17.3f}x'
             rows.append(dict(model=n, mode=mode, batch_size=args.batch_size, img_size=args.img_size,
                              device=str(device), amp=args.amp, compile=args.compile,
-                             channels_last=args.channels_last, threads=torch.get_num_threads(),
+                             channels_last=args.channels_last, threads=torch.get_num_threads(), clock=args.clock,
                              median_s=f'{t:.6f}', img_per_s=f'{args.batch_size / t:.3f}',
                              ratio_vs_reference=f'{med[mode][ref] / t:.4f}', reference=ref,
                              peak_mem_mb=_fmt_mb(mem[n])))
@@ -204,7 +209,7 @@ def main(argv=None):
                     print(f'{r.name} @ {size}: not available ({type(e).__name__}: {str(e)[:80]})')
                     progress.update(args.sweep_iters)
                 progress.update(1)
-            times = time_runners(ok, 'infer', args.sweep_iters, 0, progress)
+            times = time_runners(ok, 'infer', args.sweep_iters, 0, progress, args.clock)
             for r in ok:
                 t = statistics.median(times[r.name])
                 m = None if args.no_memory else r.peak_memory()

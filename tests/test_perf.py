@@ -302,7 +302,7 @@ def test_cuda_model_dispatch_and_autocast():
 def test_benchmark_script_tiny(tmp_path):
     cmd = [
         sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--models', 'dgmn2_tiny,pvt_v2_b1',
-        '--img-size', '64', '--batch-size', '1', '--iters', '2', '--warmup', '1', '--sweep', '64,96',
+        '--img-size', '64', '--batch-size', '1', '--iters', '2', '--warmup', '1', '--sweep', '64,96', '--clock', 'cpu',
         '--output-dir', str(tmp_path), '--no-progress',
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))

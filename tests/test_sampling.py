@@ -138,3 +138,17 @@ def test_torchscript():
     scripted = torch.jit.script(sample_nodes)
     x, offset = _inputs(1, 2, 4, 6)
     torch.testing.assert_close(scripted(x, offset, 2, False), sample_nodes(x, offset, 2), atol=0, rtol=0)
+
+
+def test_fx_symbolic_trace_without_dtype_branch():
+    """ torch.fx (torchvision's create_feature_extractor) traces through sample_nodes: no branch on a
+    dtype; the traced graph keeps float64 sampling float64 and float32 / bfloat16 sampling float32. """
+    class Sampler(torch.nn.Module):
+        def forward(self, x, offset):
+            return sample_nodes(x, offset, 2)
+
+    traced = torch.fx.symbolic_trace(Sampler())
+    x, offset = _inputs(1, 3, 5, 4)
+    torch.testing.assert_close(traced(x, offset), sample_nodes_reference(x, offset, 2), atol=1e-12, rtol=0)
+    out = traced(x.bfloat16(), offset.bfloat16())
+    assert out.dtype == torch.bfloat16
