@@ -13,7 +13,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.engine import HelpFormatter, UsageError, add_alias, check_model_name, create_model, read_rgb_image, \
+from dgmn_timm.engine import HelpFormatter, UsageError, check_model_name, create_model, read_rgb_image, \
     run_cli
 
 
@@ -29,7 +29,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights (Hub or local cache)')
     parser.add_argument('--checkpoint', default=None, metavar='FILE',
                         help='weights file or converted folder to load (ours, the authors\', timm\'s)')
-    add_alias(parser, '--weights', '--checkpoint', 'checkpoint')
     return parser
 
 

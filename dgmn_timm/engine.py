@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -107,13 +107,11 @@ class _DeprecatedAlias(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         print(f'warning: {option_string} is deprecated and will be removed; use {self.new}', file=sys.stderr)
-        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        setattr(namespace, self.dest, values)
 
 
 def add_alias(group, old: str, new: str, dest: str, **kwargs):
     """ Accept ``old`` as a hidden, deprecated spelling of ``new`` (same ``dest``) for one release. """
-    if kwargs.pop('action', None) == 'store_true':
-        kwargs.update(nargs=0, const=True)
     group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
                        default=argparse.SUPPRESS, **kwargs)
 
@@ -480,10 +478,11 @@ def write_json(obj: Any, path: str):
 
 
 def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
-    """ ``--checkpoint`` of a dense script: the whole model's state dict (read before the model is built).
+    """ The whole model's state dict as a script saved it (a dense script's ``--checkpoint``, a run's
+    ``last.safetensors``), read with ``checkpoints.read_checkpoint`` before the model is built.
 
-    Read with ``checkpoints.read_checkpoint``; its ``backbone.`` keys belong to the model, so the
-    backbone-only unwrapping of ``read_state_dict`` does not apply.
+    Its ``backbone.`` keys belong to the model, so the backbone-only unwrapping of ``read_state_dict``
+    does not apply.
     """
     state_dict = read_checkpoint(path)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -549,8 +548,13 @@ def add_dense_args(parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return dict(model=model, train=train)
 
 
-def check_dense_args(args: argparse.Namespace):
-    """ The checks of ``add_dense_args``' options and the run folder, before anything is built. """
+def check_dense_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict[str, Any]]]:
+    """ The checks of ``add_dense_args``' options and the run folder, before anything is built.
+
+    Returns:
+        the files of a previous run in ``--output-dir`` (for ``clear_run_files`` with ``--overwrite``)
+        and, with ``--resume``, the training state to continue from (for ``train_dense``).
+    """
     check_positive(args, 'epochs', 'batch_size', 'eval_interval', 'threads')
     check_positive(args, 'workers', allow_zero=('workers',))
     check_model_name(args.backbone)
@@ -561,10 +565,14 @@ def check_dense_args(args: argparse.Namespace):
     if args.eval_only:
         if args.resume or args.overwrite:
             raise UsageError('--eval-only writes only metrics.json; it takes no --resume or --overwrite')
-        found = check_run_folder(args.output_dir, ['metrics.json'])
-        return found
-    return check_run_folder(args.output_dir, DENSE_FILES, args.resume, args.overwrite)
-
+        return check_run_folder(args.output_dir, ['metrics.json']), None
+    previous = check_run_folder(args.output_dir, DENSE_FILES, args.resume, args.overwrite)
+    state = None
+    if args.resume:
+        path = os.path.join(args.output_dir, TRAIN_STATE) if args.resume == 'auto' else args.resume
+        state = load_train_state(path)
+        state['path'] = path
+    return previous, state
 
 
 def _optimizer(params: List[torch.nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -609,6 +617,7 @@ def train_dense(
         describe: Callable[[Dict[str, Any]], str],
         history: Dict[str, Any],
         meta: Dict[str, Any],
+        state: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """ The epoch loop of a dense training script.
 
@@ -622,6 +631,7 @@ def train_dense(
         describe: evaluation metrics -> the text that ends the epoch line (e.g. 'mIoU 0.7512').
         history: what ``metrics.json`` holds besides ``epochs`` / ``eval`` (the arguments, data sizes).
         meta: metadata of ``last.safetensors`` (the epoch is added).
+        state: the training state to continue from (``check_dense_args`` reads it for ``--resume``).
 
     Writes ``metrics.json``, ``last.safetensors`` and ``train_state.pt`` to ``--output-dir`` after every
     epoch; ``--resume`` continues from the last state. Returns the history.
@@ -643,16 +653,15 @@ def train_dense(
     iters_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch))
     start_epoch = 0
-    if args.resume:
-        state = load_train_state(state_path if args.resume == 'auto' else args.resume)
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(os.path.dirname(state_path), state['weights_file'])))
+    if state is not None:
+        weights = os.path.join(os.path.dirname(state['path']), state['weights_file'])
+        load_model_weights(model, read_model_weights(weights), weights)
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         if loss_scaler is not None and state.get('scaler'):
             loss_scaler.load_state_dict(state['scaler'])
         start_epoch, history['epochs'], history['eval'] = state['epoch'], state['epochs'], state['eval']
-        tqdm.write(f'Resumed from {state_path}: {start_epoch} of {args.epochs} epochs done')
+        tqdm.write(f'Resumed from {state["path"]}: {start_epoch} of {args.epochs} epochs done')
     os.makedirs(out, exist_ok=True)
 
     for epoch in range(start_epoch + 1, args.epochs + 1):

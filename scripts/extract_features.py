@@ -36,7 +36,7 @@ from timm.data import create_transform, resolve_data_config
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import DataDirError, SafeImageDataset, collate_skip, list_images
 from dgmn_timm.engine import (
-    HelpFormatter, UsageError, add_alias, add_run_args, atomic_path, atomic_write_text, autocast, barrier,
+    HelpFormatter, UsageError, add_run_args, atomic_path, atomic_write_text, autocast, barrier,
     check_model_name, check_positive, clear_run_files, create_model, init_distributed, resolve_amp_dtype, run_cli,
     set_threads,
 )
@@ -54,7 +54,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='TAG',
                    help='pretrained weights (the default tag, or the one given)')
     p.add_argument('--checkpoint', default=None, metavar='FILE', help='weights file (any format the model loads)')
-    add_alias(p, '--weights', '--checkpoint', 'checkpoint')
     p.add_argument('--levels', default=None, help='pyramid levels to extract, e.g. 0,1,2,3 (default: pooled embedding)')
     p.add_argument('--maps', action='store_true',
                    help='keep full (C, H, W) maps instead of pooling (with --levels: per level; '

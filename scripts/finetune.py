@@ -40,10 +40,10 @@ from dgmn_timm.data import (
     DataDirError, SafeImageDataset, ShardSampler, collate_skip, patch_timm_posterize, scan_image_folder_tree,
 )
 from dgmn_timm.engine import (
-    HelpFormatter, UsageError, add_alias, add_run_args, all_reduce_sum, atomic_torch_save, atomic_write_text,
-    autocast, backward_step, barrier, check_model_name, check_positive, check_run_folder, clear_run_files,
-    create_model, init_distributed, load_train_state, resolve_amp_dtype, rng_state, run_cli, save_safetensors,
-    set_rng_state, set_threads,
+    HelpFormatter, UsageError, add_run_args, all_reduce_sum, atomic_torch_save, atomic_write_text, autocast,
+    backward_step, barrier, check_model_name, check_positive, check_run_folder, clear_run_files, create_model,
+    init_distributed, load_model_weights, load_train_state, read_model_weights, resolve_amp_dtype, rng_state, run_cli,
+    save_safetensors, set_rng_state, set_threads,
 )
 
 _logger = logging.getLogger('finetune')
@@ -77,7 +77,6 @@ def get_parser() -> argparse.ArgumentParser:
                    help='start from pretrained weights (the default tag, or the one given, e.g. in1k)')
     g.add_argument('--checkpoint', default=None, metavar='FILE',
                    help='start from this weights file (ours, the authors\' .pth, timm .safetensors)')
-    add_alias(g, '--weights', '--checkpoint', 'checkpoint')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
     g.add_argument('--grad-checkpointing', action='store_true', help='trade compute for activation memory')
@@ -258,9 +257,8 @@ def main(argv=None) -> dict:
     random_seed(args.seed)
     if state is not None:
         model = create_model(args.model, num_classes=num_classes, drop_path_rate=args.drop_path, drop_rate=args.drop)
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(os.path.dirname(os.path.abspath(
-            state_path)), state['weights_file'])))
+        weights = os.path.join(os.path.dirname(os.path.abspath(state_path)), state['weights_file'])
+        load_model_weights(model, read_model_weights(weights), weights)
     else:
         model = create_model(
             args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=num_classes,

@@ -219,7 +219,7 @@ def _dataset(image_dir: str, ann_file: str, what: str, **kwargs) -> CocoDetectio
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     # every check before anything is built
-    previous = check_dense_args(args)
+    previous, state = check_dense_args(args)
     weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     with_masks = args.model == 'maskrcnn'
     train_set = _dataset(args.train_images, args.train_ann, 'training', with_masks=with_masks, train=True,
@@ -264,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         lambda it, n: lr_factor(it, n, args), describe,
         history={'num_classes': num_classes, 'cat_ids': train_set.cat_ids, 'train_images': len(train_set),
                  'val_images': len(val_set)},
-        meta={'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes,
+        state=state, meta={'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes,
               'cat_ids': train_set.cat_ids})
 
 

@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # every check before anything is built
     if args.num_classes < 1:
         raise UsageError(f'--num-classes must be at least 1, got {args.num_classes}')
-    previous = check_dense_args(args)
+    previous, state = check_dense_args(args)
     weights = read_model_weights(args.checkpoint) if args.checkpoint else None
     train_pairs, unmatched = find_pairs(args.train_images, args.train_masks, args.image_suffix, args.mask_suffix)
     if unmatched:
@@ -262,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         args, model, train_loader, loss_fn, lambda m: evaluate(m, val_loader, device, args), lr_factor,
         describe=lambda ev: f'mIoU {ev["mIoU"]:.4f}, aAcc {ev["aAcc"]:.4f}',
         history={'train_images': len(train_set), 'val_images': len(val_set)},
-        meta={'head': args.head, 'backbone': args.backbone, 'num_classes': args.num_classes})
+        state=state, meta={'head': args.head, 'backbone': args.backbone, 'num_classes': args.num_classes})
 
 
 if __name__ == '__main__':

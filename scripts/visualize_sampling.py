@@ -26,7 +26,7 @@ from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.engine import (
-    HelpFormatter, UsageError, add_alias, atomic_path, atomic_write_text, check_model_name, create_model,
+    HelpFormatter, UsageError, atomic_path, atomic_write_text, check_model_name, create_model,
     read_rgb_image, resolve_device, run_cli,
 )
 from dgmn_timm.visualize import grid_points, plot_sampling, sampling_points_many
@@ -42,7 +42,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='TAG',
                    help='pretrained weights (default tag or the one given)')
     p.add_argument('--checkpoint', default=None, metavar='FILE', help='weights file (any format the model loads)')
-    add_alias(p, '--weights', '--checkpoint', 'checkpoint')
     p.add_argument('--img-size', type=int, default=None, help='shorter side of the network input (default: the '
                                                               'model\'s, 224)')
     p.add_argument('--stages', default=None, help='stages to draw, 1-based, e.g. 3,4 (default: all)')

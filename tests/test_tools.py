@@ -474,9 +474,8 @@ def test_every_option_has_help_and_one_default():
 
 
 def test_deprecated_spellings_still_work(capsys):
-    args = SCRIPTS['finetune'].get_parser().parse_args(
-        ['--data-dir', 'd', '--output', 'o', '--num-threads', '3', '--weights', 'w.pth'])
-    assert (args.output_dir, args.threads, args.checkpoint) == ('o', 3, 'w.pth')
+    args = SCRIPTS['finetune'].get_parser().parse_args(['--data-dir', 'd', '--output', 'o', '--num-threads', '3'])
+    assert (args.output_dir, args.threads) == ('o', 3)
     err = capsys.readouterr().err
     assert '--output is deprecated' in err and 'use --output-dir' in err and '--num-threads is deprecated' in err
     args = SCRIPTS['train_segmentation'].parse_args(['--train-images', 'i', '--train-masks', 'm', '--num-classes',
