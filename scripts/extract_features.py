@@ -112,7 +112,7 @@ def check_previous(args, files: List[str], parts_dir: str) -> List[str]:
     unfinished = os.path.isdir(parts_dir)
     if args.overwrite:
         return finished + ([parts_dir] if unfinished else [])
-    if finished:
+    if finished and not (args.resume and unfinished):
         raise UsageError(f'{", ".join(finished)} already exist(s) (a previous extraction); replace with --overwrite '
                          f'or give another --output' + ('' if not unfinished else f' (--resume continues {parts_dir})'))
     if unfinished and not args.resume:
