@@ -228,3 +228,22 @@ def test_portable_dropout():
     torch.manual_seed(0)
     d = sampled_attention_portable(*inputs, 0.5, attn_drop=0.5, training=True)
     assert d.shape == ref.shape and not torch.allclose(d, ref)
+
+
+def test_export_and_trace_keep_one_op():
+    """ torch.export and torch.jit.trace (saved and reloaded) record the public op itself. """
+    import io
+
+    class Layer(torch.nn.Module):
+        def forward(self, qkv, off, b):
+            return sampled_attention(qkv, off, b, 0.5)
+
+    inputs = tuple(t.detach().float() for t in _inputs(1, 3, 4, 2, 4))
+    ref = Layer()(*inputs)
+    ep = torch.export.export(Layer(), inputs)
+    assert [n.target for n in ep.graph.nodes if n.op == 'call_function'] == [OP.default]
+    torch.testing.assert_close(ep.module()(*inputs), ref, atol=0, rtol=0)
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.trace(Layer(), inputs), buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.jit.load(buf)(*inputs), ref, atol=0, rtol=0)

@@ -16,12 +16,13 @@ convention; ``grid_sample(mode='bilinear', padding_mode='zeros', align_corners=F
 
 Entry points:
 
-- :func:`sampled_attention`: the op ``torch.ops.dgmn_timm.sampled_attention``
-  (``torch.library.custom_op`` with fake and autograd registrations). The dispatcher runs the
-  gather kernel below on CPU (and any other device) and the Triton kernel
-  (``triton_sampled_attention``) on CUDA when Triton is installed. torch.compile, torch.export
-  and FX see one opaque call. Its backward is a second op,
-  ``torch.ops.dgmn_timm.sampled_attention_backward``, which refuses double backward.
+- :func:`sampled_attention`: the op ``torch.ops.dgmn_timm.sampled_attention``, callable from
+  Python, TorchScript, torch.compile (one opaque call, no graph break), FX and torch.export.
+  It decomposes into ``dgmn_timm::sampled_attention_fwd`` (a ``torch.library.custom_op`` with
+  fake and autograd registrations), which also returns what the backward reuses; the
+  backward is ``dgmn_timm::sampled_attention_backward``, which refuses double backward. The
+  dispatcher runs the gather kernel below on CPU (and any other device) and the Triton kernel
+  (``triton_sampled_attention``) on CUDA when Triton is installed.
 - :func:`sampled_attention_portable`: ``grid_sample`` plus plain tensor ops; autograd-native
   (double backward), TorchScript-scriptable, ONNX-exportable, supports attention dropout.
   Layers choose it at construction.
@@ -30,7 +31,7 @@ Entry points:
 
 Gather kernel (CPU)
 -------------------
-Bilinear sampling is linear in the map, so a sampled key is a weighted sum of 4 table rows
+Bilinear sampling is linear in the map, so a sampled key is a weighted sum of 4 rows of qkv
 and the attention can be written with two fused gathers of PyTorch's embedding-bag kernels,
 without materialising the K-fold sampled keys and values:
 
@@ -40,14 +41,13 @@ without materialising the K-fold sampled keys and values:
 - out = sum_k p_k sum_c w_kc V[i_kc]: one ``embedding_bag(mode='sum')`` with 4K rows per query
   and weights p_k * w_kc.
 
-Keys and values are copied once into a table zero-padded by one row/column on top/left and
-two on bottom/right, so every corner index is valid, a corner outside the map reads a zero
-row, and positions can be clamped to the padded range without changing any value (beyond
-it all 4 corners are zero, and so is the gradient). The backward recomputes the corners and
-the softmax from the inputs (the op saves only its inputs), then: the corner weights'
-gradients are two more gather-dots, dq is one embedding bag, and the scatter into the
-key/value table is written as gathers too: the corner indices are sorted once and the
-transposed bags are embedding bags over the queries (``include_last_offset``).
+The gathers read qkv itself (viewed as rows of hd; a value row is its key row + nh); a corner
+outside the map gets weight zero and a clamped, valid row. The forward returns the softmax
+weights and the corner dots with the output; the backward recomputes the corners (cheap,
+elementwise) and gets: the corner weights' gradients from one more gather-dot (with the
+output gradient against the values), dq from one embedding bag, and the scatter into the key
+and value rows as gathers too: the corner rows are sorted once and the transposed bags are
+embedding bags over the queries (``include_last_offset``).
 """
 import contextlib
 from typing import Dict, Optional, Tuple
