@@ -131,8 +131,8 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = No
     if resume:
         g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
                        help=f'continue the run in --output-dir (from its {TRAIN_STATE}, or the given state file)')
-    g.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available); '
-                   'under torchrun each process takes its local rank\'s GPU')
+    g.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available); under '
+                   'torchrun (finetune, extract_features) each process takes its local rank\'s GPU')
     g.add_argument('--threads', type=int, default=None,
                    help='intra-op CPU threads of the main process (default: OMP_NUM_THREADS if set, else the cores '
                         'left after one per loader worker, at least 1)')

@@ -39,8 +39,8 @@ import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import DataDirError
 from dgmn_timm.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
 from dgmn_timm.engine import (
-    HelpFormatter, add_dense_args, add_run_args, check_dense_args, clear_run_files, init_distributed,
-    load_model_weights, make_loader, read_model_weights, run_cli, set_threads, train_dense,
+    HelpFormatter, add_dense_args, add_run_args, check_dense_args, clear_run_files,
+    load_model_weights, make_loader, read_model_weights, resolve_device, run_cli, set_threads, train_dense,
 )
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
@@ -226,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          hflip=args.hflip)
     val_set = _dataset(args.val_images or args.train_images, args.val_ann or args.train_ann, 'validation',
                        with_masks=with_masks, cat_ids=train_set.cat_ids)
-    device = init_distributed(args.device).device
+    device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
     if args.overwrite:
         clear_run_files(args.output_dir, previous)

@@ -41,8 +41,8 @@ from tqdm import tqdm
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import find_pairs
 from dgmn_timm.engine import (
-    HelpFormatter, UsageError, add_dense_args, add_run_args, check_dense_args, clear_run_files, init_distributed,
-    load_model_weights, make_loader, read_model_weights, run_cli, set_threads, train_dense,
+    HelpFormatter, UsageError, add_dense_args, add_run_args, check_dense_args, clear_run_files,
+    load_model_weights, make_loader, read_model_weights, resolve_device, run_cli, set_threads, train_dense,
 )
 from dgmn_timm.segmentation import HEAD_DEFAULTS, HEADS
 
@@ -221,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         tqdm.write(f'warning: {unmatched} images in {args.train_images} have no mask, skipped')
     val_pairs, _ = find_pairs(args.val_images or args.train_images, args.val_masks or args.train_masks,
                               args.image_suffix, args.mask_suffix)
-    device = init_distributed(args.device).device
+    device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
     if args.overwrite:
         clear_run_files(args.output_dir, previous)
