@@ -229,6 +229,19 @@ def test_malformed_data_dir(tmp_path, spec, message):
     assert not os.path.exists(tmp_path / 'out')  # fails before anything is built or written
 
 
+def test_digits_command(tmp_path, capsys):
+    """ The README's `python -m dgmn_timm.data digits`: an ImageFolder tree; an existing one is refused. """
+    from dgmn_timm.data import main as data_main
+    root = str(tmp_path / 'digits')
+    data_main([root, '--per-class', '5', '--img-size', '16'])
+    assert 'wrote 40 train and 10 val images' in capsys.readouterr().out
+    data = scan_image_folder_tree(root)
+    assert data['classes'] == [str(d) for d in range(10)] and len(data['train']) == 40
+    with pytest.raises(SystemExit):
+        data_main([root])
+    assert 'already holds train/' in capsys.readouterr().err
+
+
 def test_nested_class_folders_and_validation_alias(tmp_path):
     root = _tree(tmp_path, {'train/a/x/1.png': 'png', 'train/a/2.png': 'png', 'train/b/y/z/1.png': 'png',
                             'validation/a/1.png': 'png', 'validation/b/1.jpg': 'png'})
