@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
                initial=sum(len(chunk_range(c)) for c in done), unit='img', desc='extract',
                disable=not info.is_main or args.no_progress, dynamic_ncols=True)
     if done and info.is_main:
-        _logger.info(f'Continuing: {len(done)} of {len(my_chunks)} chunks already extracted in {parts_dir}.')
+        tqdm.write(f'Continuing: {len(done)} of {len(my_chunks)} chunks already extracted in {parts_dir}.')
     from safetensors.torch import save_file
     for c in my_chunks:
         if c in done:
