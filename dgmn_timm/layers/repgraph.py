@@ -200,7 +200,8 @@ class RepGraph(nn.Module):
         B, _, H, W = z.shape
         nh, hd = self.groups, self.inner_dim // self.groups
         qkv = self.qkv(z).reshape(B, 3, nh, hd, H, W).permute(0, 4, 5, 1, 2, 3)  # (B, H, W, 3, nh, hd)
-        # (B, H, W, 2S) is small: one contiguous copy, then shared by the G groups (stride 0)
+        # (B, H, W, 2S) is small: one contiguous copy (the op's CPU backward needs it, see the tests),
+        # shared by the G groups as an expanded, stride-0 view
         offset = self._displacements(z).contiguous().unsqueeze(3).expand(B, H, W, nh, 2 * self.num_nodes)
         if self.portable:
             y = sampled_attention_portable(qkv, offset, None, 1.0)
@@ -227,7 +228,7 @@ class RepGraph(nn.Module):
         B, _, H, W = z.shape
         nh, hd, S = self.groups, self.inner_dim // self.groups, self.num_nodes
         qkv = self.qkv(z).reshape(B, 3, nh, hd, H, W).permute(0, 4, 5, 1, 2, 3)
-        disp = self._displacements(z).contiguous()  # (B, H, W, 2S)
+        disp = self._displacements(z)  # (B, H, W, 2S)
         weights = attention_weights(qkv, disp.unsqueeze(3).expand(B, H, W, nh, 2 * S), None, 1.0)
         ys = torch.arange(H, device=x.device, dtype=disp.dtype).view(1, H, 1, 1)
         xs = torch.arange(W, device=x.device, dtype=disp.dtype).view(1, 1, W, 1)
