@@ -487,3 +487,13 @@ def test_layer_portable_path_exports_to_onnx():
     x = torch.randn(1, 16, 12, 5)
     with torch.no_grad():
         np.testing.assert_allclose(sess.run(None, {'x': x.numpy()})[0], layer(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_grid_displacements_keep_subpixel_accuracy_in_bfloat16():
+    from dgmn_timm.layers.repgraph import grid_displacement
+    off = torch.full((1, 2, 2, 1), 0.25)
+    d16 = grid_displacement(off.bfloat16(), 300, 3, 150)  # distances up to 150 px: bfloat16 steps are 1 px there
+    d32 = grid_displacement(off, 300, 3, 150)
+    assert d16.dtype == torch.float32
+    torch.testing.assert_close(d16, d32)
+    assert d32[0, 1, 0, 0].item() == 0.25 + 74.5 - 1  # anchor of rows 0..149 is 74.5

@@ -82,10 +82,12 @@ def grid_displacement(offset: torch.Tensor, height: int, width: int, grid: int) 
 
     Returns:
         (B, H, W, 2S): for position (y, x) in cell (y // g, x // g), the cell's offsets plus
-        (anchor - position).
+        (anchor - position); float32 (float64 for float64 offsets), since half precision cannot
+        hold pixel distances across a large map to sub-pixel accuracy.
     """
     device = offset.device
-    cdt = offset.dtype
+    cdt = torch.float64 if offset.dtype == torch.float64 else torch.float32
+    offset = offset.to(cdt)
     ys = torch.arange(height, device=device)
     xs = torch.arange(width, device=device)
     cy = torch.div(ys, grid, rounding_mode='floor')
