@@ -176,12 +176,11 @@ class RepGraph(nn.Module):
     def reset_parameters(self):
         """ Default conv init, then the identity start (see the module docstring). """
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.reset_parameters()
-            elif isinstance(m, nn.modules.batchnorm._NormBase):
+            if m is not self and hasattr(m, 'reset_parameters'):
                 m.reset_parameters()
         if self.fuse is None:
-            last = self.proj_norm if isinstance(self.proj_norm, nn.modules.batchnorm._NormBase) else self.proj
+            # the last affine map of the branch: the norm after W_y (bottleneck), else W_y itself
+            last = self.proj_norm if getattr(self.proj_norm, 'weight', None) is not None else self.proj
             nn.init.zeros_(last.weight)
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
