@@ -107,7 +107,8 @@ def _op(qkv, disp, portable):
 @pytest.mark.parametrize('portable', [False, True])
 @pytest.mark.parametrize('B,H,W,G,D,S,spread', [
     (2, 5, 7, 1, 4, 9, 3.),  # random fractional offsets, non-square
-    (1, 1, 1, 1, 3, 9, 2.),  # 1-pixel map
+    (1, 1, 1, 1, 3, 9, 2.),  # 1-pixel map, a single query
+    (2, 1, 1, 2, 3, 9, 2.),  # 1-pixel maps, a batch, groups
     (1, 4, 1, 2, 2, 5, 2.),  # 1-pixel-wide map, groups
     (1, 3, 4, 1, 4, 1, 2.),  # S = 1
     (1, 3, 5, 3, 2, 27, 4.),  # S = 27, groups
