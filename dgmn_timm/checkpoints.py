@@ -19,7 +19,8 @@ The reader:
   ``backbone.`` entries of a detection / segmentation checkpoint, prefix removed.
 
 ``import dgmn_timm`` routes timm's own loaders through this module for dgmn_timm models only (see
-``install_timm_loaders``); other timm models load exactly as timm loads them.
+``install_timm_loaders``; timm's EMA-first default of ``checkpoint_path=`` is not followed for them); other
+timm models load exactly as timm loads them.
 """
 import argparse
 import functools

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import dgmn_timm  # noqa: F401  (registers the models)
+import dgmn_timm
 from dgmn_timm.checkpoints import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_weights
 from dgmn_timm.convert import convert_checkpoint
 from dgmn_timm.detection import create_feature_backbone
@@ -159,19 +159,28 @@ def digits(tmp_path_factory):
 def _cli_args(script, path, digits, tmp_path):
     if script == 'quickstart':
         return ['--checkpoint', str(path)]
+    if script == 'convert':
+        return [str(path), '--model', 'dgmn2_tiny', '--output-dir', str(tmp_path / 'run'), '--check-size', '32']
     return ['--data-dir', digits, '--output-dir', str(tmp_path / 'run'), '--checkpoint', str(path), '--epochs', '1',
             '--batch-size', '2', '--workers', '0', '--no-progress', '--threads', '1']
 
 
-@pytest.mark.parametrize('script', ['quickstart', 'finetune'])
+@pytest.mark.parametrize('script', ['quickstart', 'finetune', 'convert'])
 @pytest.mark.parametrize('name', list(EXPECTED))
 def test_bad_file_command_line(bad_files, digits, name, script, tmp_path, capsys):
-    """ The scripts' own entry (what `python -m dgmn_timm` / `python scripts/finetune.py` run), in this process. """
+    """ The commands' own entry (`python -m dgmn_timm`, `scripts/finetune.py`, `python -m dgmn_timm.convert`),
+    in this process. """
+    from dgmn_timm.convert import main as convert_main
     from dgmn_timm.engine import run_cli
-    main = importlib.import_module('dgmn_timm.__main__').main if script == 'quickstart' else load_script('finetune').main
     path = bad_files[name]
     capsys.readouterr()
-    assert run_cli(main, _cli_args(script, path, digits, tmp_path)) == 2
+    if script == 'convert':
+        rc = convert_main(_cli_args(script, path, digits, tmp_path))
+    else:
+        main = importlib.import_module('dgmn_timm.__main__').main if script == 'quickstart' else \
+            load_script('finetune').main
+        rc = run_cli(main, _cli_args(script, path, digits, tmp_path))
+    assert rc == 2
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith('error:')] == [f'error: {_message(path)}']
     assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').iterdir())
@@ -199,3 +208,12 @@ def test_bad_file_subprocess(bad_files, digits, name, script, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert errors == [f'error: {_message(bad_files[name])}'], proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
+
+
+def test_error_classes_where_the_readme_names_them():
+    from dgmn_timm import hub
+    assert dgmn_timm.CheckpointError is CheckpointError and dgmn_timm.load_weights is load_weights
+    assert dgmn_timm.CheckpointMismatchError is CheckpointMismatchError
+    assert hub.PretrainedWeightsError is CheckpointError
+    assert hub.PretrainedWeightsNotFoundError is CheckpointNotFoundError
+    assert issubclass(CheckpointNotFoundError, FileNotFoundError) and issubclass(CheckpointMismatchError, RuntimeError)
