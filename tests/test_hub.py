@@ -233,17 +233,18 @@ def test_converter_all_variants_full_size(variant, tmp_path):
 
 @pytest.mark.slow
 def test_converter_script_respects_hf_home(released, tmp_path):
-    """ The script as users run it: a new process, cache location from HF_HOME (no HF_HUB_CACHE).
+    """ The converter as users run it (python -m dgmn_timm.convert): a new process, cache from HF_HOME only.
 
     (slow only because a fresh process imports torch and timm: about 5 s, far more on a loaded machine)
     """
     import os
     import subprocess
     env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_CACHE', 'HUGGINGFACE_HUB_CACHE')}
-    env.update(HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    env.update(HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1',
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get('PYTHONPATH', ''))
     out = tmp_path / 'dgmn2_tiny.in1k'
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / 'scripts' / 'convert_official.py'), str(released['cls']),
+        [sys.executable, '-m', 'dgmn_timm.convert', str(released['cls']),
          '--model', 'dgmn2_tiny', '--output-dir', str(out), '--to-cache', '--check-size', '32'],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
