@@ -247,3 +247,13 @@ def test_export_and_trace_keep_one_op():
     torch.jit.save(torch.jit.trace(Layer(), inputs), buf)
     buf.seek(0)
     torch.testing.assert_close(torch.jit.load(buf)(*inputs), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('which', [0, 1, 2])
+def test_gradient_of_one_input_only(which):
+    """ Only one of qkv / offset / bias requires a gradient: the backward skips the others. """
+    inputs = [t.detach() for t in _inputs(1, 3, 4, 2, 4)]
+    inputs[which].requires_grad_()
+    out = sampled_attention(*inputs, 0.5)
+    ref = sampled_attention_reference(*inputs, 0.5)
+    _close(_grads(out, [inputs[which]])[0], _grads(ref, [inputs[which]])[0], 1e-10)
