@@ -358,7 +358,7 @@ def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qk
     vdots = _gather_dot(go, table[nh:], idx, K * _CORNERS).view(M, K, _CORNERS)
     dp = torch.bmm(vdots.view(M * K, 1, _CORNERS), w.view(M * K, _CORNERS, 1)).view(M, K)
     dlogits = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward, (M, K)
-    grad_qkv = grad_offset = qkv.new_empty(0)
+    grad_qkv, grad_offset = qkv.new_empty(0), qkv.new_empty(0)  # distinct: outputs may not alias
     if need_qkv:
         wk = w * dlogits.unsqueeze(-1)  # d logits / d <scaled q, K[i_kc]>
         wp = w * p.unsqueeze(-1)
