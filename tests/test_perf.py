@@ -109,14 +109,6 @@ def ref_module(m: DynamicGraphAttention, x):
 
 # ---------------------------------------------------------------- helpers
 
-def _inputs(B, H, W, nh, c, dtype=torch.float64, walk=1.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, H, W, 3, nh, c, generator=g, dtype=torch.float64)
-    offset = torch.randn(B, H, W, nh, 2 * K, generator=g, dtype=torch.float64) * walk
-    rel = torch.randn(B, H, W, nh, K, generator=g, dtype=torch.float64)
-    return [t.to(dtype).requires_grad_() for t in (qkv, offset, rel)]
-
-
 def _grads(out, inputs, seed=1):
     g = torch.Generator().manual_seed(seed)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
