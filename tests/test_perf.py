@@ -38,7 +38,7 @@ def _resize_matrix(n_in, n_out):
 
 
 def ref_rel_pos(q, rel_height, rel_width, released=True):
-    """ q (B, H, W, nh, c) -> (B, H, W, nh, K), loops over (y, x, m) as in spec section 3. """
+    """ q (B, H, W, nh, c) -> (B, H, W, nh, K), loops over (y, x, m) (docs/ARCHITECTURE.md, position term). """
     B, H, W, nh, c = q.shape
     th = _resize_matrix(rel_height.shape[0], H + K - 1) @ rel_height.double()
     tw = _resize_matrix(rel_width.shape[0], W + K - 1) @ rel_width.double()

@@ -1,4 +1,4 @@
-""" The deformable node sampler against slow references (spec/dgmn2.md, section 2.3-2.4). """
+""" The deformable node sampler (``sample_nodes``) against slow references. """
 import pytest
 import torch
 import torch.nn.functional as F
