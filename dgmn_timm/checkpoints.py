@@ -150,7 +150,8 @@ def read_checkpoint(path: PathLike, map_location: Any = 'cpu') -> Any:
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
             unsafe = ''
             try:
-                unsafe = ', '.join(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
+                unsafe = ', '.join(g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+                                   if g != 'argparse.Namespace')
             except Exception:
                 pass
             raise CheckpointError(

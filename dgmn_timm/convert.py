@@ -145,7 +145,7 @@ def convert_checkpoint(
     full = unwrap_state_dict(checkpoint, use_ema=use_ema, source=checkpoint_path, backbone_only=False)
     released = unwrap_state_dict(full, source=checkpoint_path)
     info: Dict[str, Any] = {}
-    if isinstance(checkpoint, dict) and full is not checkpoint:
+    if isinstance(checkpoint, dict):  # a training checkpoint's provenance, for the model card
         if isinstance(checkpoint.get('epoch'), int):
             info['epoch'] = checkpoint['epoch']
         args = checkpoint.get('args')

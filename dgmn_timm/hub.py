@@ -8,7 +8,8 @@ cards (``generate_readme``); this module adds what it lacks for weights that are
     * ``write_model_card``: the card of a converted folder (timm's ``generate_readme``);
     * ``place_in_cache``: a converted folder -> the local Hugging Face cache under a Hub id, so that
       ``timm.create_model('dgmn2_tiny.in1k', pretrained=True)`` works offline;
-    * ``push_folder``: a converted folder -> a Hub repo (``huggingface_hub``), with a dry run;
+    * ``push_folder``: a converted folder -> a Hub repo (``huggingface_hub``), with a dry run
+      (``python -m dgmn_timm.hub FOLDER --repo-id ORG/NAME [--dry-run]``);
     * ``hub_entrypoint`` / ``package_models``: the torch.hub entry points of ``hubconf.py``.
 
 Conversion of the authors' checkpoints lives in ``dgmn_timm.convert`` (``python -m dgmn_timm.convert``).
