@@ -383,6 +383,13 @@ def test_error_no_cache_offline(hf_cache):
     assert timm.create_model('dgmn2_tiny', pretrained=False).num_classes == 1000
 
 
+def test_error_local_dir_missing(tmp_path):
+    for folder, why in ((tmp_path / 'nowhere', 'is not a folder'), (tmp_path, 'has no config.json')):
+        with pytest.raises(hub.PretrainedWeightsNotFoundError, match=why) as e:
+            timm.create_model(f'local-dir:{folder}', pretrained=True)
+        assert str(folder) in str(e.value) and 'python -m dgmn_timm.convert' in str(e.value)
+
+
 def test_error_hf_hub_name_offline(hf_cache):
     """ An hf-hub: name of this package's weights, not cached, offline: the same error as the tag (no raw huggingface_hub one). """
     with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
