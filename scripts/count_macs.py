@@ -12,7 +12,7 @@ import torch
 import dgmn_timm  # noqa: F401
 from dgmn_timm.profiling import count_model_macs
 
-PAPER = {  # params (M), GMACs @224, ImageNet-1k top-1 (spec/dgmn2.md)
+PAPER = {  # params (M), GMACs @224, ImageNet-1k top-1, as the paper reports them
     'dgmn2_tiny': (12.1, 2.3, 78.7),
     'dgmn2_small': (21.0, 4.3, 81.7),
     'dgmn2_medium': (35.8, 7.1, 82.5),

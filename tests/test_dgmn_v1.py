@@ -1,6 +1,6 @@
 """ DGMN (CVPR 2020) module, its ResNet backbones and the Cityscapes-style head (issue 7).
 
-Numbers are those of shared/spec/dgmn.md. Inputs are tiny; MACs are counted on the meta device.
+Numbers are the paper's (docs/ARCHITECTURE.md lists them). Inputs are tiny; MACs are counted on the meta device.
 """
 import logging
 
