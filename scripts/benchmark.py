@@ -19,6 +19,7 @@ Outputs in ``--output-dir``: throughput.csv, and with ``--sweep`` sweep.csv and 
 """
 import argparse
 import csv
+import logging
 import os
 import platform
 import statistics
@@ -84,6 +85,9 @@ class Runner:
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
+        if args.compile:
+            # inductor's C++ toolchain probe logs a CUDA-runtime warning on CPU-only machines
+            logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
         self.fn = torch.compile(self.model) if args.compile else self.model
         self.opt = None
         if args.amp:
