@@ -284,3 +284,26 @@ def test_rel_pos_clean_option_changes_output():
     x = _x(64, 64)
     with torch.no_grad():
         assert not torch.allclose(a(x), b(x))
+
+
+def _attentions(model):
+    from dgmn_timm.models.dgmn2 import DynamicGraphAttention
+    return [m for m in model.modules() if isinstance(m, DynamicGraphAttention)]
+
+
+def test_attention_path_chosen_at_construction(monkeypatch):
+    """ The fused op by default; timm's switches (or attention dropout) select the portable path
+    when the model is built, and both paths compute the same model. """
+    import timm.layers.config as timm_config
+    assert all(a.fused_attn for a in _attentions(_model()))
+    for kwargs in (dict(exportable=True), dict(scriptable=True), dict(attn_drop_rate=0.1)):
+        assert not any(a.fused_attn for a in _attentions(_model(**kwargs))), kwargs
+    monkeypatch.setattr(timm_config, '_USE_FUSED_ATTN', 0)  # what timm.layers.set_fused_attn(False) sets
+    assert not any(a.fused_attn for a in _attentions(_model()))
+    monkeypatch.undo()
+    fused = randomise(_model()).eval()
+    portable = _model(exportable=True).eval()
+    portable.load_state_dict(fused.state_dict())
+    x = _x(70, 45)
+    with torch.no_grad():
+        torch.testing.assert_close(portable(x), fused(x), atol=1e-5, rtol=1e-5)
