@@ -308,13 +308,17 @@ def plot_repgraph_nodes(
         path: str,
         title: Optional[str] = None,
         dpi: int = 120,
+        scale: Tuple[float, float] = (1., 1.),
 ):
     """ Draw each query (cross) and its S nodes (discs whose area follows the weight) on ``image``.
 
     Args:
-        image: (H, W, 3) uint8 image in the pixels of the network input.
-        results: ``repgraph_nodes`` output, one colour per query point.
+        image: (H, W, 3) uint8 image to draw on.
+        results: ``repgraph_nodes`` output (positions in the pixels of the network input), one
+            colour per query point.
         path: PNG file to write.
+        scale: (sy, sx) from network-input pixels to ``image`` pixels (for a resized input);
+            a pixel centre p maps to (p + 0.5) * s - 0.5.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -325,10 +329,12 @@ def plot_repgraph_nodes(
     ax.imshow(image)
     w_max = max(float(np.max(r['weights'])) for r in results)
     colours = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#bfef45']
+    sy, sx = scale
     for i, r in enumerate(results):
         colour = colours[i % len(colours)]
-        qy, qx = r['query_px']
+        qy, qx = (r['query_px'][0] + 0.5) * sy - 0.5, (r['query_px'][1] + 0.5) * sx - 0.5
         pos, wts = np.asarray(r['positions']), np.asarray(r['weights'])
+        pos = np.stack([(pos[:, 0] + 0.5) * sy - 0.5, (pos[:, 1] + 0.5) * sx - 0.5], -1)
         for (ny, nx) in pos:
             ax.plot([qx, nx], [qy, ny], color=colour, linewidth=0.5, alpha=0.5, zorder=2)
         ax.scatter(pos[:, 1], pos[:, 0], s=10 + 290 * wts / max(w_max, 1e-6), color=colour, alpha=0.75,

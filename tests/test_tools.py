@@ -344,6 +344,71 @@ def test_visualize_script_errors(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['photo.png']  # nothing written
 
 
+def test_visualize_script_repgraph_layers_match_the_models():
+    """ The script's table of RepGraph ResNets and their layers is the registered models' (built on meta). """
+    from dgmn_timm.layers import RepGraph
+    assert set(visualize_script.REPGRAPH_LAYERS) == set(timm.list_models('*repgraph*'))
+    for name, where in visualize_script.REPGRAPH_LAYERS.items():
+        model = timm.create_model(name, device='meta', num_classes=0)
+        names = [n for n, m in model.named_modules() if isinstance(m, RepGraph)]
+        assert tuple(f'res{int(n.split(".")[0][len("layer"):]) + 1}' for n in names) == where, name
+
+
+def test_visualize_script_draws_repgraph_nodes(tmp_path):
+    """ RepGraph ResNets: a PNG of one layer's S nodes per query; JSON positions in image pixels. """
+    from dgmn_timm.layers import RepGraph
+    img = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(img)
+    common = ['--image', str(img), '--img-size', '64']
+
+    # random weights: the offsets are small, so the 9 nodes sit near the query, with near-uniform weights
+    png, js = str(tmp_path / 'r.png'), str(tmp_path / 'r.json')
+    report = visualize_script.main(common + ['--model', 'resnet50_repgraph', '--point', '40,70', '--output', png,
+                                             '--save-points', js])
+    with Image.open(png) as im:
+        assert im.format == 'PNG' and im.width > 200 and im.height > 150
+    with open(js) as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    assert report['input_size'] == [64, 85]
+    layer = report['layer']
+    assert (layer['index'], layer['num_layers'], layer['stage'], layer['module']) == (1, 1, 'res4', 'layer3.5.context')
+    assert layer['map_size'] == [4, 6]
+    np.testing.assert_allclose(layer['stride'], [90 / 4, 120 / 6])
+    (entry,) = report['points']
+    pos, wts = np.array(entry['positions']), np.array(entry['weights'])
+    assert pos.shape == (9, 2) and wts.shape == (9,)
+    np.testing.assert_allclose(wts.sum(), 1., atol=1e-5)
+    np.testing.assert_allclose(wts, 1 / 9, atol=1e-2)
+    qpx = np.array(entry['query_px'])
+    assert np.abs(qpx - np.array([40., 70.])).max() <= np.max(layer['stride']) / 2  # the point's map cell
+    assert np.abs(pos - qpx).max() < 0.5 * np.min(layer['stride'])  # each node within half a map pixel
+
+    # zero offsets put every node on the query; an offset bias moves them all by that many map pixels
+    seed_everything(0)
+    model = timm.create_model('resnet50_repgraph_3l', num_classes=0)
+    layers = [m for m in model.modules() if isinstance(m, RepGraph)]
+    with torch.no_grad():
+        for m in layers:
+            m.offset.weight.zero_()
+            m.offset.bias.zero_()
+        layers[1].offset.bias[0::2] = 1.0  # dy: one res4 pixel down
+        layers[1].offset.bias[1::2] = -0.5  # dx: half a pixel left
+    ckpt = str(tmp_path / 'moved.safetensors')
+    save_safetensors(model.state_dict(), ckpt)
+    for index, shift in ((1, (0., 0.)), (2, (1.0, -0.5))):
+        report = visualize_script.main(common + ['--model', 'resnet50_repgraph_3l', '--checkpoint', ckpt,
+                                                 '--layer', str(index), '--grid', '2',
+                                                 '--output', str(tmp_path / f'l{index}.png')])
+        layer = report['layer']
+        assert layer['index'] == index and layer['stage'] == ('res3', 'res4')[index - 1]
+        assert len(report['points']) == 4
+        for entry in report['points']:
+            expect = np.array(entry['query_px']) + np.array(shift) * np.array(layer['stride'])
+            np.testing.assert_allclose(entry['positions'], np.broadcast_to(expect, (9, 2)), atol=1e-3)
+            np.testing.assert_allclose(entry['weights'], 1 / 9, atol=1e-6)  # nine copies of one key
+    assert os.path.getsize(tmp_path / 'l1.png') > 0 and os.path.getsize(tmp_path / 'l2.png') > 0
+
+
 # ------------------------------------------------------------------------------------------
 # every script: one error line per mistake, before any model is built, nothing written
 
@@ -412,6 +477,15 @@ def _cases():
         (det[:-1] + ['{r}/prev', '--resume'], 'cannot read the training state .*truncated'),
         (['visualize_sampling', '--image', '{r}/notes.txt', '--output', '{out}/v.png'], 'cannot read image'),
         (['visualize_sampling', '--model', 'resnet50_dgmn_c5', '--output', '{out}/v.png'], 'does not have'),
+        (['visualize_sampling', '--model', 'resnet50_nonlocal', '--output', '{out}/v.png'],
+         'resnet50_nonlocal does not have; use one of .*resnet50_repgraph'),
+        (['visualize_sampling', '--model', 'resnet50_repgraph', '--layer', '2', '--output', '{out}/v.png'],
+         r'--layer 2: resnet50_repgraph has RepGraph layers 1..1 \(res4\)'),
+        (['visualize_sampling', '--model', 'resnet50_repgraph_5l', '--layer', '0', '--output', '{out}/v.png'],
+         'layers 1..5'),
+        (['visualize_sampling', '--model', 'resnet50_repgraph', '--stages', '3', '--output', '{out}/v.png'],
+         '--stages is for DGMN2 models'),
+        (['visualize_sampling', '--layer', '1', '--output', '{out}/v.png'], '--layer is for RepGraph models'),
     ]
 
 
