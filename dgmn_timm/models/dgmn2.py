@@ -55,7 +55,8 @@ def _windows(table: torch.Tensor, length: int) -> torch.Tensor:
     return table[0, 0][(length - 1 - p)[:, None] + m[None, :]]
 
 
-def rel_pos_logits(q: torch.Tensor, rel_height: torch.Tensor, rel_width: torch.Tensor, released: bool = True):
+def rel_pos_logits(
+        q: torch.Tensor, rel_height: torch.Tensor, rel_width: torch.Tensor, released: bool = True) -> torch.Tensor:
     """ Relative-position logits of the K nodes of every query, (B, H, W, nh, K).
 
     Args:
