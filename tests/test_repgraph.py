@@ -114,11 +114,7 @@ def _op(qkv, disp, portable):
     (1, 3, 5, 3, 2, 27, 4.),  # S = 27, groups
     (1, 4, 3, 1, 4, 9, 1e3),  # far outside the map
 ])
-def test_op_matches_reference(portable, B, H, W, G, D, S, spread, request):
-    if not portable and B * H * W * G == 1:
-        request.applymarker(pytest.mark.xfail(
-            reason='op bug: a single query (B * H * W * heads == 1) makes a non-contiguous offset2bag '
-                   'for embedding_bag in the CPU gather kernel', raises=RuntimeError, strict=False))
+def test_op_matches_reference(portable, B, H, W, G, D, S, spread):
     qkv, disp = _inputs(B, H, W, G, D, S, spread)
     ref = attend_reference(qkv, disp)
     out64 = _op(qkv, disp, portable)
@@ -128,14 +124,9 @@ def test_op_matches_reference(portable, B, H, W, G, D, S, spread, request):
 
 
 @pytest.mark.parametrize('portable', [False, True])
-def test_op_offsets_as_a_permuted_conv_output(portable, request):
+def test_op_offsets_as_a_permuted_conv_output(portable):
     """ Offsets straight from a (B, 2S, H, W) conv output, permuted and expanded over the groups
     (the op's contract: any strides), forward and gradients. """
-    if not portable:
-        request.applymarker(pytest.mark.xfail(
-            reason='op bug: with gradients, the CPU kernel .view()s corner tensors whose layout follows '
-                   'permuted offsets (RepGraph passes a contiguous copy meanwhile)', raises=RuntimeError,
-            strict=False))
     qkv, disp = _inputs(2, 4, 5, 2, 3, 6, 2.5, seed=1)
     disp = disp + 1e-3
     conv_out = disp.permute(0, 3, 1, 2).contiguous().requires_grad_()

@@ -126,6 +126,51 @@ def test_expanded_offsets_and_strided_qkv():
         _close(a, r, 1e-10)
 
 
+@pytest.mark.parametrize('bias', [True, False])
+def test_single_query(bias):
+    """ B * H * W * heads == 1: one query, forward and gradients (float64 and float32). """
+    inputs = _inputs(1, 1, 1, 1, 5, 9, bias, walk=0.7)
+    out = sampled_attention(*inputs, 0.5)
+    ref = sampled_attention_reference(*inputs, 0.5)
+    ref_grads = _grads(ref, inputs)
+    _close(out, ref, 1e-12)
+    for g, r in zip(_grads(out, inputs), ref_grads):
+        _close(g, r, 1e-10)
+    inputs32 = [None if t is None else t.detach().float().requires_grad_() for t in inputs]
+    out32 = sampled_attention(*inputs32, 0.5)
+    _close(out32, ref, 1e-5)
+    for g, r in zip(_grads(out32, inputs32), ref_grads):
+        _close(g, r, 1e-4)
+
+
+@pytest.mark.parametrize('expand', [True, False], ids=['expanded', 'per-head'])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_permuted_offsets_with_gradients(expand, dtype):
+    """ Offsets straight from a channels-first (conv) output, permuted to (B, H, W, nh, 2K) and,
+    with ``expand``, shared by the heads as a stride-0 view: forward and all gradients. """
+    B, H, W, nh, hd, K = 2, 4, 5, 3, 4, 9
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, H, W, 3, nh, hd, generator=g, dtype=torch.float64)
+    bias = torch.randn(B, H, W, nh, K, generator=g, dtype=torch.float64)
+    shape = (B, 2 * K, H, W) if expand else (B, nh, 2 * K, H, W)
+    conv_out = (torch.rand(shape, generator=g, dtype=torch.float64) * 5 - 2.5 + 1e-3)
+    inputs = [t.to(dtype).requires_grad_() for t in (qkv, conv_out, bias)]
+    if expand:
+        off = inputs[1].permute(0, 2, 3, 1).unsqueeze(3).expand(B, H, W, nh, 2 * K)
+    else:
+        off = inputs[1].permute(0, 3, 4, 1, 2)
+    assert not off.is_contiguous()
+    out = sampled_attention(inputs[0], off, inputs[2], 0.5)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref_off = (ref_in[1].permute(0, 2, 3, 1).unsqueeze(3).expand(B, H, W, nh, 2 * K) if expand
+               else ref_in[1].permute(0, 3, 4, 1, 2))
+    ref = sampled_attention_reference(ref_in[0], ref_off, ref_in[2], 0.5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    _close(out, ref, tol)
+    for a, r in zip(_grads(out, inputs), _grads(ref, ref_in)):
+        _close(a, r, tol * 100)
+
+
 def test_float32_within_1e5():
     inputs = _inputs(2, 5, 4, 2, 8)
     f32 = [t.detach().float().requires_grad_() for t in inputs]

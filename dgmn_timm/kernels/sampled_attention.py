@@ -6,7 +6,7 @@ Layout (token-major, the layout a ``Linear`` over channels-last tokens produces)
 - ``offset``: (B, H, W, nh, 2K). Node k of the query at pixel (y, x) is read at
   (y + offset[..., 2k], x + offset[..., 2k + 1]): the full displacement from the query, in
   pixels. A layer with a base neighbourhood (DGMN2: a 3x3 grid) adds it to its walks first.
-  May be an expanded (stride-0) tensor, e.g. over heads.
+  Any strides: e.g. a permuted conv output, expanded (stride 0) over heads.
 - ``bias``: (B, H, W, nh, K) logits added before the softmax (e.g. a position term), or None.
 - ``scale``: multiplies <q, k>.
 - result: (B, H, W, nh, hd) = sum_k softmax_k(scale * <q, k_k> + bias_k) v_k.
@@ -147,7 +147,8 @@ def _bag_index(n: int, bag_size: int, device: torch.device, itype: torch.dtype):
     """ offsets and offset2bag of ``n`` bags of ``bag_size`` consecutive entries. """
     def build():
         bags = torch.arange(n, device=device, dtype=itype)
-        return bags * bag_size, bags.view(n, 1).expand(n, bag_size).reshape(-1)
+        # contiguous: for n == 1 the flattened expand would keep stride 0, which embedding_bag refuses
+        return bags * bag_size, bags.view(n, 1).expand(n, bag_size).contiguous().view(-1)
     return _cached(('bags', n, bag_size, str(device), itype), build)
 
 
@@ -174,8 +175,12 @@ def _corners(offset: torch.Tensor, height: int, width: int, nh: int, cdt: torch.
     off = offset.view(B, height, width, nh, K, 2) if offset.stride(-1) == 1 else offset.reshape(
         B, height, width, nh, K, 2)
     ys, xs = _axis_coords(height, width, device, cdt)
-    py = off[..., 0].to(cdt) + ys
-    px = off[..., 1].to(cdt) + xs
+    # written into contiguous buffers: a result of ``off + ys`` would follow the layout of a
+    # permuted ``offset``, and the per-axis tensors derived from these are viewed as (M, K) below
+    py = torch.empty((B, height, width, nh, K), device=device, dtype=cdt)
+    px = torch.empty_like(py)
+    torch.add(off[..., 0], ys, out=py)
+    torch.add(off[..., 1], xs, out=px)
     if need_grad:
         my = (py >= -1.) & (py <= height)
         mx = (px >= -1.) & (px <= width)

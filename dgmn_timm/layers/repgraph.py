@@ -201,9 +201,8 @@ class RepGraph(nn.Module):
         B, _, H, W = z.shape
         nh, hd = self.groups, self.inner_dim // self.groups
         qkv = self.qkv(z).reshape(B, 3, nh, hd, H, W).permute(0, 4, 5, 1, 2, 3)  # (B, H, W, 3, nh, hd)
-        # (B, H, W, 2S) is small: one contiguous copy (the op's CPU backward needs it, see the tests),
-        # shared by the G groups as an expanded, stride-0 view
-        offset = self._displacements(z).contiguous().unsqueeze(3).expand(B, H, W, nh, 2 * self.num_nodes)
+        # shared by the G groups as an expanded, stride-0 view (the ops take any strides)
+        offset = self._displacements(z).unsqueeze(3).expand(B, H, W, nh, 2 * self.num_nodes)
         if self.portable:
             y = sampled_attention_portable(qkv, offset, None, 1.0)
         else:
