@@ -25,6 +25,7 @@ from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.dgmn import DGMN
 from ..checkpoints import mismatch_error, shape_mismatches
+from ._resnet_cfgs import RSB_CFG, resnet_weights_cfg
 
 __all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']
 
@@ -171,45 +172,20 @@ def _natural(s: str):
 
 def _create_resnet_dgmn(variant: str, pretrained: bool = False, **kwargs) -> ResNetDGMN:
     return build_model_with_cfg(
-        ResNetDGMN,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+        ResNetDGMN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(hf_hub_id: str, **kwargs) -> Dict[str, Any]:
-    """ A cfg pointing at timm's plain-ResNet weights on the Hub (``hf_hub_id``). """
-    return {
-        'hf_hub_id': hf_hub_id,
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.875,
-        'interpolation': 'bilinear',
-        'mean': (0.485, 0.456, 0.406),
-        'std': (0.229, 0.224, 0.225),
-        'first_conv': 'conv1',
-        'classifier': 'fc',
-        'paper_ids': 'arXiv:1908.06955',
-        'paper_name': 'Dynamic Graph Message Passing Networks',
-        'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-        'description': f'ResNet part: timm weights {hf_hub_id}. {DGMN_NOT_PRETRAINED}',
-        'notes': (DGMN_NOT_PRETRAINED, f'ResNet weights: {hf_hub_id}'),
-        **kwargs,
-    }
+    return resnet_weights_cfg(
+        hf_hub_id, 'arXiv:1908.06955', 'Dynamic Graph Message Passing Networks', DGMN_NOT_PRETRAINED, **kwargs)
 
-
-_RSB = dict(interpolation='bicubic', crop_pct=0.95, test_input_size=(3, 288, 288), test_crop_pct=1.0,
-            license='apache-2.0')
 
 default_cfgs = generate_default_cfgs({
-    'resnet50_dgmn_c5.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_dgmn_c5.a1_in1k': _cfg('timm/resnet50.a1_in1k', **RSB_CFG),
     'resnet50_dgmn_c5.tv_in1k': _cfg('timm/resnet50.tv_in1k', license='bsd-3-clause'),
-    'resnet50_dgmn_c4c5.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_dgmn_c4c5.a1_in1k': _cfg('timm/resnet50.a1_in1k', **RSB_CFG),
     'resnet50_dgmn_c4c5.tv_in1k': _cfg('timm/resnet50.tv_in1k', license='bsd-3-clause'),
-    'resnet101_dgmn_c5.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **_RSB),
+    'resnet101_dgmn_c5.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **RSB_CFG),
     'resnet101_dgmn_c5.tv_in1k': _cfg('timm/resnet101.tv_in1k', license='bsd-3-clause'),
     'resnext101_32x8d_dgmn_c5.fb_wsl_ig1b_ft_in1k': _cfg(
         'timm/resnext101_32x8d.fb_wsl_ig1b_ft_in1k', license='cc-by-nc-4.0'),

@@ -34,6 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.repgraph import NonLocal2d, RepGraph
+from ._resnet_cfgs import RSB_CFG, resnet_weights_cfg
 
 __all__ = ['ResNetRepGraph', 'ContextBottleneck', 'checkpoint_filter_fn']
 
@@ -185,52 +186,28 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ResNetRepGraph) -
 
 def _create_resnet_repgraph(variant: str, pretrained: bool = False, **kwargs) -> ResNetRepGraph:
     return build_model_with_cfg(
-        ResNetRepGraph,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        **kwargs,
-    )
+        ResNetRepGraph, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(hf_hub_id: str, **kwargs) -> Dict[str, Any]:
-    """ A cfg pointing at timm's plain-ResNet weights on the Hub (``hf_hub_id``). """
-    return {
-        'hf_hub_id': hf_hub_id,
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.875,
-        'interpolation': 'bilinear',
-        'mean': (0.485, 0.456, 0.406),
-        'std': (0.229, 0.224, 0.225),
-        'first_conv': 'conv1',
-        'classifier': 'fc',
-        'paper_ids': 'arXiv:2008.05202',
-        'paper_name': 'Representative Graph Neural Network',
-        'origin_url': 'https://github.com/huggingface/pytorch-image-models',
-        'description': f'ResNet part: timm weights {hf_hub_id}. {NOT_PRETRAINED}',
-        'notes': (NOT_PRETRAINED, f'ResNet weights: {hf_hub_id}'),
-        **kwargs,
-    }
+    return resnet_weights_cfg(
+        hf_hub_id, 'arXiv:2008.05202', 'Representative Graph Neural Network', NOT_PRETRAINED, **kwargs)
 
 
-_RSB = dict(interpolation='bicubic', crop_pct=0.95, test_input_size=(3, 288, 288), test_crop_pct=1.0,
-            license='apache-2.0')
 _TV = dict(license='bsd-3-clause')
 
 default_cfgs = generate_default_cfgs({
-    'resnet50_repgraph.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_repgraph.a1_in1k': _cfg('timm/resnet50.a1_in1k', **RSB_CFG),
     'resnet50_repgraph.tv_in1k': _cfg('timm/resnet50.tv_in1k', **_TV),
-    'resnet50_repgraph_3l.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_repgraph_3l.a1_in1k': _cfg('timm/resnet50.a1_in1k', **RSB_CFG),
     'resnet50_repgraph_3l.tv_in1k': _cfg('timm/resnet50.tv_in1k', **_TV),
-    'resnet50_repgraph_5l.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_repgraph_5l.a1_in1k': _cfg('timm/resnet50.a1_in1k', **RSB_CFG),
     'resnet50_repgraph_5l.tv_in1k': _cfg('timm/resnet50.tv_in1k', **_TV),
-    'resnet50_nonlocal.a1_in1k': _cfg('timm/resnet50.a1_in1k', **_RSB),
+    'resnet50_nonlocal.a1_in1k': _cfg('timm/resnet50.a1_in1k', **RSB_CFG),
     'resnet50_nonlocal.tv_in1k': _cfg('timm/resnet50.tv_in1k', **_TV),
-    'resnet101_repgraph.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **_RSB),
+    'resnet101_repgraph.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **RSB_CFG),
     'resnet101_repgraph.tv_in1k': _cfg('timm/resnet101.tv_in1k', **_TV),
-    'resnet101_nonlocal.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **_RSB),
+    'resnet101_nonlocal.a1h_in1k': _cfg('timm/resnet101.a1h_in1k', **RSB_CFG),
     'resnet101_nonlocal.tv_in1k': _cfg('timm/resnet101.tv_in1k', **_TV),
 })
 
