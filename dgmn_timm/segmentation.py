@@ -37,7 +37,7 @@ __all__ = [
     'SemanticFPNHead', 'FCNHead', 'SegmentationModel', 'create_segmentation_model',
     'semantic_fpn_dgmn2', 'fcn_dgmn2', 'HEADS', 'HEAD_DEFAULTS',
     'CDGCHead', 'CDGCLoss', 'CDGCNet', 'ohem_cross_entropy', 'cdgcnet', 'cdgcnet_resnet101',
-    'RGNetHead', 'RGNet', 'rgnet',
+    'RGNetHead', 'RGNet', 'rgnet', 'AuxHeadSegmentationModel',
 ]
 
 
@@ -183,6 +183,43 @@ class SegmentationModel(nn.Module):
         of a particular head.
         """
         return F.cross_entropy(self(x).float(), target, ignore_index=ignore_index)
+
+
+class AuxHeadSegmentationModel(SegmentationModel):
+    """ Backbone with two levels (auxiliary, main), a head on the main level, ``aux_head`` on the auxiliary one.
+
+    The auxiliary head is used by ``training_loss`` only; ``forward`` is the main head's logits.
+    """
+
+    def __init__(self, backbone: FeatureBackbone, head: nn.Module, aux_head: nn.Module, align_corners: bool = False):
+        super().__init__(backbone, head, align_corners=align_corners)
+        if len(backbone.channels) != 2:
+            raise ValueError(
+                f'{type(self).__name__} takes two backbone levels (auxiliary, main), got {len(backbone.channels)}')
+        self.aux_head = aux_head
+
+
+def _two_level_backbone(
+        model_name: str,
+        backbone: str,
+        output_stride: Optional[int],
+        out_indices: Optional[Sequence[int]],
+        backbone_kwargs: Optional[Dict[str, Any]],
+        **create_kwargs,
+) -> FeatureBackbone:
+    """ The backbone of an ``AuxHeadSegmentationModel``: output stride 8 unless given, the levels
+    ``out_indices`` (two: auxiliary, main; default the last two). ``create_kwargs`` go to
+    ``create_feature_backbone`` (pretrained, frozen_bn, ...), ``backbone_kwargs`` to ``timm.create_model``.
+    """
+    if output_stride is None:
+        output_stride = 8
+    out_indices = tuple(out_indices) if out_indices is not None else (-2, -1)
+    if len(out_indices) != 2:
+        raise ValueError(f'{model_name} takes two backbone levels (auxiliary, main), got out_indices={out_indices}')
+    kwargs = dict(backbone_kwargs or {})
+    if output_stride != 32:
+        kwargs['output_stride'] = output_stride
+    return create_feature_backbone(backbone, out_indices=out_indices, **create_kwargs, **kwargs)
 
 
 def create_segmentation_model(
@@ -378,7 +415,7 @@ class CDGCHead(nn.Module):
         return coarse, self.cdgc(features, coarse, target, ignore_index)
 
 
-class CDGCNet(SegmentationModel):
+class CDGCNet(AuxHeadSegmentationModel):
     """ CDGCNet: a dilated backbone, ``CDGCHead`` on its last level, an auxiliary FCN head on the level before.
 
     ``forward`` returns the refined logits at input size; ``training_loss`` runs the head with
@@ -394,10 +431,7 @@ class CDGCNet(SegmentationModel):
             criterion: Optional[CDGCLoss] = None,
             align_corners: bool = False,
     ):
-        super().__init__(backbone, head, align_corners=align_corners)
-        if len(backbone.channels) != 2:
-            raise ValueError(f'CDGCNet takes two backbone levels (auxiliary, main), got {len(backbone.channels)}')
-        self.aux_head = aux_head
+        super().__init__(backbone, head, aux_head, align_corners=align_corners)
         self.criterion = criterion if criterion is not None else CDGCLoss(align_corners=align_corners)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -444,17 +478,10 @@ def cdgcnet(
         aux_channels: width of the auxiliary FCN head (one 3x3 conv).
         **head_kwargs: ``CDGCHead`` options (``channels``, ``fusion``, ``ratio``, ``atrous_rates``, ...).
     """
-    if output_stride is None:
-        output_stride = 8
-    out_indices = tuple(out_indices) if out_indices is not None else (-2, -1)
-    if len(out_indices) != 2:
-        raise ValueError(f'CDGCNet takes two backbone levels (auxiliary, main), got out_indices={out_indices}')
-    kwargs = dict(backbone_kwargs or {})
-    if output_stride != 32:
-        kwargs['output_stride'] = output_stride
-    body = create_feature_backbone(
-        backbone, out_indices=out_indices, pretrained=pretrained, pretrained_file=pretrained_file,
-        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages, **kwargs)
+    body = _two_level_backbone(
+        'CDGCNet', backbone, output_stride, out_indices, backbone_kwargs, pretrained=pretrained,
+        pretrained_file=pretrained_file, backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn,
+        frozen_stages=frozen_stages)
     head = CDGCHead(body.channels[1], num_classes, **head_kwargs)
     aux_head = FCNHead(body.channels[0], num_classes, channels=aux_channels, num_convs=1)
     return CDGCNet(body, head, aux_head)
@@ -517,7 +544,7 @@ class RGNetHead(nn.Module):
         return self.classifier(self.dropout(self.repgraph(self.conv(features[-1]))))
 
 
-class RGNet(SegmentationModel):
+class RGNet(AuxHeadSegmentationModel):
     """ RGNet: a dilated backbone, ``RGNetHead`` on its last level, an auxiliary FCN head on the level before.
 
     ``forward`` returns the main logits at input size; ``training_loss`` is
@@ -532,10 +559,7 @@ class RGNet(SegmentationModel):
             aux_weight: float = 0.4,
             align_corners: bool = False,
     ):
-        super().__init__(backbone, head, align_corners=align_corners)
-        if len(backbone.channels) != 2:
-            raise ValueError(f'RGNet takes two backbone levels (auxiliary, main), got {len(backbone.channels)}')
-        self.aux_head = aux_head
+        super().__init__(backbone, head, aux_head, align_corners=align_corners)
         self.aux_weight = aux_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -582,17 +606,10 @@ def rgnet(
         aux_weight: weight of the auxiliary loss (0.4).
         **head_kwargs: ``RGNetHead`` options (``channels``, ``inner_dim``, ``num_nodes``, ``grid``, ...).
     """
-    if output_stride is None:
-        output_stride = 8
-    out_indices = tuple(out_indices) if out_indices is not None else (-2, -1)
-    if len(out_indices) != 2:
-        raise ValueError(f'RGNet takes two backbone levels (auxiliary, main), got out_indices={out_indices}')
-    kwargs = dict(backbone_kwargs or {})
-    if output_stride != 32:
-        kwargs['output_stride'] = output_stride
-    body = create_feature_backbone(
-        backbone, out_indices=out_indices, pretrained=pretrained, pretrained_file=pretrained_file,
-        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages, **kwargs)
+    body = _two_level_backbone(
+        'RGNet', backbone, output_stride, out_indices, backbone_kwargs, pretrained=pretrained,
+        pretrained_file=pretrained_file, backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn,
+        frozen_stages=frozen_stages)
     head = RGNetHead(body.channels[1], num_classes, **head_kwargs)
     aux_head = FCNHead(body.channels[0], num_classes, channels=aux_channels, num_convs=1)
     return RGNet(body, head, aux_head, aux_weight=aux_weight)
