@@ -70,6 +70,20 @@ REPGRAPH_STRUCTURES = ('bottleneck', 'simple')
 REPGRAPH_FUSIONS = ('sum', 'concat')
 
 
+def _inner_width(dim: int, inner_dim: Optional[int], fusion: str) -> int:
+    """ Check ``fusion``; the width C' of queries, keys and values (default C // 4, at least 1). """
+    if fusion not in REPGRAPH_FUSIONS:
+        raise ValueError(f"fusion must be one of {REPGRAPH_FUSIONS}, got {fusion!r}")
+    return inner_dim or max(dim // 4, 1)
+
+
+@torch.no_grad()
+def _identity_fuse_(fuse: nn.Conv2d, dim: int) -> None:
+    """ Make the 1x1 conv over [x, y] (2C -> C, no bias) start as x: weight [I, 0]. """
+    fuse.weight.zero_()
+    fuse.weight[:, :dim, 0, 0].copy_(torch.eye(dim))
+
+
 @register_notrace_function
 def grid_displacement(offset: torch.Tensor, height: int, width: int, grid: int) -> torch.Tensor:
     """ Per-position displacements from per-cell offsets (grid RepGraph).
@@ -134,11 +148,9 @@ class RepGraph(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        inner_dim = inner_dim or max(dim // 4, 1)
         if structure not in REPGRAPH_STRUCTURES:
             raise ValueError(f"structure must be one of {REPGRAPH_STRUCTURES}, got {structure!r}")
-        if fusion not in REPGRAPH_FUSIONS:
-            raise ValueError(f"fusion must be one of {REPGRAPH_FUSIONS}, got {fusion!r}")
+        inner_dim = _inner_width(dim, inner_dim, fusion)
         if num_nodes < 1:
             raise ValueError(f'num_nodes must be >= 1, got {num_nodes}')
         if grid < 1:
@@ -185,8 +197,7 @@ class RepGraph(nn.Module):
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
         else:
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :self.dim, 0, 0].copy_(torch.eye(self.dim))
+            _identity_fuse_(self.fuse, self.dim)
 
     def _displacements(self, z: torch.Tensor) -> torch.Tensor:
         """ (B, H, W, 2S) node displacements (dy, dx) from every position, in pixels. """
@@ -294,9 +305,7 @@ class NonLocal2d(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        inner_dim = inner_dim or max(dim // 4, 1)
-        if fusion not in REPGRAPH_FUSIONS:
-            raise ValueError(f"fusion must be one of {REPGRAPH_FUSIONS}, got {fusion!r}")
+        inner_dim = _inner_width(dim, inner_dim, fusion)
         self.dim = dim
         self.inner_dim = inner_dim
         self.fusion = fusion
@@ -314,8 +323,7 @@ class NonLocal2d(nn.Module):
         if self.fuse is None:
             nn.init.zeros_(self.proj_norm.weight)
         else:
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :self.dim, 0, 0].copy_(torch.eye(self.dim))
+            _identity_fuse_(self.fuse, self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
