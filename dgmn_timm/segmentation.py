@@ -49,6 +49,14 @@ def _conv_norm_act(in_chs: int, out_chs: int, num_groups: int) -> nn.Sequential:
     )
 
 
+def _conv_bn_relu(in_chs: int, out_chs: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_chs),
+        nn.ReLU(inplace=True),
+    )
+
+
 class SemanticFPNHead(nn.Module):
     """ Panoptic FPN semantic branch over a feature pyramid.
 
@@ -394,11 +402,7 @@ class CDGCHead(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.aspp = ASPP(in_channels, list(atrous_rates), aspp_channels)
-        self.reduce = nn.Sequential(
-            nn.Conv2d(aspp_channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
+        self.reduce = _conv_bn_relu(aspp_channels, channels)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.coarse = nn.Conv2d(channels, num_classes, 1)
         self.cdgc = CDGC(channels, num_classes, fusion=fusion, ratio=ratio)
@@ -529,11 +533,7 @@ class RGNetHead(nn.Module):
         """
         super().__init__()
         self.num_classes = num_classes
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-        )
+        self.conv = _conv_bn_relu(in_channels, channels)
         self.repgraph = RepGraph(channels, inner_dim, num_nodes=num_nodes, structure=structure, fusion=fusion,
                                  grid=grid, groups=groups)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
