@@ -1,4 +1,4 @@
-""" Loading the authors' released checkpoints (spec/dgmn2.md, section 4) and our own. """
+""" Loading the authors' released checkpoints (docs/ARCHITECTURE.md, "Released checkpoint layout") and our own. """
 import argparse
 
 import pytest

@@ -216,7 +216,7 @@ def test_frozen_stages():
 # --------------------------------------------------------------------------------------------
 
 def _to_released_layout(state_dict, prefix='backbone.'):
-    """ Our DGMN2 keys -> the authors' released key layout (spec section 4), headless, with a prefix. """
+    """ Our DGMN2 keys -> the authors' released key layout (docs/ARCHITECTURE.md, "Released checkpoint layout"), headless, with a prefix. """
     return {prefix + k: v for k, v in to_released_layout(state_dict).items() if not k.startswith('head.')}
 
 

@@ -1,7 +1,7 @@
 """ Pretrained weights on the Hub (issue 3): converter, hub format, offline loading, torch.hub.
 
 Everything runs offline: a fake "released" checkpoint is written from a randomly initialised
-dgmn2_tiny re-keyed into the authors' layout (shared/spec section 4), converted, and loaded back
+dgmn2_tiny re-keyed into the authors' layout (docs/ARCHITECTURE.md, "Released checkpoint layout"), converted, and loaded back
 through every route, always against a temporary Hugging Face cache with HF_HUB_OFFLINE=1.
 """
 import argparse
@@ -32,7 +32,7 @@ SIZE = 64
 
 
 def to_authors_layout(state_dict):
-    """ Our key names -> the released key names (spec section 4), as independent copies. """
+    """ Our key names -> the released key names (docs/ARCHITECTURE.md, "Released checkpoint layout"), as independent copies. """
     return {k: v.clone() for k, v in to_released_layout(state_dict).items()}
 
 
