@@ -34,6 +34,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
+from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import DataDirError
@@ -228,6 +229,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                        with_masks=with_masks, cat_ids=train_set.cat_ids)
     device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
+    random_seed(args.seed)  # the model's initialisation
     if args.overwrite:
         clear_run_files(args.output_dir, previous)
     num_classes = len(train_set.cat_ids) + 1

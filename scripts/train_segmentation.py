@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
+from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.data import find_pairs
@@ -223,6 +224,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                               args.image_suffix, args.mask_suffix)
     device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
+    random_seed(args.seed)  # the model's initialisation
     if args.overwrite:
         clear_run_files(args.output_dir, previous)
 
