@@ -489,3 +489,15 @@ def test_grid_displacements_keep_subpixel_accuracy_in_bfloat16():
     assert d16.dtype == torch.float32
     torch.testing.assert_close(d16, d32)
     assert d32[0, 1, 0, 0].item() == 0.25 + 74.5 - 1  # anchor of rows 0..149 is 74.5
+
+
+def test_grid_layer_fx_traces():
+    """ torchvision's FX feature extraction of a backbone with a grid RepGraph (grid > 1): the grid's
+    displacement depends on the map size, so it must stay a leaf of the FX graph. """
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), RepGraph(16, 8, num_nodes=5, grid=2)).eval()
+    extractor = create_feature_extractor(model, return_nodes=['1']).eval()
+    x = torch.randn(1, 3, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['1'], model(x))

@@ -100,17 +100,15 @@ def grid_displacement(offset: torch.Tensor, height: int, width: int, grid: int) 
         hold pixel distances across a large map to sub-pixel accuracy.
     """
     device = offset.device
-    cdt = torch.float64 if offset.dtype == torch.float64 else torch.float32
-    offset = offset.to(cdt)
     ys = torch.arange(height, device=device)
     xs = torch.arange(width, device=device)
     cy = torch.div(ys, grid, rounding_mode='floor')
     cx = torch.div(xs, grid, rounding_mode='floor')
-    # anchor: centre of rows c * g .. min((c + 1) * g, H) - 1 of cell c
-    anchor_y = (cy * grid + torch.clamp(cy * grid + grid, max=height) - 1).to(cdt) * 0.5
-    anchor_x = (cx * grid + torch.clamp(cx * grid + grid, max=width) - 1).to(cdt) * 0.5
-    dy = (anchor_y - ys.to(cdt)).view(1, height, 1, 1)
-    dx = (anchor_x - xs.to(cdt)).view(1, 1, width, 1)
+    # anchor - position, exact in float32 (half-integers); adding it to the cell offsets promotes
+    # reduced-precision offsets to float32 and keeps float64 ones, with no branch on the dtype (FX).
+    # The anchor is the centre of rows c * g .. min((c + 1) * g, H) - 1 of cell c.
+    dy = ((cy * grid + torch.clamp(cy * grid + grid, max=height) - 1 - 2 * ys).float() * 0.5).view(1, height, 1, 1)
+    dx = ((cx * grid + torch.clamp(cx * grid + grid, max=width) - 1 - 2 * xs).float() * 0.5).view(1, 1, width, 1)
     B, S2 = offset.shape[0], offset.shape[1]
     cell = offset.index_select(2, cy).index_select(3, cx).permute(0, 2, 3, 1)  # (B, H, W, 2S)
     cell = cell.reshape(B, height, width, S2 // 2, 2)
