@@ -368,23 +368,23 @@ def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qk
         wk = w * dlogits.unsqueeze(-1)  # d logits / d <scaled q, K[i_kc]>
         wp = w * p.unsqueeze(-1)
         # the scatter into the key / value rows, written as gathers: sort the corner entries by
-        # row, then one bag per table row over the queries that read it
+        # key row, then one bag per key (and its value) over the queries that read it; key rows in
+        # table order are the (pixel, head) order of the keys, so the bags come out as (B, H, W, nh, hd)
         flat = idx.view(-1)
-        rows = table.shape[0]
-        sorted_rows, order = torch.sort(flat)
-        bag_offsets = flat.new_zeros(rows + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(flat, minlength=rows), 0, out=bag_offsets[1:])
+        order = torch.sort(flat)[1]
+        bag_offsets = flat.new_zeros(M + 1, dtype=torch.int64)
+        counts = torch.bincount(flat, minlength=table.shape[0]).view(B * H * W, 3, nh)[:, 1]
+        torch.cumsum(counts.reshape(-1), 0, out=bag_offsets[1:])
         src = order // (K * _CORNERS)
-        grad_table = F.embedding_bag(
+        grad_k = F.embedding_bag(
             src, qs, bag_offsets, mode='sum', per_sample_weights=wk.view(-1).index_select(0, order),
             include_last_offset=True)
         grad_v = F.embedding_bag(
             src, go, bag_offsets, mode='sum', per_sample_weights=wp.view(-1).index_select(0, order),
             include_last_offset=True)
-        grad_table[nh:] += grad_v[:-nh]  # value rows are key rows + nh
-        grad_qkv = grad_table.view(B, H, W, 3, nh, hd)
         # query rows: no corner reads them
-        grad_qkv[:, :, :, 0] = (_gather_sum(idx.view(M, -1), table, wk.view(M, -1)) * scale).view(B, H, W, nh, hd)
+        grad_q = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)).mul_(scale)
+        grad_qkv = torch.stack([g.view(B, H, W, nh, hd) for g in (grad_q, grad_k, grad_v)], dim=3)
         grad_qkv = grad_qkv.to(qkv.dtype)
     if need_offset:
         # d / d w_kc, then through w of corner (a, b) = gy_a * gx_b
