@@ -600,7 +600,9 @@ _ATTN_RENAMES = (
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """ Map the authors' released state dicts (docs/ARCHITECTURE.md, "Released checkpoint layout") and prefixed ones to our key names.
+    """ Map the authors' released state dicts and prefixed ones to our key names.
+
+    The released layout is described in docs/ARCHITECTURE.md, "Released checkpoint layout".
 
     Takes a state dict (``dgmn_timm.checkpoints.read_state_dict`` takes it out of a training
     checkpoint): the released layout, ours (unchanged), or a detector's backbone with a prefix such as
