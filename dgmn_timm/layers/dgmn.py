@@ -48,6 +48,13 @@ _MODE_ALIASES = {'da': 'DA', 'da+dw': 'DA+DW', 'full': 'full', 'da+dw+ds': 'full
 DGMN_FUSIONS = ('sum', 'concat')
 
 
+@torch.no_grad()
+def identity_fuse_(fuse: nn.Conv2d, dim: int) -> None:
+    """ Make a bias-free 1x1 conv over [x, other maps...] start as the identity on x: weight [I, 0]. """
+    fuse.weight.zero_()
+    fuse.weight[:, :dim, 0, 0].copy_(torch.eye(dim))
+
+
 class NodeLinear(nn.Module):
     """ A linear map of the (C * K) sampled nodes of every position, no bias.
 
@@ -152,8 +159,7 @@ class DGMN(nn.Module):
         if self.beta is not None:
             self.beta.fill_(self.beta_init)
         if self.fuse is not None:
-            self.fuse.weight.zero_()
-            self.fuse.weight[:, :self.dim, 0, 0].copy_(torch.eye(self.dim))
+            identity_fuse_(self.fuse, self.dim)
 
     def _sampled(self, x: torch.Tensor, offset: Optional[torch.Tensor], dilation: int) -> torch.Tensor:
         """ (B, C * K, H * W) nodes (index c * K + k) on the grid of ``dilation``, moved by ``offset`` if given. """

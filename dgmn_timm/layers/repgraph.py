@@ -62,6 +62,7 @@ except ImportError:  # pragma: no cover - very old timm
     def register_notrace_function(fn):
         return fn
 
+from .dgmn import identity_fuse_
 from ..kernels.sampled_attention import attention_weights, sampled_attention, sampled_attention_portable
 
 __all__ = ['RepGraph', 'NonLocal2d', 'grid_displacement', 'REPGRAPH_STRUCTURES', 'REPGRAPH_FUSIONS']
@@ -75,13 +76,6 @@ def _inner_width(dim: int, inner_dim: Optional[int], fusion: str) -> int:
     if fusion not in REPGRAPH_FUSIONS:
         raise ValueError(f"fusion must be one of {REPGRAPH_FUSIONS}, got {fusion!r}")
     return inner_dim or max(dim // 4, 1)
-
-
-@torch.no_grad()
-def _identity_fuse_(fuse: nn.Conv2d, dim: int) -> None:
-    """ Make the 1x1 conv over [x, y] (2C -> C, no bias) start as x: weight [I, 0]. """
-    fuse.weight.zero_()
-    fuse.weight[:, :dim, 0, 0].copy_(torch.eye(dim))
 
 
 @register_notrace_function
@@ -195,7 +189,7 @@ class RepGraph(nn.Module):
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
         else:
-            _identity_fuse_(self.fuse, self.dim)
+            identity_fuse_(self.fuse, self.dim)
 
     def _displacements(self, z: torch.Tensor) -> torch.Tensor:
         """ (B, H, W, 2S) node displacements (dy, dx) from every position, in pixels. """
@@ -321,7 +315,7 @@ class NonLocal2d(nn.Module):
         if self.fuse is None:
             nn.init.zeros_(self.proj_norm.weight)
         else:
-            _identity_fuse_(self.fuse, self.dim)
+            identity_fuse_(self.fuse, self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
