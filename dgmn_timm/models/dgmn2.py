@@ -116,7 +116,8 @@ class DynamicGraphAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.rel_pos_released = rel_pos_released
-        # the fused op has no attention dropout and is neither scriptable nor ONNX-exportable
+        # the fused op has no attention dropout and no ONNX export; exportable / scriptable builds take
+        # the portable path, as timm's own models do (a scripted default model keeps the op)
         self.fused_attn = use_fused_attn() and not (is_exportable() or is_scriptable()) and attn_drop == 0.
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
