@@ -4,7 +4,7 @@ import torch
 
 import dgmn_timm  # noqa: F401  (registers the op)
 from dgmn_timm.kernels import (
-    attention_weights, sampled_attention, sampled_attention_portable, sampled_attention_reference)
+    attention_weights, position_logits, sampled_attention, sampled_attention_portable, sampled_attention_reference)
 
 OP = torch.ops.dgmn_timm.sampled_attention
 FWD = torch.ops.dgmn_timm.sampled_attention_fwd
@@ -302,3 +302,72 @@ def test_gradient_of_one_input_only(which):
     out = sampled_attention(*inputs, 0.5)
     ref = sampled_attention_reference(*inputs, 0.5)
     _close(_grads(out, [inputs[which]])[0], _grads(ref, [inputs[which]])[0], 1e-10)
+
+
+# ---------------------------------------------------------------- the position term (pos_h, pos_w)
+
+def _tables(H, W, nh, hd, K=9, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(L, K, hd, generator=g, dtype=torch.float64).requires_grad_() for L in (H, W)]
+
+
+POS_CASES = [  # B, H, W, nh, hd, K, bias
+    (2, 5, 5, 1, 8, 9, False),   # square: the transposed height term is the mirrored query's
+    (1, 4, 7, 2, 4, 9, True),    # wider than tall: the transposed term is resized
+    (2, 6, 3, 3, 5, 9, False),   # taller than wide
+    (1, 1, 1, 2, 6, 9, True),    # 1x1 map
+    (1, 3, 4, 1, 3, 2, False),   # two free nodes
+]
+
+
+@pytest.mark.parametrize('B,H,W,nh,hd,K,bias', POS_CASES)
+@pytest.mark.parametrize('transposed', [False, True])
+def test_position_tables_match_reference(B, H, W, nh, hd, K, bias, transposed):
+    qkv, off, b = _inputs(B, H, W, nh, hd, K, bias)
+    pos_h, pos_w = _tables(H, W, nh, hd, K)
+    scale = hd ** -0.5
+    out = sampled_attention(qkv, off, b, scale, pos_h, pos_w, transposed)
+    ref = sampled_attention_reference(qkv, off, b, scale, pos_h, pos_w, transposed)
+    _close(out, ref, 1e-12)
+    inputs = [qkv, off, b, pos_h, pos_w]
+    for g, r in zip(_grads(out, inputs), _grads(ref, inputs)):
+        _close(g, r, 1e-10)
+    # the plain-ops term, passed as a bias, is the same function
+    bias_total = position_logits(qkv[:, :, :, 0], pos_h, pos_w, transposed) + (0 if b is None else b)
+    _close(sampled_attention_portable(qkv, off, bias_total, scale), ref, 1e-12)
+
+
+def test_position_tables_change_the_output():
+    """ The term is used: tables of zeros give the op without them, other tables do not. """
+    qkv, off, _ = [t.detach() for t in _inputs(1, 4, 6, 2, 4)]
+    pos_h, pos_w = [t.detach() for t in _tables(4, 6, 2, 4)]
+    plain = sampled_attention(qkv, off, None, 0.5)
+    zeros = sampled_attention(qkv, off, None, 0.5, torch.zeros_like(pos_h), torch.zeros_like(pos_w), True)
+    torch.testing.assert_close(zeros, plain, atol=0, rtol=0)
+    assert not torch.allclose(sampled_attention(qkv, off, None, 0.5, pos_h, pos_w, True), plain)
+    assert not torch.allclose(sampled_attention(qkv, off, None, 0.5, pos_h, pos_w, True),
+                              sampled_attention(qkv, off, None, 0.5, pos_h, pos_w, False))
+
+
+@pytest.mark.parametrize('which', ['pos_h', 'pos_w'])
+def test_position_table_alone_and_only_its_gradient(which):
+    qkv, off, _ = [t.detach() for t in _inputs(1, 3, 5, 2, 4)]
+    pos_h, pos_w = _tables(3, 5, 2, 4)
+    kw = {which: pos_h if which == 'pos_h' else pos_w}
+    out = sampled_attention(qkv, off, None, 0.5, **kw, pos_transposed=True)
+    ref = sampled_attention_reference(qkv, off, None, 0.5, **kw, pos_transposed=True)
+    _close(out, ref, 1e-12)
+    _close(_grads(out, list(kw.values()))[0], _grads(ref, list(kw.values()))[0], 1e-10)
+
+
+def test_position_tables_opcheck_gradcheck_and_errors():
+    qkv, off, b = _inputs(1, 3, 4, 2, 3, 9, True, walk=1.2, seed=3)
+    pos_h, pos_w = _tables(3, 4, 2, 3)
+    assert torch.autograd.gradcheck(lambda *a: sampled_attention(*a[:3], 0.7, *a[3:], True), [qkv, off, b, pos_h, pos_w])
+    f32 = [t.detach().float().requires_grad_() for t in (qkv, off, b, pos_h, pos_w)]
+    torch.library.opcheck(OP, (*f32[:3], 0.5, *f32[3:], True))
+    torch.library.opcheck(FWD, (*f32[:3], 0.5, *f32[3:], False))
+    with pytest.raises(ValueError, match='pos_h must be'):
+        sampled_attention(qkv, off, b, 0.5, pos_w, pos_w)
+    with pytest.raises(ValueError, match='pos_w must be'):
+        sampled_attention(qkv, off, b, 0.5, pos_h, pos_w[:, :2])

@@ -7,9 +7,15 @@ Layout (token-major, the layout a ``Linear`` over channels-last tokens produces)
   (y + offset[..., 2k], x + offset[..., 2k + 1]): the full displacement from the query, in
   pixels. A layer with a base neighbourhood (DGMN2: a 3x3 grid) adds it to its walks first.
   Any strides: e.g. a permuted conv output, expanded (stride 0) over heads.
-- ``bias``: (B, H, W, nh, K) logits added before the softmax (e.g. a position term), or None.
+- ``bias``: (B, H, W, nh, K) logits added before the softmax, or None.
 - ``scale``: multiplies <q, k>.
-- result: (B, H, W, nh, hd) = sum_k softmax_k(scale * <q, k_k> + bias_k) v_k.
+- ``pos_h``, ``pos_w`` (optional): a position term from per-row and per-column tables,
+  (H, K, hd) and (W, K, hd): logit k of the query at (y, x) gets <q, pos_h[y, k]> +
+  <q, pos_w[x, k]> (unscaled q). With ``pos_transposed`` the (H, W) array of height terms is
+  read as a (W, H) image and resized bilinearly to (H, W) (``align_corners=False``; on a
+  square map: transposed), the convention DGMN2's released checkpoints were trained with.
+  :func:`position_logits` computes this term with plain ops.
+- result: (B, H, W, nh, hd) = sum_k softmax_k(scale * <q, k_k> + bias_k + pos_k) v_k.
 
 Sampling is bilinear and a corner outside the map reads zero (the deformable-convolution
 convention; ``grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``).
@@ -42,7 +48,9 @@ without materialising the K-fold sampled keys and values:
   and weights p_k * w_kc.
 
 The gathers read qkv itself (viewed as rows of hd; a value row is its key row + nh); a corner
-outside the map gets weight zero and a clamped, valid row. The forward returns the softmax
+outside the map gets weight zero and a clamped, valid row. The position term is two batched
+products of the (contiguous, scaled) queries with the tables, and its query gradient is added
+into the op's own dq. The forward returns the softmax
 weights and the corner dots with the output; the backward recomputes the corners (cheap,
 elementwise) and gets: the corner weights' gradients from one more gather-dot (with the
 output gradient against the values), dq from one embedding bag, and the scatter into the key
@@ -59,7 +67,7 @@ from ..sampling import pixel_grid
 
 __all__ = [
     'sampled_attention', 'sampled_attention_portable', 'sampled_attention_reference', 'attention_weights',
-    'triton_available', 'DOUBLE_BACKWARD_MESSAGE',
+    'position_logits', 'triton_available', 'DOUBLE_BACKWARD_MESSAGE',
 ]
 
 DOUBLE_BACKWARD_MESSAGE = (
@@ -86,7 +94,9 @@ def triton_available() -> bool:
     return _TRITON_OK['ok']
 
 
-def _check_inputs(qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor]) -> int:
+def _check_inputs(
+        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor],
+        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None) -> int:
     """ Raise one clear error for a malformed call; returns K. """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f'sampled_attention: qkv must be (B, H, W, 3, heads, head_dim), got {tuple(qkv.shape)}')
@@ -99,9 +109,77 @@ def _check_inputs(qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.
     if bias is not None and tuple(bias.shape) != (B, H, W, nh, K):
         raise ValueError(
             f'sampled_attention: bias must be (B, H, W, heads, K) = {(B, H, W, nh, K)}, got {tuple(bias.shape)}')
+    for name, table, length in (('pos_h', pos_h, H), ('pos_w', pos_w, W)):
+        if table is not None and (tuple(table.shape) != (length, K, hd) or not table.is_floating_point()):
+            raise ValueError(
+                f'sampled_attention: {name} must be a floating-point (L, K, head_dim) = {(length, K, hd)} table, '
+                f'got {tuple(table.shape)}')
     if not (qkv.is_floating_point() and offset.is_floating_point() and (bias is None or bias.is_floating_point())):
         raise ValueError('sampled_attention: qkv, offset and bias must be floating point')
     return K
+
+
+def _transpose_resize(t: torch.Tensor) -> torch.Tensor:
+    """ (B, H, W, nh, K) -> the (W, H) grid t^T read as an image and resized to (H, W). """
+    B, H, W, nh, K = t.shape
+    t = t.transpose(1, 2)
+    if H == W:
+        return t
+    t = F.interpolate(t.reshape(B, W, H, nh * K).permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
+                      align_corners=False)
+    return t.permute(0, 2, 3, 1).reshape(B, H, W, nh, K)
+
+
+def _transpose_resize_backward(g: torch.Tensor) -> torch.Tensor:
+    """ The adjoint of :func:`_transpose_resize`: (B, H, W, nh, K) -> (B, H, W, nh, K). """
+    B, H, W, nh, K = g.shape
+    if H != W:
+        g = g.reshape(B, H, W, nh * K).permute(0, 3, 1, 2).contiguous()
+        g = torch.ops.aten.upsample_bilinear2d_backward(g, [H, W], [B, nh * K, W, H], False, None, None)
+        g = g.permute(0, 2, 3, 1).reshape(B, W, H, nh, K)
+    return g.transpose(1, 2)
+
+
+def position_logits(
+        q: torch.Tensor, pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor],
+        pos_transposed: bool = False) -> torch.Tensor:
+    """ The op's position term (module doc) with plain ops: (B, H, W, nh, K) logits.
+
+    q: (B, H, W, nh, hd) unscaled queries (any strides); pos_h (H, K, hd), pos_w (W, K, hd)
+    per-row / per-column tables (either may be None, not both). One product per row and one
+    per column: 2 K hd multiply-adds per query.
+    """
+    B, H, W, nh, c = q.shape
+    out = torch.zeros(0, device=q.device, dtype=q.dtype)
+    if pos_h is not None:
+        out = torch.matmul(q.reshape(B, H, W * nh, c), pos_h.to(q.dtype).transpose(1, 2))
+        out = out.view(B, H, W, nh, pos_h.shape[1])
+        if pos_transposed:
+            out = _transpose_resize(out)
+    if pos_w is not None:
+        width = torch.einsum('byxhc,xkc->byxhk', q, pos_w.to(q.dtype))
+        out = width if pos_h is None else width + out
+    return out
+
+
+def _position_backward(
+        dl: torch.Tensor, q: torch.Tensor, pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor],
+        pos_transposed: bool, need_q: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """ Gradients (d q, d pos_h, d pos_w) of :func:`position_logits` for its output gradient ``dl``. """
+    B, H, W, nh, c = q.shape
+    K = dl.shape[-1]
+    dq = dh = dw = None
+    if pos_h is not None:
+        dlh = (_transpose_resize_backward(dl) if pos_transposed else dl).reshape(B, H, W * nh, K)
+        dh = torch.matmul(dlh.transpose(2, 3), q.reshape(B, H, W * nh, c)).sum(0)
+        if need_q:
+            dq = torch.matmul(dlh, pos_h).view(B, H, W, nh, c)
+    if pos_w is not None:
+        dw = torch.einsum('byxhk,byxhc->xkc', dl, q)
+        if need_q:
+            width = torch.einsum('byxhk,xkc->byxhc', dl, pos_w)
+            dq = width if dq is None else dq.add_(width)
+    return dq, dh, dw
 
 
 def _no_autocast(device_type: str):
@@ -240,7 +318,14 @@ def _gather_sum(idx: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -
     return F.embedding_bag(idx, table, per_sample_weights=weights, mode='sum')
 
 
-def _corner_logits(qkv, offset, bias, scale: float, need_grad: bool = False):
+def _scaled_tables(pos_h, pos_w, scale: float, cdt: torch.dtype):
+    """ The position tables divided by ``scale``: their products with the scaled queries are the
+    products with the unscaled ones. """
+    return tuple(None if t is None else t.to(cdt) * (1. / scale) for t in (pos_h, pos_w))
+
+
+def _corner_logits(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, pos_transposed: bool = False,
+                   need_grad: bool = False):
     """ Corners, scaled queries, the table, the corner dots <scale q, K[i_kc]> (M, K, 4) and the
     softmax weights p (M, K). """
     B, H, W, _, nh, hd = qkv.shape
@@ -255,18 +340,22 @@ def _corner_logits(qkv, offset, bias, scale: float, need_grad: bool = False):
     logits = torch.einsum('mkc,mkc->mk', dots, w)
     if bias is not None:
         logits += bias.reshape(M, K)
+    if pos_h is not None or pos_w is not None:
+        th, tw = _scaled_tables(pos_h, pos_w, scale, cdt)
+        logits.view(B, H, W, nh, K).add_(position_logits(qs.view(B, H, W, nh, hd), th, tw, pos_transposed))
     # softmax over the K nodes, in place (faster than torch.softmax over a short last dim)
     p = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
     return idx, w, axes, qs, table, dots, p.div_(p.sum(dim=-1, keepdim=True))
 
 
-def _attend(qkv, offset, bias, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attend(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, pos_transposed: bool = False
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ The gather kernel's forward: out (B, H, W, nh, hd), p (B, H, W, nh, K), dots (B, H, W, nh, K, 4). """
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     M = B * H * W * nh
     with _no_autocast(qkv.device.type):
-        idx, w, _, _, table, dots, p = _corner_logits(qkv, offset, bias, scale)
+        idx, w, _, _, table, dots, p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
         # value rows are key rows + nh: a view of the same table starting nh rows later
         out = _gather_sum(idx.view(M, -1), table[nh:], w.mul_(p.unsqueeze(-1)).view(M, -1))
     return out.view(B, H, W, nh, hd).to(qkv.dtype), p.view(B, H, W, nh, K), dots.view(B, H, W, nh, K, 4)
@@ -279,17 +368,18 @@ def _uses_triton(qkv: torch.Tensor) -> bool:
 @torch.library.custom_op('dgmn_timm::sampled_attention_fwd', mutates_args=())
 def sampled_attention_fwd(
         qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None, pos_transposed: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ :func:`sampled_attention` plus two tensors its backward reuses: for the gather kernel the
     softmax weights (B, H, W, nh, K) and the corner dots (B, H, W, nh, K, 4); for the Triton
     kernel the log-sum-exp of the logits (B, H, W, nh) and an empty tensor. """
-    _check_inputs(qkv, offset, bias)
-    return _attend(qkv, offset, bias, scale)
+    _check_inputs(qkv, offset, bias, pos_h, pos_w)
+    return _attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
 
 
 @sampled_attention_fwd.register_fake
-def _(qkv, offset, bias, scale):
-    K = _check_inputs(qkv, offset, bias)
+def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
+    K = _check_inputs(qkv, offset, bias, pos_h, pos_w)
     B, H, W, _, nh, hd = qkv.shape
     out = qkv.new_empty((B, H, W, nh, hd))
     if _uses_triton(qkv):
@@ -298,34 +388,46 @@ def _(qkv, offset, bias, scale):
     return out, qkv.new_empty((B, H, W, nh, K), dtype=cdt), qkv.new_empty((B, H, W, nh, K, 4), dtype=cdt)
 
 
+def _triton_bias(qkv, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
+    """ ``bias`` plus the position term (float32), the logits the Triton kernel adds. """
+    if pos_h is None and pos_w is None:
+        return bias
+    pos = position_logits(qkv[:, :, :, 0].float(), pos_h, pos_w, pos_transposed)
+    return pos if bias is None else pos + bias.float()
+
+
 @sampled_attention_fwd.register_kernel('cuda')
-def _(qkv, offset, bias, scale):
-    _check_inputs(qkv, offset, bias)
+def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
+    _check_inputs(qkv, offset, bias, pos_h, pos_w)
     if _uses_triton(qkv):
         from .triton_sampled_attention import triton_forward
-        out, lse = triton_forward(qkv, offset, bias, scale)
+        with _no_autocast('cuda'):
+            out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed), scale)
         return out, lse, lse.new_empty(0)
-    return _attend(qkv, offset, bias, scale)
+    return _attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
 
 
 torch.library.define(
-    'dgmn_timm::sampled_attention', '(Tensor qkv, Tensor offset, Tensor? bias, float scale) -> Tensor')
+    'dgmn_timm::sampled_attention',
+    '(Tensor qkv, Tensor offset, Tensor? bias, float scale, Tensor? pos_h=None, Tensor? pos_w=None, '
+    'bool pos_transposed=False) -> Tensor')
 
 
 @torch.library.impl('dgmn_timm::sampled_attention', 'CompositeImplicitAutograd')
-def _sampled_attention(qkv, offset, bias, scale):
-    return torch.ops.dgmn_timm.sampled_attention_fwd(qkv, offset, bias, scale)[0]
+def _sampled_attention(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
+    return torch.ops.dgmn_timm.sampled_attention_fwd(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)[0]
 
 
 # the registered op: callable from Python, TorchScript, torch.compile, FX and torch.export
 sampled_attention = torch.ops.dgmn_timm.sampled_attention
 sampled_attention.__doc__ = """ Sampled attention (see the module doc): (B, H, W, nh, hd) output.
 
-    sampled_attention(qkv, offset, bias, scale)
+    sampled_attention(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False)
 
     qkv: (B, H, W, 3, nh, hd); offset: (B, H, W, nh, 2K) displacements (dy, dx) of the K nodes
     from their query, in pixels; bias: (B, H, W, nh, K) logits added before the softmax, or None;
-    scale: multiplies <q, k>.
+    scale: multiplies <q, k>; pos_h (H, K, hd), pos_w (W, K, hd), pos_transposed: the position
+    term of the module doc (:func:`position_logits`), or None.
 
     CPU (and any device without a kernel of its own): the gather kernel; CUDA: the Triton
     kernel when Triton is installed (float64 takes the gather kernel there too). Half-precision
@@ -337,16 +439,25 @@ sampled_attention.__doc__ = """ Sampled attention (see the module doc): (B, H, W
 @torch.library.custom_op('dgmn_timm::sampled_attention_backward', mutates_args=())
 def sampled_attention_backward(
         grad_out: torch.Tensor, qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor],
-        out: torch.Tensor, saved1: torch.Tensor, saved2: torch.Tensor, scale: float, need_qkv: bool,
-        need_offset: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ Gradients (d qkv, d offset, d bias) of ``sampled_attention_fwd``'s output, given its outputs;
-    d qkv / d offset are empty tensors where ``need_qkv`` / ``need_offset`` is False. """
+        pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor], out: torch.Tensor, saved1: torch.Tensor,
+        saved2: torch.Tensor, scale: float, pos_transposed: bool, need_qkv: bool, need_offset: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ Gradients (d qkv, d offset, d bias, d pos_h, d pos_w) of ``sampled_attention_fwd``'s output,
+    given its outputs; d qkv / d offset are empty tensors where ``need_qkv`` / ``need_offset`` is
+    False, d pos_h / d pos_w where the table is None. """
     with _no_autocast(qkv.device.type):
-        return _attend_backward(grad_out, qkv, offset, bias, saved1, saved2, scale, need_qkv, need_offset)
+        return _attend_backward(
+            grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale, pos_transposed, need_qkv, need_offset)
 
 
-def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qkv: bool, need_offset: bool):
+def _table_grads(qkv, grad_pos_h, grad_pos_w, pos_h, pos_w):
+    """ The tables' gradients in their dtypes, empty tensors for absent tables. """
+    return tuple(qkv.new_empty(0) if t is None else g.to(t.dtype)
+                 for g, t in ((grad_pos_h, pos_h), (grad_pos_w, pos_w)))
+
+
+def _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, p, dots, scale: float, pos_transposed: bool,
+                     need_qkv: bool, need_offset: bool):
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     M = B * H * W * nh
@@ -364,6 +475,13 @@ def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qk
     dp = torch.bmm(vdots.view(M * K, 1, _CORNERS), w.view(M * K, _CORNERS, 1)).view(M, K)
     dlogits = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward, (M, K)
     grad_qkv, grad_offset = qkv.new_empty(0), qkv.new_empty(0)  # distinct: outputs may not alias
+    grad_pos_q = grad_pos_h = grad_pos_w = None
+    if pos_h is not None or pos_w is not None:
+        # the position term of the scaled queries with the scaled tables: d qs, and d table = d scaled table / scale
+        th, tw = _scaled_tables(pos_h, pos_w, scale, cdt)
+        grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
+            dlogits.view(B, H, W, nh, K), qs.view(B, H, W, nh, hd), th, tw, pos_transposed, need_qkv)
+        grad_pos_h, grad_pos_w = (None if g is None else g.mul_(1. / scale) for g in (grad_pos_h, grad_pos_w))
     if need_qkv:
         wk = w * dlogits.unsqueeze(-1)  # d logits / d <scaled q, K[i_kc]>
         wp = w * p.unsqueeze(-1)
@@ -383,7 +501,10 @@ def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qk
             src, go, bag_offsets, mode='sum', per_sample_weights=wp.view(-1).index_select(0, order),
             include_last_offset=True)
         # query rows: no corner reads them
-        grad_q = _gather_sum(idx.view(M, -1), table, wk.view(M, -1)).mul_(scale)
+        grad_q = _gather_sum(idx.view(M, -1), table, wk.view(M, -1))
+        if grad_pos_q is not None:
+            grad_q += grad_pos_q.view(M, hd)
+        grad_q.mul_(scale)
         grad_qkv = torch.stack([g.view(B, H, W, nh, hd) for g in (grad_q, grad_k, grad_v)], dim=3)
         grad_qkv = grad_qkv.to(qkv.dtype)
     if need_offset:
@@ -399,43 +520,60 @@ def _attend_backward(grad_out, qkv, offset, bias, p, dots, scale: float, need_qk
         grad_offset[..., 1] = dfx.view(B, H, W, nh, K)
         grad_offset = grad_offset.view(B, H, W, nh, 2 * K).to(offset.dtype)
     grad_bias = dlogits.view(B, H, W, nh, K).to(qkv.dtype if bias is None else bias.dtype)
-    return grad_qkv, grad_offset, grad_bias
+    return (grad_qkv, grad_offset, grad_bias) + _table_grads(qkv, grad_pos_h, grad_pos_w, pos_h, pos_w)
 
 
 @sampled_attention_backward.register_fake
-def _(grad_out, qkv, offset, bias, out, saved1, saved2, scale, need_qkv, need_offset):
+def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos_transposed, need_qkv, need_offset):
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     grad_qkv = qkv.new_empty(qkv.shape) if need_qkv else qkv.new_empty(0)
     grad_offset = offset.new_empty(offset.shape) if need_offset else qkv.new_empty(0)
     grad_bias = qkv.new_empty((B, H, W, nh, K), dtype=qkv.dtype if bias is None else bias.dtype)
-    return grad_qkv, grad_offset, grad_bias
+    return (grad_qkv, grad_offset, grad_bias) + tuple(
+        qkv.new_empty(0) if t is None else t.new_empty(t.shape) for t in (pos_h, pos_w))
 
 
 @sampled_attention_backward.register_kernel('cuda')
-def _(grad_out, qkv, offset, bias, out, saved1, saved2, scale, need_qkv, need_offset):
-    if _uses_triton(qkv):
-        from .triton_sampled_attention import triton_backward
-        grad_qkv, grad_offset, grad_bias = triton_backward(grad_out, qkv, offset, bias, out, saved1, scale)
-        return (grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0),
-                grad_bias)
+def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos_transposed, need_qkv, need_offset):
+    if not _uses_triton(qkv):
+        with _no_autocast('cuda'):
+            return _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale,
+                                    pos_transposed, need_qkv, need_offset)
+    from .triton_sampled_attention import triton_backward
     with _no_autocast('cuda'):
-        return _attend_backward(grad_out, qkv, offset, bias, saved1, saved2, scale, need_qkv, need_offset)
+        logits_bias = _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed)
+        grad_qkv, grad_offset, grad_logits = triton_backward(grad_out, qkv, offset, logits_bias, out, saved1, scale)
+        grad_bias = grad_logits.to(qkv.dtype if bias is None else bias.dtype)
+        grad_pos_h = grad_pos_w = None
+        if pos_h is not None or pos_w is not None:
+            q = qkv[:, :, :, 0].float()
+            grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
+                grad_logits.float(), q, None if pos_h is None else pos_h.float(),
+                None if pos_w is None else pos_w.float(), pos_transposed, need_qkv)
+            if need_qkv:
+                grad_qkv[:, :, :, 0] += grad_pos_q.to(grad_qkv.dtype)  # a tensor triton_backward allocated
+    return ((grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0), grad_bias)
+            + _table_grads(qkv, grad_pos_h, grad_pos_w, pos_h, pos_w))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, offset, bias, scale = inputs
-    ctx.save_for_backward(qkv, offset, bias, *output)
+    qkv, offset, bias, scale, pos_h, pos_w, pos_transposed = inputs
+    ctx.save_for_backward(qkv, offset, bias, pos_h, pos_w, *output)
     ctx.scale = scale
+    ctx.pos_transposed = pos_transposed
 
 
 def _backward(ctx, grad_out, _grad_saved1, _grad_saved2):
-    qkv, offset, bias, out, saved1, saved2 = ctx.saved_tensors
-    need_qkv, need_offset, need_bias = ctx.needs_input_grad[:3]
-    grad_qkv, grad_offset, grad_bias = torch.ops.dgmn_timm.sampled_attention_backward(
-        grad_out, qkv, offset, bias, out, saved1, saved2, ctx.scale, need_qkv, need_offset)
-    return (grad_qkv if need_qkv else None, grad_offset if need_offset else None,
-            grad_bias if need_bias else None, None)
+    qkv, offset, bias, pos_h, pos_w, out, saved1, saved2 = ctx.saved_tensors
+    # one flag per argument passed (the trailing defaults may be left out)
+    needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
+    need_qkv, need_offset, need_bias, _, need_pos_h, need_pos_w, _ = needs
+    grads = torch.ops.dgmn_timm.sampled_attention_backward(
+        grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, ctx.scale, ctx.pos_transposed, need_qkv,
+        need_offset)
+    grads = (grads[0], grads[1], grads[2], None, grads[3], grads[4], None)
+    return tuple(g if need else None for g, need in zip(grads, needs))[:len(ctx.needs_input_grad)]
 
 
 sampled_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -449,12 +587,14 @@ sampled_attention_backward.register_autograd(_refuse_double_backward, setup_cont
 
 
 def attention_weights(
-        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None,
+        pos_transposed: bool = False) -> torch.Tensor:
     """ (B, H, W, nh, K) softmax weights of the nodes, as the op's forward computes them (no autograd). """
-    K = _check_inputs(qkv, offset, bias)
+    K = _check_inputs(qkv, offset, bias, pos_h, pos_w)
     B, H, W, _, nh, _ = qkv.shape
     with torch.no_grad(), _no_autocast(qkv.device.type):
-        p = _corner_logits(qkv, offset, bias, scale)[-1]
+        p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)[-1]
     return p.view(B, H, W, nh, K)
 
 
@@ -493,14 +633,33 @@ def sampled_attention_portable(
 
 
 def sampled_attention_reference(
-        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
+        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None,
+        pos_transposed: bool = False) -> torch.Tensor:
     """ Slow float64 oracle of :func:`sampled_attention`: explicit loops over heads, nodes and the
-    4 bilinear corners, reading the map by integer indexing (no ``grid_sample``). Differentiable.
-    Returns float64. """
-    K = _check_inputs(qkv, offset, bias)
+    4 bilinear corners, reading the map by integer indexing (no ``grid_sample``); the position
+    term one pixel at a time. Differentiable. Returns float64. """
+    K = _check_inputs(qkv, offset, bias, pos_h, pos_w)
     qkv = qkv.double()
     offset = offset.double()
     B, H, W, _, nh, hd = qkv.shape
+    if pos_h is not None or pos_w is not None:
+        pos = torch.zeros(B, H, W, nh, K, dtype=torch.float64, device=qkv.device)
+        for y in range(H):
+            for x in range(W):
+                q = qkv[:, y, x, 0]  # (B, nh, hd)
+                if pos_h is not None:
+                    # the height term computed at (y, x) of the (H, W) grid
+                    pos[:, y, x] = pos[:, y, x] + q @ pos_h[y].double().t()
+        if pos_h is not None and pos_transposed:
+            # that grid read as a (W, H) image, resized to (H, W)
+            pos = pos.transpose(1, 2).reshape(B, W, H, nh * K).permute(0, 3, 1, 2)
+            pos = F.interpolate(pos, size=(H, W), mode='bilinear', align_corners=False)
+            pos = pos.permute(0, 2, 3, 1).reshape(B, H, W, nh, K)
+        if pos_w is not None:
+            width = torch.stack([qkv[:, :, x, 0] @ pos_w[x].double().t() for x in range(W)], dim=2)
+            pos = pos + width
+        bias = pos if bias is None else bias.double() + pos
     ys = torch.arange(H, dtype=torch.float64, device=qkv.device).view(1, H, 1)
     xs = torch.arange(W, dtype=torch.float64, device=qkv.device).view(1, 1, W)
     b = torch.arange(B, device=qkv.device).view(B, 1, 1)

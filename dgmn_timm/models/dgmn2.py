@@ -30,7 +30,7 @@ from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_exportable,
 from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..kernels import attention_weights, sampled_attention, sampled_attention_portable
+from ..kernels import attention_weights, position_logits, sampled_attention, sampled_attention_portable
 from ..checkpoints import CheckpointMismatchError, mismatch_error, shape_mismatches
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_logits', 'MIN_INPUT_SIZE']
@@ -47,7 +47,7 @@ _VARIANT_DEPTHS = {
 }
 
 
-def _windows(table: torch.Tensor, length: int) -> torch.Tensor:
+def rel_pos_windows(table: torch.Tensor, length: int) -> torch.Tensor:
     """ (length, K, c): rows length - 1 - p + m of ``table`` resized to length + K - 1 rows, for position p, node m. """
     table = F.interpolate(table[None, None], size=(length + 8, table.shape[1]), mode='bilinear', align_corners=False)
     p = torch.arange(length, device=table.device)
@@ -67,18 +67,9 @@ def rel_pos_logits(
             False gives the clean term <q[y, x], rel_height[H - 1 - y + m]>.
     """
     B, H, W, nh, c = q.shape
-    table_h = _windows(rel_height, H).to(q.dtype)
-    table_w = _windows(rel_width, W).to(q.dtype)
-    # width term <q[y, x], rel_width[W - 1 - x + m]>: a product per column x
-    out = torch.einsum('byxhc,xmc->byxhm', q, table_w)
-    # clean height term <q[y, x], rel_height[H - 1 - y + m]>: a product per row y
-    height = torch.matmul(q.reshape(B, H, W * nh, c), table_h.transpose(1, 2)).view(B, H, W, nh, 9)
-    if released:
-        # the (W, H) grid of the transposed term, resized as an image to (H, W); an identity for square maps
-        height = height.transpose(1, 2).reshape(B, W, H, nh * 9).permute(0, 3, 1, 2)
-        height = F.interpolate(height, size=(H, W), mode='bilinear', align_corners=False)
-        height = height.permute(0, 2, 3, 1).reshape(B, H, W, nh, 9)
-    return out + height
+    # width term <q[y, x], rel_width[W - 1 - x + m]>, clean height term <q[y, x], rel_height[H - 1 - y + m]>;
+    # released: the (H, W) grid of height terms read as a (W, H) image, resized to (H, W) (transposed if square)
+    return position_logits(q, rel_pos_windows(rel_height, H), rel_pos_windows(rel_width, W), released)
 
 
 def _node_grid(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -134,14 +125,14 @@ class DynamicGraphAttention(nn.Module):
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 
-    def attention_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ qkv (B, H, W, 3, nh, hd), node displacements (B, H, W, nh, 2K), position logits (B, H, W, nh, K). """
+    def attention_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ qkv (B, H, W, 3, nh, hd), node displacements (B, H, W, nh, 2K) and the position tables
+        of this map's rows (H, K, hd) and columns (W, K, hd). """
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
         walks = self.offset(x.reshape(B, H, W, self.num_heads, self.head_dim))
         offset = walks + _node_grid(x.device, walks.dtype)
-        bias = rel_pos_logits(qkv[:, :, :, 0], self.rel_height, self.rel_width, self.rel_pos_released)
-        return qkv, offset, bias
+        return qkv, offset, rel_pos_windows(self.rel_height, H), rel_pos_windows(self.rel_width, W)
 
     @torch.jit.ignore
     def sampling_graph(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +143,9 @@ class DynamicGraphAttention(nn.Module):
             weights: (B, heads, K, H, W) attention weight of each node (softmax over K).
         """
         B, H, W, C = x.shape
-        qkv, offset, bias = self.attention_inputs(x)
-        weights = attention_weights(qkv, offset, bias, self.scale).permute(0, 3, 4, 1, 2)
+        qkv, offset, pos_h, pos_w = self.attention_inputs(x)
+        weights = attention_weights(qkv, offset, None, self.scale, pos_h, pos_w, self.rel_pos_released)
+        weights = weights.permute(0, 3, 4, 1, 2)
         offset = offset.reshape(B, H, W, self.num_heads, NUM_NODES, 2).permute(0, 3, 4, 1, 2, 5)
         ys = torch.arange(H, device=x.device, dtype=offset.dtype).view(H, 1).expand(H, W)
         xs = torch.arange(W, device=x.device, dtype=offset.dtype).view(1, W).expand(H, W)
@@ -161,10 +153,11 @@ class DynamicGraphAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv, offset, bias = self.attention_inputs(x)
+        qkv, offset, pos_h, pos_w = self.attention_inputs(x)
         if self.fused_attn:
-            x = sampled_attention(qkv, offset, bias, self.scale)
+            x = sampled_attention(qkv, offset, None, self.scale, pos_h, pos_w, self.rel_pos_released)
         else:
+            bias = position_logits(qkv[:, :, :, 0], pos_h, pos_w, self.rel_pos_released)
             x = sampled_attention_portable(qkv, offset, bias, self.scale, self.attn_drop.p, self.training)
         x = self.proj(x.reshape(B, H, W, C))
         x = self.proj_drop(x)
