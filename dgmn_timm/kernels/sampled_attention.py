@@ -119,11 +119,15 @@ def _check_inputs(
     return K
 
 
-def _transpose_resize(t: torch.Tensor) -> torch.Tensor:
-    """ (B, H, W, nh, K) -> the (W, H) grid t^T read as an image and resized to (H, W). """
+def _transpose_resize(t: torch.Tensor, branch_free: bool = True) -> torch.Tensor:
+    """ (B, H, W, nh, K) -> the (W, H) grid t^T read as an image and resized to (H, W).
+
+    A bilinear resize to the same size is exactly the identity: ``branch_free`` resizes square
+    maps too, so that a traced or exported graph holds for every size.
+    """
     B, H, W, nh, K = t.shape
     t = t.transpose(1, 2)
-    if H == W:
+    if not branch_free and H == W:
         return t
     t = F.interpolate(t.reshape(B, W, H, nh * K).permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
                       align_corners=False)
@@ -142,12 +146,13 @@ def _transpose_resize_backward(g: torch.Tensor) -> torch.Tensor:
 
 def position_logits(
         q: torch.Tensor, pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor],
-        pos_transposed: bool = False) -> torch.Tensor:
+        pos_transposed: bool = False, branch_free: bool = True) -> torch.Tensor:
     """ The op's position term (module doc) with plain ops: (B, H, W, nh, K) logits.
 
     q: (B, H, W, nh, hd) unscaled queries (any strides); pos_h (H, K, hd), pos_w (W, K, hd)
     per-row / per-column tables (either may be None, not both). One product per row and one
-    per column: 2 K hd multiply-adds per query.
+    per column: 2 K hd multiply-adds per query. ``branch_free``: see :func:`_transpose_resize`
+    (the op, whose graph is the op itself, skips the identity resize).
     """
     B, H, W, nh, c = q.shape
     out = torch.zeros(0, device=q.device, dtype=q.dtype)
@@ -155,7 +160,7 @@ def position_logits(
         out = torch.matmul(q.reshape(B, H, W * nh, c), pos_h.to(q.dtype).transpose(1, 2))
         out = out.view(B, H, W, nh, pos_h.shape[1])
         if pos_transposed:
-            out = _transpose_resize(out)
+            out = _transpose_resize(out, branch_free)
     if pos_w is not None:
         width = torch.einsum('byxhc,xkc->byxhk', q, pos_w.to(q.dtype))
         out = width if pos_h is None else width + out
@@ -342,7 +347,7 @@ def _corner_logits(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, pos_
         logits += bias.reshape(M, K)
     if pos_h is not None or pos_w is not None:
         th, tw = _scaled_tables(pos_h, pos_w, scale, cdt)
-        logits.view(B, H, W, nh, K).add_(position_logits(qs.view(B, H, W, nh, hd), th, tw, pos_transposed))
+        logits.view(B, H, W, nh, K).add_(position_logits(qs.view(B, H, W, nh, hd), th, tw, pos_transposed, False))
     # softmax over the K nodes, in place (faster than torch.softmax over a short last dim)
     p = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
     return idx, w, axes, qs, table, dots, p.div_(p.sum(dim=-1, keepdim=True))
@@ -392,7 +397,7 @@ def _triton_bias(qkv, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
     """ ``bias`` plus the position term (float32), the logits the Triton kernel adds. """
     if pos_h is None and pos_w is None:
         return bias
-    pos = position_logits(qkv[:, :, :, 0].float(), pos_h, pos_w, pos_transposed)
+    pos = position_logits(qkv[:, :, :, 0].float(), pos_h, pos_w, pos_transposed, False)
     return pos if bias is None else pos + bias.float()
 
 
