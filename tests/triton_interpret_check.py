@@ -55,5 +55,23 @@ grads = triton_backward(torch.ones_like(out), *bf, out, lse, 8 ** -0.5)
 print('bfloat16 forward', err, out.dtype, [g.dtype for g in grads])
 if err > 3e-2 or out.dtype != torch.bfloat16 or any(g.dtype != torch.bfloat16 for g in grads):
     failures.append('bf16')
+# the op's Triton glue with the position tables (pos_h, pos_w, released height term), float32
+from dgmn_timm.kernels.sampled_attention import _triton_attend, _triton_attend_backward  # noqa: E402
+for (B, H, W, nh, hd) in [(2, 4, 6, 2, 8), (1, 5, 5, 1, 4)]:
+    qkv, off, b = inputs(B, H, W, nh, hd, 9, 1.5, True, seed=2)
+    g = torch.Generator().manual_seed(3)
+    pos_h, pos_w = (torch.randn(L, 9, hd, generator=g, dtype=torch.float64) for L in (H, W))
+    args = [t.requires_grad_() for t in (qkv, off, b, pos_h, pos_w)]
+    ref = sampled_attention_reference(qkv, off, b, 0.4, pos_h, pos_w, True)
+    go = torch.randn(ref.shape, dtype=torch.float64)
+    refg = torch.autograd.grad(ref, args, go)
+    f32 = [t.detach().float() for t in args]
+    out, lse, _ = _triton_attend(*f32[:3], 0.4, *f32[3:], True)
+    grads = _triton_attend_backward(go.float(), *f32, out, lse, 0.4, True, True, True)
+    err = (out.double() - ref).abs().max().item()
+    gerr = [(g.double() - r).abs().max().item() for g, r in zip(grads, refg)]
+    print((B, H, W, nh, hd), 'position tables: forward', err, 'grads', gerr)
+    if err > 1e-5 or max(gerr) > 1e-4:
+        failures.append(('pos', B, H, W, nh, hd))
 print('FAILED' if failures else 'OK', failures)
 sys.exit(1 if failures else 0)

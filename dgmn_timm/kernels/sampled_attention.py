@@ -401,14 +401,19 @@ def _triton_bias(qkv, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
     return pos if bias is None else pos + bias.float()
 
 
+def _triton_attend(qkv, offset, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
+    """ The forward with the Triton kernel: out, the log-sum-exp of the logits and an empty tensor. """
+    from .triton_sampled_attention import triton_forward
+    out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed), scale)
+    return out, lse, lse.new_empty(0)
+
+
 @sampled_attention_fwd.register_kernel('cuda')
 def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
     _check_inputs(qkv, offset, bias, pos_h, pos_w)
     if _uses_triton(qkv):
-        from .triton_sampled_attention import triton_forward
         with _no_autocast('cuda'):
-            out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed), scale)
-        return out, lse, lse.new_empty(0)
+            return _triton_attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
     return _attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
 
 
@@ -539,27 +544,32 @@ def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos
         qkv.new_empty(0) if t is None else t.new_empty(t.shape) for t in (pos_h, pos_w))
 
 
-@sampled_attention_backward.register_kernel('cuda')
-def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos_transposed, need_qkv, need_offset):
-    if not _uses_triton(qkv):
-        with _no_autocast('cuda'):
-            return _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale,
-                                    pos_transposed, need_qkv, need_offset)
+def _triton_attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, out, lse, scale: float,
+                            pos_transposed: bool, need_qkv: bool, need_offset: bool):
+    """ The backward with the Triton kernel; the position term's gradients from the logits' gradient. """
     from .triton_sampled_attention import triton_backward
-    with _no_autocast('cuda'):
-        logits_bias = _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed)
-        grad_qkv, grad_offset, grad_logits = triton_backward(grad_out, qkv, offset, logits_bias, out, saved1, scale)
-        grad_bias = grad_logits.to(qkv.dtype if bias is None else bias.dtype)
-        grad_pos_h = grad_pos_w = None
-        if pos_h is not None or pos_w is not None:
-            q = qkv[:, :, :, 0].float()
-            grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
-                grad_logits.float(), q, None if pos_h is None else pos_h.float(),
-                None if pos_w is None else pos_w.float(), pos_transposed, need_qkv)
-            if need_qkv:
-                grad_qkv[:, :, :, 0] += grad_pos_q.to(grad_qkv.dtype)  # a tensor triton_backward allocated
+    logits_bias = _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed)
+    grad_qkv, grad_offset, grad_logits = triton_backward(grad_out, qkv, offset, logits_bias, out, lse, scale)
+    grad_bias = grad_logits.to(qkv.dtype if bias is None else bias.dtype)
+    grad_pos_h = grad_pos_w = None
+    if pos_h is not None or pos_w is not None:
+        grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
+            grad_logits.float(), qkv[:, :, :, 0].float(), None if pos_h is None else pos_h.float(),
+            None if pos_w is None else pos_w.float(), pos_transposed, need_qkv)
+        if need_qkv:
+            grad_qkv[:, :, :, 0] += grad_pos_q.to(grad_qkv.dtype)  # a tensor triton_backward allocated
     return ((grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0), grad_bias)
             + _table_grads(qkv, grad_pos_h, grad_pos_w, pos_h, pos_w))
+
+
+@sampled_attention_backward.register_kernel('cuda')
+def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos_transposed, need_qkv, need_offset):
+    with _no_autocast('cuda'):
+        if _uses_triton(qkv):
+            return _triton_attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, scale,
+                                           pos_transposed, need_qkv, need_offset)
+        return _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale,
+                                pos_transposed, need_qkv, need_offset)
 
 
 def _setup_context(ctx, inputs, output):
