@@ -393,7 +393,7 @@ def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
     return out, qkv.new_empty((B, H, W, nh, K), dtype=cdt), qkv.new_empty((B, H, W, nh, K, 4), dtype=cdt)
 
 
-def _triton_bias(qkv, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
+def _triton_bias(qkv, bias, pos_h, pos_w, pos_transposed: bool):
     """ ``bias`` plus the position term (float32), the logits the Triton kernel adds. """
     if pos_h is None and pos_w is None:
         return bias
@@ -404,7 +404,7 @@ def _triton_bias(qkv, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
 def _triton_attend(qkv, offset, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
     """ The forward with the Triton kernel: out, the log-sum-exp of the logits and an empty tensor. """
     from .triton_sampled_attention import triton_forward
-    out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed), scale)
+    out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, pos_h, pos_w, pos_transposed), scale)
     return out, lse, lse.new_empty(0)
 
 
@@ -548,14 +548,14 @@ def _triton_attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, out, lse,
                             pos_transposed: bool, need_qkv: bool, need_offset: bool):
     """ The backward with the Triton kernel; the position term's gradients from the logits' gradient. """
     from .triton_sampled_attention import triton_backward
-    logits_bias = _triton_bias(qkv, bias, scale, pos_h, pos_w, pos_transposed)
+    logits_bias = _triton_bias(qkv, bias, pos_h, pos_w, pos_transposed)
     grad_qkv, grad_offset, grad_logits = triton_backward(grad_out, qkv, offset, logits_bias, out, lse, scale)
     grad_bias = grad_logits.to(qkv.dtype if bias is None else bias.dtype)
     grad_pos_h = grad_pos_w = None
     if pos_h is not None or pos_w is not None:
+        th, tw = (None if t is None else t.float() for t in (pos_h, pos_w))
         grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
-            grad_logits.float(), qkv[:, :, :, 0].float(), None if pos_h is None else pos_h.float(),
-            None if pos_w is None else pos_w.float(), pos_transposed, need_qkv)
+            grad_logits.float(), qkv[:, :, :, 0].float(), th, tw, pos_transposed, need_qkv)
         if need_qkv:
             grad_qkv[:, :, :, 0] += grad_pos_q.to(grad_qkv.dtype)  # a tensor triton_backward allocated
     return ((grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0), grad_bias)

@@ -66,7 +66,7 @@ def rel_pos_logits(
             transposed query grid, that (W, H) grid read back as (H, W) by a bilinear resize.
             False gives the clean term <q[y, x], rel_height[H - 1 - y + m]>.
     """
-    B, H, W, nh, c = q.shape
+    H, W = q.shape[1], q.shape[2]
     # width term <q[y, x], rel_width[W - 1 - x + m]>, clean height term <q[y, x], rel_height[H - 1 - y + m]>;
     # released: the (H, W) grid of height terms read as a (W, H) image, resized to (H, W) (transposed if square)
     return position_logits(q, rel_pos_windows(rel_height, H), rel_pos_windows(rel_width, W), released)
