@@ -5,6 +5,6 @@
 """
 dependencies = ['torch', 'timm', 'huggingface_hub', 'safetensors']
 
-from dgmn_timm.hub import hub_entrypoint as _entrypoint, package_models as _package_models  # noqa: E402
+from dgmn_timm.weights.hub import hub_entrypoint as _entrypoint, package_models as _package_models  # noqa: E402
 
 globals().update({name: _entrypoint(name) for name in _package_models()})

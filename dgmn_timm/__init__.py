@@ -2,11 +2,11 @@
 
 ``import dgmn_timm`` registers every model with timm, so that
 ``timm.create_model('dgmn2_tiny', ...)`` works, and routes timm's weight loading for these
-models through ``dgmn_timm.checkpoints`` (one reader, one clear error per bad file).
+models through ``dgmn_timm.weights.checkpoints`` (one reader, one clear error per bad file).
 """
-from .sampling import sample_nodes, sample_nodes_reference
+from .ops.sampling import sample_nodes, sample_nodes_reference
 from .models import *  # noqa: F401,F403  (registers the models with timm)
-from .checkpoints import (
+from .weights.checkpoints import (
     CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, install_timm_loaders, load_weights,
     read_state_dict,
 )

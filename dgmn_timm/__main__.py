@@ -13,7 +13,8 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.engine import HelpFormatter, UsageError, check_model_name, create_model, read_rgb_image, \
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_model_name, read_rgb_image
+from dgmn_timm.tools.engine import create_model, \
     run_cli
 
 

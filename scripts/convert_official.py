@@ -1,13 +1,5 @@
 #!/usr/bin/env python3
-""" Alias of ``python -m dgmn_timm.convert`` (kept for one release): convert an authors' released checkpoint. """
-import sys
-from pathlib import Path
+""" Same as `python -m dgmn_timm.convert` (for a checkout). """
+import runpy
 
-try:
-    from dgmn_timm.convert import main
-except ImportError:  # running from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dgmn_timm.convert import main
-
-if __name__ == '__main__':
-    sys.exit(main())
+runpy.run_module('dgmn_timm.convert', run_name='__main__', alter_sys=True)

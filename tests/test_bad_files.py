@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 import dgmn_timm
-from dgmn_timm.checkpoints import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_weights
-from dgmn_timm.convert import convert_checkpoint
-from dgmn_timm.detection import create_feature_backbone
+from dgmn_timm.weights.checkpoints import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_weights
+from dgmn_timm.weights.convert import convert_checkpoint
+from dgmn_timm.tasks.detection import create_feature_backbone
 from dgmn_timm.models.dgmn2 import to_released_layout
 from utils import load_script
 
@@ -150,7 +150,7 @@ def test_message_is_specific(bad_files, name):
 
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
-    from dgmn_timm.data import write_digits_imagefolder
+    from dgmn_timm.tools.data import write_digits_imagefolder
     root = str(tmp_path_factory.mktemp('digits'))
     write_digits_imagefolder(root, img_size=32, per_class=2, classes=[0, 1])
     return root
@@ -170,8 +170,8 @@ def _cli_args(script, path, digits, tmp_path):
 def test_bad_file_command_line(bad_files, digits, name, script, tmp_path, capsys):
     """ The commands' own entry (`python -m dgmn_timm`, `scripts/finetune.py`, `python -m dgmn_timm.convert`),
     in this process. """
-    from dgmn_timm.convert import main as convert_main
-    from dgmn_timm.engine import run_cli
+    from dgmn_timm.weights.convert import main as convert_main
+    from dgmn_timm.tools.cli import run_cli
     path = bad_files[name]
     capsys.readouterr()
     if script == 'convert':
@@ -211,7 +211,7 @@ def test_bad_file_subprocess(bad_files, digits, name, script, tmp_path):
 
 
 def test_error_classes_where_the_readme_names_them():
-    from dgmn_timm import hub
+    from dgmn_timm.weights import hub
     assert dgmn_timm.CheckpointError is CheckpointError and dgmn_timm.load_weights is load_weights
     assert dgmn_timm.CheckpointMismatchError is CheckpointMismatchError
     assert hub.PretrainedWeightsError is CheckpointError

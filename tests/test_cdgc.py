@@ -1,4 +1,4 @@
-""" CDGC layer (dgmn_timm.layers.CDGC), its dynamic sampling, and CDGCNet (dgmn_timm.segmentation). """
+""" CDGC layer (dgmn_timm.layers.CDGC), its dynamic sampling, and CDGCNet (dgmn_timm.tasks.segmentation). """
 import copy
 import json
 import math
@@ -15,7 +15,7 @@ from PIL import Image
 
 import dgmn_timm  # noqa: F401
 from dgmn_timm.layers import CDGC, cdgc_class_masks
-from dgmn_timm.segmentation import (
+from dgmn_timm.tasks.segmentation import (
     HEAD_DEFAULTS, HEADS, CDGCLoss, CDGCNet, cdgcnet, cdgcnet_resnet101, create_segmentation_model,
     ohem_cross_entropy,
 )

@@ -190,7 +190,7 @@ def test_num_classes_override_drops_head(source, image, tmp_path):
 
 def test_training_checkpoint_unwrap_order(source, tmp_path):
     """ The reader's one order: 'model', else 'state_dict'; with use_ema 'model_ema', else 'state_dict_ema'. """
-    from dgmn_timm.checkpoints import CheckpointError, read_state_dict
+    from dgmn_timm.weights.checkpoints import CheckpointError, read_state_dict
     a = {'x': torch.zeros(1)}
     b = {'x': torch.ones(1)}
     c = {'x': torch.full((1,), 2.)}
@@ -215,10 +215,10 @@ def test_training_checkpoint_unwrap_order(source, tmp_path):
 
 
 def test_one_reader_serves_every_route(source, image, tmp_path, monkeypatch):
-    """ The same released file through every route: read by dgmn_timm.checkpoints each time, same model. """
+    """ The same released file through every route: read by dgmn_timm.weights.checkpoints each time, same model. """
     from dgmn_timm import checkpoints
-    from dgmn_timm.convert import convert_checkpoint
-    from dgmn_timm.detection import create_feature_backbone
+    from dgmn_timm.weights.convert import convert_checkpoint
+    from dgmn_timm.tasks.detection import create_feature_backbone
     from pathlib import Path
     path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
     reads = []
@@ -248,7 +248,7 @@ def test_one_reader_serves_every_route(source, image, tmp_path, monkeypatch):
 
 def test_other_timm_models_load_as_timm_loads_them(tmp_path):
     """ import dgmn_timm changes nothing for models registered elsewhere: timm's own reader and errors. """
-    from dgmn_timm.checkpoints import CheckpointError
+    from dgmn_timm.weights.checkpoints import CheckpointError
     model = timm.create_model('test_vit')
     torch.save({'state_dict_ema': model.state_dict(), 'state_dict': {}}, tmp_path / 'ema.pth')
     timm.create_model('test_vit', checkpoint_path=str(tmp_path / 'ema.pth'))  # timm's EMA-first order

@@ -1,4 +1,4 @@
-""" Detection on DGMN2 (dgmn_timm.detection) and the detection training script. """
+""" Detection on DGMN2 (dgmn_timm.tasks.detection) and the detection training script. """
 import json
 import os
 import re
@@ -15,9 +15,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import timm
 import dgmn_timm  # noqa: F401
 from dgmn_timm.models.dgmn2 import to_released_layout
-from dgmn_timm.checkpoints import read_checkpoint
+from dgmn_timm.weights.checkpoints import read_checkpoint
 from utils import load_script
-from dgmn_timm.detection import (
+from dgmn_timm.tasks.detection import (
     create_feature_backbone, fasterrcnn_dgmn2, freeze_batch_norm, load_backbone_checkpoint,
     maskrcnn_dgmn2, retinanet_dgmn2, timm_fpn_backbone,
 )

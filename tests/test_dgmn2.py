@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import dgmn_timm  # noqa: F401
-from dgmn_timm.profiling import count_model_macs
+from dgmn_timm.tools.profiling import count_model_macs
 from utils import randomise
 
 VARIANTS = ['dgmn2_tiny', 'dgmn2_small', 'dgmn2_medium', 'dgmn2_large']

@@ -11,7 +11,7 @@ import timm
 from timm.layers import set_fused_attn, use_fused_attn
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.kernels import sampled_attention, sampled_attention_portable
+from dgmn_timm.ops import sampled_attention, sampled_attention_portable
 
 
 def _attn_layers(model):

@@ -16,8 +16,9 @@ import torch
 import timm
 import dgmn_timm  # noqa: F401
 from utils import load_script
-from dgmn_timm.data import DataDirError, scan_image_folder_tree, write_digits_imagefolder
-from dgmn_timm.engine import UsageError, create_model
+from dgmn_timm.tools.data import DataDirError, scan_image_folder_tree, write_digits_imagefolder
+from dgmn_timm.tools.cli import UsageError
+from dgmn_timm.tools.engine import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'scripts' / 'finetune.py'
@@ -88,7 +89,7 @@ def test_finetune_mechanics(mechanics_run, digits01):
 def test_finished_run_is_never_overwritten(mechanics_run, digits01, capsys):
     """ A second run into the folder of a finished one, without --resume / --overwrite: one error line,
     every file of the finished run byte-identical. """
-    from dgmn_timm.engine import run_cli
+    from dgmn_timm.tools.cli import run_cli
     out, _ = mechanics_run
     before = {name: Path(out, name).read_bytes() for name in os.listdir(out)}
     assert run_cli(finetune.main, FAST + ['--data-dir', digits01, '--output-dir', out, '--epochs', '1']) == 2
@@ -231,7 +232,7 @@ def test_malformed_data_dir(tmp_path, spec, message):
 
 def test_digits_command(tmp_path, capsys):
     """ The README's `python -m dgmn_timm.data digits`: an ImageFolder tree; an existing one is refused. """
-    from dgmn_timm.data import main as data_main
+    from dgmn_timm.tools.data import main as data_main
     root = str(tmp_path / 'digits')
     data_main([root, '--per-class', '5', '--img-size', '16'])
     assert 'wrote 40 train and 10 val images' in capsys.readouterr().out

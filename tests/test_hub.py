@@ -16,9 +16,9 @@ import torch
 import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
-import dgmn_timm.hub as hub
-from dgmn_timm.checkpoints import read_checkpoint
-from dgmn_timm.convert import convert_checkpoint
+import dgmn_timm.weights.hub as hub
+from dgmn_timm.weights.checkpoints import read_checkpoint
+from dgmn_timm.weights.convert import convert_checkpoint
 from dgmn_timm.models.dgmn2 import to_released_layout
 from utils import load_script
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dgmn_timm  # noqa: F401
-from dgmn_timm.kernels import sampled_attention_reference
+from dgmn_timm.ops import sampled_attention_reference
 from dgmn_timm.models.dgmn2 import DynamicGraphAttention, rel_pos_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,7 +309,7 @@ def test_benchmark_script_tiny(tmp_path):
 
 
 def test_benchmarking_helpers():
-    from dgmn_timm.benchmarking import medians, peak_memory, ratios, time_interleaved
+    from dgmn_timm.tools.benchmarking import medians, peak_memory, ratios, time_interleaved
     calls = []
     times = time_interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, iters=3, warmup=1)
     assert calls == ['a', 'b'] * 4  # interleaved, warm-up round included

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.kernels import sampled_attention, sampled_attention_portable
+from dgmn_timm.ops import sampled_attention, sampled_attention_portable
 from dgmn_timm.layers import NonLocal2d, RepGraph
 
 
@@ -357,7 +357,7 @@ def _blob_data(n, size, seed=0):
 
 
 def test_rgnet_trains():
-    from dgmn_timm.segmentation import HEADS, RGNet, create_segmentation_model
+    from dgmn_timm.tasks.segmentation import HEADS, RGNet, create_segmentation_model
     torch.manual_seed(0)
     model = create_segmentation_model('resnet10t', num_classes=2, head='repgraph', channels=16, inner_dim=8,
                                       aux_channels=8, num_nodes=4, grid=2)
@@ -383,7 +383,7 @@ def test_rgnet_trains():
 
 
 def test_rgnet_on_dgmn2_backbone():
-    from dgmn_timm.segmentation import rgnet
+    from dgmn_timm.tasks.segmentation import rgnet
     model = rgnet('dgmn2_tiny', num_classes=3, channels=16, inner_dim=8, aux_channels=8).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 48)).shape == (1, 3, 64, 48)
@@ -393,7 +393,7 @@ def test_rgnet_on_dgmn2_backbone():
 
 
 def test_repgraph_nodes_and_plot(tmp_path):
-    from dgmn_timm.visualize import plot_repgraph_nodes, repgraph_nodes
+    from dgmn_timm.tools.visualize import plot_repgraph_nodes, repgraph_nodes
     torch.manual_seed(0)
     model = timm.create_model('resnet50_repgraph', num_classes=3)
     image = torch.randn(3, 64, 48)

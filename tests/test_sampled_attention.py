@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dgmn_timm  # noqa: F401  (registers the op)
-from dgmn_timm.kernels import (
+from dgmn_timm.ops import (
     attention_weights, position_logits, sampled_attention, sampled_attention_portable, sampled_attention_reference)
 
 OP = torch.ops.dgmn_timm.sampled_attention

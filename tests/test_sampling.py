@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dgmn_timm.sampling import NUM_NODES, node_grid, sample_nodes, sample_nodes_reference
+from dgmn_timm.ops.sampling import NUM_NODES, node_grid, sample_nodes, sample_nodes_reference
 
 SIZES = [(1, 1), (1, 5), (4, 1), (5, 7), (8, 3), (6, 6)]
 

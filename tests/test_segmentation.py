@@ -1,4 +1,4 @@
-""" Semantic segmentation on DGMN2 (dgmn_timm.segmentation) and the segmentation training script. """
+""" Semantic segmentation on DGMN2 (dgmn_timm.tasks.segmentation) and the segmentation training script. """
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import dgmn_timm  # noqa: F401
 from utils import load_script
-from dgmn_timm.segmentation import (
+from dgmn_timm.tasks.segmentation import (
     FCNHead, SemanticFPNHead, create_segmentation_model, fcn_dgmn2, semantic_fpn_dgmn2,
 )
 
@@ -168,7 +168,7 @@ def test_train_segmentation_script(tmp_path):
 
     # the finished run is never overwritten by accident; --resume continues it
     script = load_script('train_segmentation')
-    from dgmn_timm.engine import UsageError
+    from dgmn_timm.tools.cli import UsageError
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UsageError, match='holds a previous run.*--resume.*--overwrite'):
         script.main(cmd[2:])

@@ -1,5 +1,5 @@
-""" scripts/extract_features.py, scripts/visualize_sampling.py, dgmn_timm.visualize, and what every script
-shares (dgmn_timm.engine): argument errors, the no-overwrite rule, help texts, thread defaults. """
+""" scripts/extract_features.py, scripts/visualize_sampling.py, dgmn_timm.tools.visualize, and what every script
+shares (dgmn_timm.tools.engine): argument errors, the no-overwrite rule, help texts, thread defaults. """
 import argparse
 import json
 import os
@@ -16,10 +16,11 @@ from timm.data import create_transform, resolve_data_config
 import dgmn_timm  # noqa: F401
 from utils import load_script
 from timm.utils import random_seed as seed_everything
-from dgmn_timm.data import DataDirError, list_images
-from dgmn_timm.checkpoints import CheckpointError
-from dgmn_timm.engine import UsageError, save_safetensors
-from dgmn_timm.visualize import image_to_stage, sampling_points, sampling_points_many, stage_to_image
+from dgmn_timm.tools.data import DataDirError, list_images
+from dgmn_timm.weights.checkpoints import CheckpointError
+from dgmn_timm.tools.cli import UsageError
+from dgmn_timm.tools.engine import save_safetensors
+from dgmn_timm.tools.visualize import image_to_stage, sampling_points, sampling_points_many, stage_to_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -493,7 +494,7 @@ def _cases():
                          else None)
 def test_script_argument_errors(argv, message, bad_inputs, tmp_path, monkeypatch, capsys):
     """ exit code 2, one 'error:' line naming the mistake, no model built, nothing written. """
-    from dgmn_timm.engine import run_cli
+    from dgmn_timm.tools.cli import run_cli
 
     def no_model(*args, **kwargs):
         raise AssertionError('a model was built before the arguments were checked')
@@ -529,7 +530,7 @@ def test_quick_start_cli_errors(tmp_path):
 ])
 def test_quick_start_argument_errors(argv, message, bad_inputs, monkeypatch, capsys):
     from dgmn_timm.__main__ import main
-    from dgmn_timm.engine import run_cli
+    from dgmn_timm.tools.cli import run_cli
     monkeypatch.setattr(timm, 'create_model', lambda *a, **kw: pytest.fail('model built before the checks'))
     assert run_cli(main, [a.format(r=bad_inputs) for a in argv]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -590,7 +591,7 @@ class _ThreadsDataset(torch.utils.data.Dataset):
 def test_loader_workers_use_one_thread():
     """ The README's claim: a data-loading worker computes on one intra-op thread (torch's worker loop
     sets it), whatever the main process uses. """
-    from dgmn_timm.engine import make_loader
+    from dgmn_timm.tools.engine import make_loader
     threads = torch.get_num_threads()
     loader = make_loader(_ThreadsDataset(), batch_size=1, workers=1)
     assert [int(b) for b in loader] == [1, 1]
@@ -598,7 +599,7 @@ def test_loader_workers_use_one_thread():
 
 
 def test_default_threads_leave_room_for_workers(monkeypatch):
-    from dgmn_timm import engine
+    from dgmn_timm.tools import cli as engine
     threads = torch.get_num_threads()
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.setattr(engine, 'cpu_count', lambda: 3)

@@ -7,14 +7,14 @@ import sys
 assert os.environ.get('TRITON_INTERPRET') == '1'
 try:
     import triton  # noqa: F401
-    from dgmn_timm.kernels.triton_sampled_attention import triton_backward, triton_forward
+    from dgmn_timm.ops.triton_sampled_attention import triton_backward, triton_forward
 except Exception as e:  # pragma: no cover
     print('unavailable:', type(e).__name__, e)
     sys.exit(77)
 
 import torch  # noqa: E402
 
-from dgmn_timm.kernels import sampled_attention_reference  # noqa: E402
+from dgmn_timm.ops import sampled_attention_reference  # noqa: E402
 
 
 def inputs(B, H, W, nh, hd, K, walk, bias, seed=0):
@@ -56,7 +56,7 @@ print('bfloat16 forward', err, out.dtype, [g.dtype for g in grads])
 if err > 3e-2 or out.dtype != torch.bfloat16 or any(g.dtype != torch.bfloat16 for g in grads):
     failures.append('bf16')
 # the op's Triton glue with the position tables (pos_h, pos_w, released height term), float32
-from dgmn_timm.kernels.sampled_attention import _triton_attend, _triton_attend_backward  # noqa: E402
+from dgmn_timm.ops.sampled_attention import _triton_attend, _triton_attend_backward  # noqa: E402
 for (B, H, W, nh, hd) in [(2, 4, 6, 2, 8), (1, 5, 5, 1, 4)]:
     qkv, off, b = inputs(B, H, W, nh, hd, 9, 1.5, True, seed=2)
     g = torch.Generator().manual_seed(3)

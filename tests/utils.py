@@ -1,5 +1,5 @@
 """ Helpers shared by the test modules (importable as ``utils``: pytest puts tests/ on sys.path). """
-import importlib.util
+import importlib
 from pathlib import Path
 from types import ModuleType
 
@@ -7,14 +7,12 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
+TOOL_MODULES = {'convert_official': 'dgmn_timm.weights.convert', 'push_to_hub': 'dgmn_timm.weights.hub'}
 
 
 def load_script(name: str) -> ModuleType:
-    """ Import ``scripts/<name>.py`` as a module (the scripts are not part of the package). """
-    spec = importlib.util.spec_from_file_location(f'_dgmn_script_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """ The module behind the command ``python -m dgmn_timm.<name>`` (``scripts/<name>.py`` in a checkout). """
+    return importlib.import_module(TOOL_MODULES.get(name, f'dgmn_timm.tools.{name}'))
 
 
 def randomise(model: nn.Module, seed: int = 2, walk_std: float = 0.3) -> nn.Module:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sampling import NUM_NODES, sample_nodes
+from ..ops.sampling import NUM_NODES, sample_nodes
 
 __all__ = ['DGMN', 'DGMNHead', 'NodeLinear', 'DGMN_MODES', 'DGMN_FUSIONS']
 

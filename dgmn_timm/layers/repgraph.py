@@ -33,7 +33,7 @@ last BN's weight (bottleneck) or W_y (simple); 'concat' starts its fuse conv as 
 (random, small offsets): zero would put all S nodes on the query itself, and identical
 nodes get identical gradients and never separate.
 
-The sampling and attention are ``dgmn_timm.kernels.sampled_attention`` (the package's one
+The sampling and attention are ``dgmn_timm.ops.sampled_attention`` (the package's one
 bilinear sampler and its fast kernels); ``sampled_attention_portable`` is used when the
 layer is built for TorchScript or export (timm's ``set_layer_config`` /
 ``create_model(scriptable=True, exportable=True)``) or with timm's fused attention off.
@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - very old timm
         return fn
 
 from .dgmn import identity_fuse_
-from ..kernels.sampled_attention import attention_weights, sampled_attention, sampled_attention_portable
+from ..ops import attention_weights, sampled_attention, sampled_attention_portable
 
 __all__ = ['RepGraph', 'NonLocal2d', 'grid_displacement', 'REPGRAPH_STRUCTURES', 'REPGRAPH_FUSIONS']
 

@@ -30,8 +30,8 @@ from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_exportable,
 from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..kernels import attention_weights, position_logits, sampled_attention, sampled_attention_portable
-from ..checkpoints import CheckpointMismatchError, mismatch_error, shape_mismatches
+from ..ops import attention_weights, position_logits, sampled_attention, sampled_attention_portable
+from ..weights.checkpoints import CheckpointMismatchError, mismatch_error, shape_mismatches
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_logits', 'MIN_INPUT_SIZE']
 
@@ -81,7 +81,7 @@ def _node_grid(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 class DynamicGraphAttention(nn.Module):
     """ Attention of every token over K = 9 nodes sampled at its 3x3 neighbourhood plus learned walks.
 
-    Channels-last maps (B, H, W, C). The fused op (``dgmn_timm.kernels.sampled_attention``) is
+    Channels-last maps (B, H, W, C). The fused op (``dgmn_timm.ops.sampled_attention``) is
     used unless, at construction, timm's switches ask for the portable ``grid_sample`` path
     (``set_fused_attn(False)``, ``set_layer_config(exportable=True)`` or ``scriptable=True``,
     ``create_model(..., exportable=True)``) or attention dropout is configured.
@@ -351,7 +351,7 @@ class DGMN2(nn.Module):
             rel_pos_released: the height position term exactly as the released checkpoints
                 were trained (default); False gives the clean transposition.
             mlp_layer: the blocks' MLP, timm's ``Mlp`` by default; any module with its arguments
-                and key names (fc1, fc2), e.g. ``dgmn_timm.kernels.chunked_mlp.RowBlockedMlp``.
+                and key names (fc1, fc2).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -598,7 +598,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
 
     The released layout is described in docs/ARCHITECTURE.md, "Released checkpoint layout".
 
-    Takes a state dict (``dgmn_timm.checkpoints.read_state_dict`` takes it out of a training
+    Takes a state dict (``dgmn_timm.weights.checkpoints.read_state_dict`` takes it out of a training
     checkpoint): the released layout, ours (unchanged), or a detector's backbone with a prefix such as
     'backbone.'. With ``model`` (the model or its feature wrapper) weights of another variant are
     refused, naming it, and the first conv is adapted to another number of input channels.

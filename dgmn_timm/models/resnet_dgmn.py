@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.dgmn import DGMN
-from ..checkpoints import mismatch_error, shape_mismatches
+from ..weights.checkpoints import mismatch_error, shape_mismatches
 from ._resnet_cfgs import RSB_CFG, resnet_weights_cfg
 
 __all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']
@@ -131,7 +131,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ResNetDGMN) -> Di
     """ Check a (plain ResNet) checkpoint against ``model`` and complete it with the DGMN part.
 
     Accepts a plain timm ResNet state dict of the same depth/width (DGMN keys missing) or a
-    ResNetDGMN one (``dgmn_timm.checkpoints.read_state_dict`` takes it out of a training checkpoint).
+    ResNetDGMN one (``dgmn_timm.weights.checkpoints.read_state_dict`` takes it out of a training checkpoint).
     Any missing key that is not a DGMN key, and any unexpected key, is an error. Missing DGMN keys
     are filled with the model's current (initial) values and logged.
     """

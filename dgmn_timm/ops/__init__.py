@@ -6,20 +6,18 @@
   (TorchScript, ONNX, double backward, attention dropout); :func:`sampled_attention_reference`
   the float64 oracle; :func:`attention_weights` the softmax weights of the nodes;
   :func:`position_logits` the op's optional position term with plain ops.
-- :func:`chunked_mlp` is the transformer MLP computed in row blocks (large CPU maps).
 """
-from .chunked_mlp import chunked_mlp, use_chunked_mlp
 from .sampled_attention import (
     DOUBLE_BACKWARD_MESSAGE,
     attention_weights,
     position_logits,
     sampled_attention,
-    sampled_attention_portable,
-    sampled_attention_reference,
     triton_available,
 )
+from .portable import sampled_attention_portable
+from .reference import sampled_attention_reference
 
 __all__ = [
     'sampled_attention', 'sampled_attention_portable', 'sampled_attention_reference', 'attention_weights',
-    'position_logits', 'triton_available', 'DOUBLE_BACKWARD_MESSAGE', 'chunked_mlp', 'use_chunked_mlp',
+    'position_logits', 'triton_available', 'DOUBLE_BACKWARD_MESSAGE',
 ]

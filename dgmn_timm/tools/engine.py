@@ -1,23 +1,5 @@
-""" What the scripts share: one flag vocabulary, run folders, threads, devices, files, training state,
+""" What the training and inference tools share: models from names or files, devices, files, training state,
 and the epoch loop of the dense (detection and segmentation) training scripts.
-
-Command line
-    ``add_run_args`` gives every script the same run flags (``--output-dir``, ``--overwrite``,
-    ``--resume``, ``--device auto``, ``--threads``, ``--workers``, ``--seed``, ``--no-progress``);
-    ``add_alias`` keeps an old spelling working for one release (hidden from ``--help``, with a
-    warning). ``run_cli`` turns a ``UsageError``, ``DataDirError`` or ``CheckpointError`` into one
-    ``error:`` line on stderr and exit code 2, as argparse does; any other exception keeps its
-    traceback. ``HelpFormatter`` shows each option's default once.
-
-Run folders
-    ``check_run_folder`` refuses a folder that holds files of a previous run unless ``--resume``
-    (continue it) or ``--overwrite`` (replace it) is given. Every file is written atomically
-    (a temp file next to it, then ``os.replace``).
-
-Threads
-    torch runs each data-loading worker on one intra-op thread; the main process takes the cores
-    left after one per loader worker (``default_threads``), and the number of workers is half this
-    process's share of the cores (``default_workers``).
 
 Dense training
     ``add_dense_args`` and ``train_dense`` hold the argument group, optimiser, schedule, epoch
@@ -46,175 +28,11 @@ import timm
 from timm.utils import NativeScaler, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so
 
-from .checkpoints import CheckpointError, load_weights, mismatch, read_checkpoint, read_state_dict
-from .data import DataDirError
+from ..weights.checkpoints import CheckpointError, load_weights, mismatch, read_checkpoint, read_state_dict
+from .cli import UsageError, add_alias, check_model_name, check_positive, check_run_folder
 
-__all__ = [
-    # command line
-    'UsageError', 'run_cli', 'HelpFormatter', 'add_alias', 'add_run_args', 'check_positive', 'check_model_name',
-    'read_rgb_image', 'check_run_folder', 'clear_run_files',
-    # models
-    'create_model', 'read_model_weights', 'load_model_weights',
-    # threads, loaders, devices
-    'cpu_count', 'default_workers', 'default_threads', 'set_threads', 'make_loader',
-    'DistInfo', 'resolve_device', 'init_distributed', 'barrier', 'all_reduce_sum',
-    # precision and updates
-    'resolve_amp_dtype', 'autocast', 'backward_step',
-    # state and files
-    'rng_state', 'set_rng_state', 'atomic_path', 'save_safetensors', 'atomic_torch_save', 'atomic_write_text',
-    'write_json', 'load_train_state',
-    # dense training
-    'add_dense_args', 'check_dense_args', 'train_dense',
-]
 
 TRAIN_STATE = 'train_state.pt'
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-class UsageError(ValueError):
-    """ A mistake in the command line or its inputs: reported as one ``error:`` line, exit code 2. """
-
-
-def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> int:
-    """ Run a script's ``main``: a user's mistake ends in ``error: <message>`` on stderr and exit code 2. """
-    try:
-        main(argv)
-    except (UsageError, DataDirError, CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """ Keeps the description's line breaks; appends ``(default: X)`` where there is a default to show
-    and the help text does not already say it. """
-
-    def _get_help_string(self, action):
-        help_text = action.help or ''
-        if action.default is None or action.default is False or action.default in ('', argparse.SUPPRESS) \
-                or 'default' in help_text:
-            return help_text
-        return super()._get_help_string(action)
-
-
-class _DeprecatedAlias(argparse.Action):
-    def __init__(self, option_strings, dest, new: str = '', **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f'warning: {option_string} is deprecated and will be removed; use {self.new}', file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_alias(group, old: str, new: str, dest: str, **kwargs):
-    """ Accept ``old`` as a hidden, deprecated spelling of ``new`` (same ``dest``) for one release. """
-    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
-                       default=argparse.SUPPRESS, **kwargs)
-
-
-def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = None, seed: Optional[int] = 0,
-                 workers: Optional[int] = None, resume: bool = True):
-    """ The run flags the scripts share (one vocabulary); returns the argument group.
-
-    ``output_dir`` None leaves out ``--output-dir`` (a script that writes one file names it itself),
-    ``seed`` None leaves out ``--seed``, ``resume`` False leaves out ``--resume``.
-    """
-    g = parser.add_argument_group('run')
-    if output_dir is not None:
-        g.add_argument('--output-dir', default=output_dir, metavar='DIR', help='folder for the run\'s files')
-        add_alias(g, '--output', '--output-dir', 'output_dir')
-    g.add_argument('--overwrite', action='store_true', help='replace the files of a previous run (deleted first)')
-    if resume:
-        g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
-                       help=f'continue the run in --output-dir (from its {TRAIN_STATE}, or the given state file)')
-    g.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available); under '
-                   'torchrun (finetune, extract_features) each process takes its local rank\'s GPU')
-    g.add_argument('--threads', type=int, default=None,
-                   help='intra-op CPU threads of the main process (default: OMP_NUM_THREADS if set, else the cores '
-                        'left after one per loader worker, at least 1)')
-    add_alias(g, '--num-threads', '--threads', 'threads', type=int)
-    g.add_argument('--workers', type=int, default=default_workers() if workers is None else workers,
-                   help='data-loading processes (one thread each; 0 loads in the main process)')
-    if seed is not None:
-        g.add_argument('--seed', type=int, default=seed, help='seed of data order, augmentation and initialisation')
-    g.add_argument('--no-progress', action='store_true', help='no progress bars')
-    return g
-
-
-def check_positive(args: argparse.Namespace, *names: str, allow_zero: Sequence[str] = ()):
-    """ ``UsageError`` for the first option in ``names`` that is below 1 (or below 0 if in ``allow_zero``). """
-    for name in names:
-        value = getattr(args, name, None)
-        low = 0 if name in allow_zero else 1
-        if value is not None and value < low:
-            raise UsageError(f'--{name.replace("_", "-")} must be at least {low}, got {value}')
-
-
-def check_model_name(name: str) -> str:
-    """ ``UsageError`` unless timm has a model (or a ``hf-hub:`` / ``local-dir:`` source) of this name. """
-    if ':' in name.split('.')[0]:  # hf-hub:..., local-dir:...: timm resolves the source
-        return name
-    arch = timm.models.split_model_name_tag(name)[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f'; did you mean {", ".join(close)}?' if close else "; see timm.list_models('dgmn*')"
-        raise UsageError(f'unknown model {name!r}{hint}')
-    return name
-
-
-def read_rgb_image(path: str):
-    """ An image file as an RGB PIL image; ``UsageError`` if it is missing or not an image Pillow decodes. """
-    from PIL import Image
-    if not os.path.exists(path):
-        raise UsageError(f'image {path} does not exist')
-    if not os.path.isfile(path):
-        raise UsageError(f'image {path} is not a file')
-    try:
-        with Image.open(path) as im:
-            return im.convert('RGB')
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f'cannot read image {path}: {e}') from None
-
-
-def check_run_folder(folder: str, run_files: Iterable[str], resume: Any = None, overwrite: bool = False
-                     ) -> List[str]:
-    """ Refuse to write a run into a folder that holds one, unless resuming or overwriting.
-
-    Args:
-        folder: the run folder.
-        run_files: names of the files the run writes there.
-        resume: the ``--resume`` value (continue the previous run).
-        overwrite: ``--overwrite`` (replace it: call ``clear_run_files`` once all checks pass).
-
-    Returns:
-        the run files present in ``folder``.
-
-    Raises:
-        UsageError: the folder holds a previous run and neither flag is given, or both are.
-    """
-    if resume and overwrite:
-        raise UsageError('give --resume or --overwrite, not both')
-    found = [f for f in run_files if os.path.lexists(os.path.join(folder, f))]
-    if found and not (resume or overwrite):
-        raise UsageError(
-            f'{folder} holds a previous run ({", ".join(found)}); continue it with --resume, replace it with '
-            f'--overwrite, or give another --output-dir')
-    return found
-
-
-def clear_run_files(folder: str, names: Iterable[str]):
-    """ Delete the files of a previous run (``--overwrite``), nothing else. """
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +64,7 @@ def create_model(
         model_name: registered name, optionally with a pretrained tag ('dgmn2_tiny.in1k').
         pretrained: False/None for random weights, True for the default tag, or a tag string.
         checkpoint: a weights file or converted folder in any layout the model loads (ours, the
-            authors', timm's), read with ``dgmn_timm.checkpoints`` before the model is built. The
+            authors', timm's), read with ``dgmn_timm.weights.checkpoints`` before the model is built. The
             model is built with the file's classifier, loaded strictly, and its classifier is then
             reset to ``num_classes`` if that differs (a new head on the trained backbone).
         num_classes: classifier size (None: the model's default, 0: no classifier).
@@ -275,41 +93,7 @@ def create_model(
 
 
 # --------------------------------------------------------------------------------------------
-# threads and data loaders
-
-
-def cpu_count() -> int:
-    """ CPU cores this process may run on. """
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _local_processes() -> int:
-    return max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
-
-
-def default_workers() -> int:
-    """ Loader workers per process: half the cores of this process's share, between 1 and 4. """
-    return min(4, max(1, cpu_count() // _local_processes() // 2))
-
-
-def default_threads(workers: int) -> int:
-    """ Main-process threads: this process's share of the cores less one per loader worker, at least 1. """
-    return max(1, cpu_count() // _local_processes() - workers)
-
-
-def set_threads(threads: Optional[int], workers: int) -> int:
-    """ Set the main process's intra-op threads; returns the number.
-
-    ``threads`` if given, else ``OMP_NUM_THREADS`` if set (torch already follows it), else ``default_threads``.
-    """
-    if not threads and os.environ.get('OMP_NUM_THREADS'):
-        return torch.get_num_threads()
-    n = threads if threads else default_threads(workers)
-    torch.set_num_threads(n)
-    return n
+# data loaders
 
 
 def make_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: Optional[int] = None, **kwargs

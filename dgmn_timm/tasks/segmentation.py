@@ -12,7 +12,7 @@
   ``CDGCLoss`` through ``training_loss`` (``cdgcnet``, ``cdgcnet_resnet101``; ``HEADS['cdgc']``).
 
     >>> import dgmn_timm
-    >>> from dgmn_timm.segmentation import semantic_fpn_dgmn2, fcn_dgmn2
+    >>> from dgmn_timm.tasks.segmentation import semantic_fpn_dgmn2, fcn_dgmn2
     >>> model = semantic_fpn_dgmn2('dgmn2_tiny', num_classes=19)   # Cityscapes classes
     >>> model = fcn_dgmn2('dgmn2_small', num_classes=19, pretrained=True)  # output stride 8
 
@@ -30,8 +30,8 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import FeaturePyramidNetwork
 
 from .detection import FeatureBackbone, create_feature_backbone
-from .layers.cdgc import CDGC
-from .layers.repgraph import RepGraph
+from ..layers.cdgc import CDGC
+from ..layers.repgraph import RepGraph
 
 __all__ = [
     'SemanticFPNHead', 'FCNHead', 'SegmentationModel', 'create_segmentation_model',
@@ -253,7 +253,7 @@ def create_segmentation_model(
         output_stride: backbone output stride; default 32 for ``'fpn'``, 8 for ``'fcn'``.
         out_indices: backbone levels; default all four for ``'fpn'``, the last for ``'fcn'``.
         pretrained, pretrained_file, backbone_checkpoint, frozen_bn, frozen_stages: see
-            ``dgmn_timm.detection.create_feature_backbone``.
+            ``dgmn_timm.tasks.detection.create_feature_backbone``.
         backbone_kwargs: extra ``timm.create_model`` kwargs (e.g. ``drop_path_rate``).
         **head_kwargs: passed to the head (``channels``, ``dropout``, ...).
     """
@@ -477,7 +477,7 @@ def cdgcnet(
         output_stride: backbone output stride (default 8, the paper's).
         out_indices: the two levels (auxiliary, main); default the last two (stage 3 and 4).
         pretrained, pretrained_file, backbone_checkpoint, frozen_bn, frozen_stages: see
-            ``dgmn_timm.detection.create_feature_backbone``.
+            ``dgmn_timm.tasks.detection.create_feature_backbone``.
         backbone_kwargs: extra ``timm.create_model`` kwargs.
         aux_channels: width of the auxiliary FCN head (one 3x3 conv).
         **head_kwargs: ``CDGCHead`` options (``channels``, ``fusion``, ``ratio``, ``atrous_rates``, ...).
@@ -600,7 +600,7 @@ def rgnet(
         output_stride: backbone output stride (default 8, the paper's dilated setting).
         out_indices: the two levels (auxiliary, main); default the last two (ResNet: res4, res5).
         pretrained, pretrained_file, backbone_checkpoint, frozen_bn, frozen_stages: see
-            ``dgmn_timm.detection.create_feature_backbone``.
+            ``dgmn_timm.tasks.detection.create_feature_backbone``.
         backbone_kwargs: extra ``timm.create_model`` kwargs.
         aux_channels: width of the auxiliary FCN head (one 3x3 conv).
         aux_weight: weight of the auxiliary loss (0.4).

@@ -5,7 +5,7 @@ backbone with an FPN (an ``out_channels`` attribute and an ordered dict of level
 builders give the detectors of the DGMN2 paper's COCO experiments on torchvision heads:
 
     >>> import dgmn_timm
-    >>> from dgmn_timm.detection import retinanet_dgmn2, maskrcnn_dgmn2
+    >>> from dgmn_timm.tasks.detection import retinanet_dgmn2, maskrcnn_dgmn2
     >>> model = retinanet_dgmn2('dgmn2_tiny', num_classes=91)           # random init
     >>> model = maskrcnn_dgmn2('dgmn2_small', pretrained=True)           # ImageNet backbone
     >>> model = retinanet_dgmn2(backbone_checkpoint='retinanet_dgmn2_tiny.pth')  # released backbone
@@ -39,7 +39,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .checkpoints import (
+from ..weights.checkpoints import (
     abbrev, architecture_of, check_folder_architecture, filter_fn_for, mismatch as checkpoint_mismatch,
     mismatch_error, read_state_dict,
 )
@@ -96,7 +96,7 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """ The state dict in a checkpoint file: ``dgmn_timm.checkpoints.read_state_dict`` (kept for callers). """
+    """ The state dict in a checkpoint file: ``dgmn_timm.weights.checkpoints.read_state_dict`` (kept for callers). """
     return read_state_dict(path)
 
 
@@ -126,7 +126,7 @@ def load_backbone_checkpoint(
 
     Args:
         body: a timm ``features_only`` model (e.g. ``FeatureBackbone.body``).
-        checkpoint: a weights file or converted folder (read by ``dgmn_timm.checkpoints.read_state_dict``:
+        checkpoint: a weights file or converted folder (read by ``dgmn_timm.weights.checkpoints.read_state_dict``:
             training dicts unwrapped, the ``'backbone.'`` entries kept) or a state dict.
         prefix: the backbone's key prefix; entries without it are ignored (neck, heads). If no key has the prefix, the whole dict is taken as the backbone.
 
@@ -308,7 +308,7 @@ def create_feature_backbone(
         frozen_stages: freeze the stem (0) and the first n stages (n > 0); -1 freezes nothing.
         **kwargs: passed to ``timm.create_model`` (``output_stride``, ``drop_path_rate``, ...).
     """
-    if pretrained_file is not None:  # read (and refused with a clear error) by dgmn_timm.checkpoints
+    if pretrained_file is not None:  # read (and refused with a clear error) by dgmn_timm.weights.checkpoints
         pretrained = True
         overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
         overlay['file'] = os.fspath(pretrained_file)

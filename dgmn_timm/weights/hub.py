@@ -9,10 +9,10 @@ cards (``generate_readme``); this module adds what it lacks for weights that are
     * ``place_in_cache``: a converted folder -> the local Hugging Face cache under a Hub id, so that
       ``timm.create_model('dgmn2_tiny.in1k', pretrained=True)`` works offline;
     * ``push_folder``: a converted folder -> a Hub repo (``huggingface_hub``), with a dry run
-      (``python -m dgmn_timm.hub FOLDER --repo-id ORG/NAME [--dry-run]``);
+      (``python -m dgmn_timm.push_to_hub FOLDER --repo-id ORG/NAME [--dry-run]``);
     * ``hub_entrypoint`` / ``package_models``: the torch.hub entry points of ``hubconf.py``.
 
-Conversion of the authors' checkpoints lives in ``dgmn_timm.convert`` (``python -m dgmn_timm.convert``).
+Conversion of the authors' checkpoints lives in ``dgmn_timm.weights.convert`` (``python -m dgmn_timm.convert``).
 """
 import hashlib
 import json
@@ -550,11 +550,11 @@ def hub_entrypoint(model_name: str) -> Callable[..., nn.Module]:
 
 
 def main(argv=None) -> int:
-    """ ``python -m dgmn_timm.hub FOLDER --repo-id ORG/NAME [--dry-run]``: upload a converted folder. """
+    """ ``python -m dgmn_timm.push_to_hub FOLDER --repo-id ORG/NAME [--dry-run]``: upload a converted folder. """
     import argparse
     import sys
     parser = argparse.ArgumentParser(
-        prog='python -m dgmn_timm.hub',
+        prog='python -m dgmn_timm.push_to_hub',
         description='Upload a converted folder (python -m dgmn_timm.convert) to a Hugging Face Hub model repo. The '
                     'folder is verified first (it loads in timm, and a registered Hub id only takes its own '
                     'architecture); the token comes from HF_TOKEN or `hf auth login`.')

@@ -63,10 +63,9 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..sampling import pixel_grid
 
 __all__ = [
-    'sampled_attention', 'sampled_attention_portable', 'sampled_attention_reference', 'attention_weights',
+    'sampled_attention', 'attention_weights',
     'position_logits', 'triton_available', 'DOUBLE_BACKWARD_MESSAGE',
 ]
 
@@ -611,96 +610,3 @@ def attention_weights(
     with torch.no_grad(), _no_autocast(qkv.device.type):
         p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)[-1]
     return p.view(B, H, W, nh, K)
-
-
-def sampled_attention_portable(
-        qkv: torch.Tensor,
-        offset: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        scale: float,
-        attn_drop: float = 0.,
-        training: bool = False,
-) -> torch.Tensor:
-    """ :func:`sampled_attention` as ``grid_sample`` plus plain ops: scriptable, ONNX-exportable,
-    autograd-native (double backward), with dropout ``attn_drop`` on the weights when ``training``.
-
-    Coordinates are built in float32 (float64 for float64 offsets) by type promotion against a
-    float32 base grid; half-precision maps are sampled in float32.
-    """
-    B, H, W, _, nh, hd = qkv.shape
-    K = offset.shape[-1] // 2
-    N = H * W
-    q = qkv[:, :, :, 0].permute(0, 3, 4, 1, 2).reshape(B * nh, hd, N, 1)
-    kv = qkv[:, :, :, 1:].permute(0, 4, 3, 5, 1, 2).reshape(B * nh, 2 * hd, H, W)
-    off = offset.reshape(B, H, W, nh, K, 2).permute(0, 3, 1, 2, 4, 5).reshape(B * nh, H, W, K, 2)
-    ys = torch.arange(H, device=qkv.device, dtype=torch.float32).view(1, H, 1, 1)
-    xs = torch.arange(W, device=qkv.device, dtype=torch.float32).view(1, 1, W, 1)
-    grid = pixel_grid(ys + off[..., 0], xs + off[..., 1], H, W).reshape(B * nh, N, K, 2)
-    nodes = F.grid_sample(kv.to(grid.dtype), grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    nodes = nodes.to(qkv.dtype)  # (B * nh, 2 * hd, N, K): keys and values in one call
-    logits = (q * nodes[:, :hd]).sum(1) * scale  # (B * nh, N, K)
-    if bias is not None:
-        logits = logits + bias.permute(0, 3, 1, 2, 4).reshape(B * nh, N, K)
-    p = logits.softmax(dim=-1)
-    p = F.dropout(p, attn_drop, training)
-    out = (p.unsqueeze(1) * nodes[:, hd:]).sum(-1)  # (B * nh, hd, N)
-    return out.reshape(B, nh, hd, H, W).permute(0, 3, 4, 1, 2)
-
-
-def sampled_attention_reference(
-        qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None,
-        pos_transposed: bool = False) -> torch.Tensor:
-    """ Slow float64 oracle of :func:`sampled_attention`: explicit loops over heads, nodes and the
-    4 bilinear corners, reading the map by integer indexing (no ``grid_sample``); the position
-    term one pixel at a time. Differentiable. Returns float64. """
-    K = _check_inputs(qkv, offset, bias, pos_h, pos_w)
-    qkv = qkv.double()
-    offset = offset.double()
-    B, H, W, _, nh, hd = qkv.shape
-    if pos_h is not None or pos_w is not None:
-        pos = torch.zeros(B, H, W, nh, K, dtype=torch.float64, device=qkv.device)
-        for y in range(H):
-            for x in range(W):
-                q = qkv[:, y, x, 0]  # (B, nh, hd)
-                if pos_h is not None:
-                    # the height term computed at (y, x) of the (H, W) grid
-                    pos[:, y, x] = pos[:, y, x] + q @ pos_h[y].double().t()
-        if pos_h is not None and pos_transposed:
-            # that grid read as a (W, H) image, resized to (H, W)
-            pos = pos.transpose(1, 2).reshape(B, W, H, nh * K).permute(0, 3, 1, 2)
-            pos = F.interpolate(pos, size=(H, W), mode='bilinear', align_corners=False)
-            pos = pos.permute(0, 2, 3, 1).reshape(B, H, W, nh, K)
-        if pos_w is not None:
-            width = torch.stack([qkv[:, :, x, 0] @ pos_w[x].double().t() for x in range(W)], dim=2)
-            pos = pos + width
-        bias = pos if bias is None else bias.double() + pos
-    ys = torch.arange(H, dtype=torch.float64, device=qkv.device).view(1, H, 1)
-    xs = torch.arange(W, dtype=torch.float64, device=qkv.device).view(1, 1, W)
-    b = torch.arange(B, device=qkv.device).view(B, 1, 1)
-    heads = []
-    for h in range(nh):
-        q, k, v = qkv[:, :, :, 0, h], qkv[:, :, :, 1, h], qkv[:, :, :, 2, h]  # (B, H, W, hd)
-        logits, values = [], []
-        for n in range(K):
-            py = ys + offset[:, :, :, h, 2 * n]
-            px = xs + offset[:, :, :, h, 2 * n + 1]
-            y0, x0 = torch.floor(py), torch.floor(px)
-            k_n = v_n = 0.
-            for cy in (0, 1):
-                for cx in (0, 1):
-                    yi, xi = y0 + cy, x0 + cx
-                    weight = (1 - (py - yi).abs()) * (1 - (px - xi).abs())
-                    inside = (yi >= 0) & (yi <= H - 1) & (xi >= 0) & (xi <= W - 1)
-                    weight = (weight * inside.double()).unsqueeze(-1)
-                    yc, xc = yi.clamp(0, H - 1).long(), xi.clamp(0, W - 1).long()
-                    k_n = k_n + weight * k[b, yc, xc]
-                    v_n = v_n + weight * v[b, yc, xc]
-            logit = scale * (q * k_n).sum(-1)
-            if bias is not None:
-                logit = logit + bias[:, :, :, h, n].double()
-            logits.append(logit)
-            values.append(v_n)
-        p = torch.stack(logits, -1).softmax(-1)
-        heads.append(sum(p[..., n, None] * values[n] for n in range(K)))
-    return torch.stack(heads, 3)

@@ -1,6 +1,6 @@
 """ Triton kernels of ``torch.ops.dgmn_timm.sampled_attention`` (CUDA).
 
-Same function and layout as ``dgmn_timm.kernels.sampled_attention``: qkv (B, H, W, 3, nh, hd),
+Same function and layout as ``dgmn_timm.ops.sampled_attention``: qkv (B, H, W, 3, nh, hd),
 offset (B, H, W, nh, 2K) displacements from the query in pixels, bias (B, H, W, nh, K) or None
 -> (B, H, W, nh, hd). K is a compile-time constant of the kernels (one build per K).
 

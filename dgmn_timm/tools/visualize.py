@@ -262,7 +262,7 @@ def repgraph_nodes(
         ``group_weights`` (G, S), ``query`` the query's map position, ``query_px`` its image
         pixel centre, ``map_size`` and ``stride`` (sy, sx) = image size / map size.
     """
-    from .layers.repgraph import RepGraph
+    from ..layers.repgraph import RepGraph
     layers = [m for m in model.modules() if isinstance(m, RepGraph)]
     if not layers:
         raise TypeError(f'{type(model).__name__} contains no RepGraph layer')

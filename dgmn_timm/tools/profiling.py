@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .sampling import NUM_NODES
+from ..ops.sampling import NUM_NODES
 
 __all__ = ['count_macs', 'count_model_macs']
 
@@ -34,7 +34,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -
         dict with 'matmul' (FlopCounterMode, plus the op's position term), 'attention' (analytic node contractions),
         'sampling' (analytic bilinear reads) and 'total'.
     """
-    from .models.dgmn2 import DynamicGraphAttention
+    from ..models.dgmn2 import DynamicGraphAttention
 
     attention = [0]
     position = [0]

@@ -1,0 +1,1 @@
+""" Dense-prediction tasks on the models: torchvision detectors, semantic-segmentation heads. """

@@ -1,0 +1,1 @@
+""" Tools behind the commands: the script engine, data, visualisation, benchmarking, profiling. """

@@ -1,0 +1,1 @@
+""" Weights: the checkpoint reader, the Hugging Face Hub, conversion of the authors' checkpoints. """
