@@ -354,8 +354,8 @@ def test_position_table_alone_and_only_its_gradient(which):
     qkv, off, _ = [t.detach() for t in _inputs(1, 3, 5, 2, 4)]
     pos_h, pos_w = _tables(3, 5, 2, 4)
     kw = {which: pos_h if which == 'pos_h' else pos_w}
-    out = sampled_attention(qkv, off, None, 0.5, **kw, pos_transposed=True)
-    ref = sampled_attention_reference(qkv, off, None, 0.5, **kw, pos_transposed=True)
+    out = sampled_attention(qkv, off, None, 0.5, **kw, rel_pos_released=True)
+    ref = sampled_attention_reference(qkv, off, None, 0.5, **kw, rel_pos_released=True)
     _close(out, ref, 1e-12)
     _close(_grads(out, list(kw.values()))[0], _grads(ref, list(kw.values()))[0], 1e-10)
 

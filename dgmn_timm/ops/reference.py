@@ -11,7 +11,7 @@ from .sampled_attention import _check_inputs
 def sampled_attention_reference(
         qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
         pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None,
-        pos_transposed: bool = False) -> torch.Tensor:
+        rel_pos_released: bool = False) -> torch.Tensor:
     """ Slow float64 oracle of :func:`sampled_attention`: explicit loops over heads, nodes and the
     4 bilinear corners, reading the map by integer indexing (no ``grid_sample``); the position
     term one pixel at a time. Differentiable. Returns float64. """
@@ -27,7 +27,7 @@ def sampled_attention_reference(
                 if pos_h is not None:
                     # the height term computed at (y, x) of the (H, W) grid
                     pos[:, y, x] = pos[:, y, x] + q @ pos_h[y].double().t()
-        if pos_h is not None and pos_transposed:
+        if pos_h is not None and rel_pos_released:
             # that grid read as a (W, H) image, resized to (H, W)
             pos = pos.transpose(1, 2).reshape(B, W, H, nh * K).permute(0, 3, 1, 2)
             pos = F.interpolate(pos, size=(H, W), mode='bilinear', align_corners=False)

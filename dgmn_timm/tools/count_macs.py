@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """ Parameters and GMACs of DGMN models next to the paper's figures.
 
-    python scripts/count_macs.py                       # all dgmn2 variants at 224
-    python scripts/count_macs.py --models dgmn2_tiny --img-size 512
+    python -m dgmn_timm.count_macs                       # all dgmn2 variants at 224
+    python -m dgmn_timm.count_macs --models dgmn2_tiny --img-size 512
+
+GMACs are the total of PyTorch's FlopCounterMode / 2 (the op registers its own cost).
 """
 import argparse
 
