@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from .sampling import axis_corners
+
 
 __all__ = [
     'sampled_attention', 'attention_weights',
@@ -267,35 +269,19 @@ def _corners(offset: torch.Tensor, height: int, width: int, nh: int, cdt: torch.
     if need_grad:
         my = (py >= -1.) & (py <= height)
         mx = (px >= -1.) & (px <= width)
-    # at or beyond -1 / L both corners on that axis are outside: clamping changes no value
-    py = py.clamp_(-1., height)
-    px = px.clamp_(-1., width)
-    y0 = torch.floor(py)
-    x0 = torch.floor(px)
-    fy = py.sub_(y0)
-    fx = px.sub_(x0)
-    # y0 in [-1, L]: corner y0 is inside iff y0 in [0, L - 1], corner y0 + 1 iff y0 <= L - 2
-    iy0 = (y0 >= 0.) & (y0 <= height - 1)
-    iy1 = y0 <= height - 2
-    ix0 = (x0 >= 0.) & (x0 <= width - 1)
-    ix1 = x0 <= width - 2
-    gy1 = fy * iy1
-    gx1 = fx * ix1
-    gy0 = (1. - fy).mul_(iy0)
-    gx0 = (1. - fx).mul_(ix0)
+    y0, y1, gy0, gy1, iy0, iy1 = axis_corners(py, height, itype)
+    x0, x1, gx0, gx1, ix0, ix1 = axis_corners(px, width, itype)
     w = torch.empty((B, height, width, nh, K, 4), device=device, dtype=cdt)
     torch.mul(gy0, gx0, out=w[..., 0])
     torch.mul(gy0, gx1, out=w[..., 1])
     torch.mul(gy1, gx0, out=w[..., 2])
     torch.mul(gy1, gx1, out=w[..., 3])
-    # rows ((b * H + y) * W + x) * 3 * nh + nh + h, corners clamped into the map
-    yi = y0.to(itype)
-    xi = x0.to(itype)
+    # rows ((b * H + y) * W + x) * 3 * nh + nh + h of the corners (clamped into the map)
     base = _row_base(B, height, width, nh, device, itype)
-    ry0 = yi.clamp(0, height - 1).mul_(width * 3 * nh).add_(base)
-    ry1 = yi.add_(1).clamp_(0, height - 1).mul_(width * 3 * nh).add_(base)
-    cx0 = xi.clamp(0, width - 1).mul_(3 * nh)
-    cx1 = xi.add_(1).clamp_(0, width - 1).mul_(3 * nh)
+    ry0 = y0.mul_(width * 3 * nh).add_(base)
+    ry1 = y1.mul_(width * 3 * nh).add_(base)
+    cx0 = x0.mul_(3 * nh)
+    cx1 = x1.mul_(3 * nh)
     idx = torch.empty((B, height, width, nh, K, 4), device=device, dtype=itype)
     torch.add(ry0, cx0, out=idx[..., 0])
     torch.add(ry0, cx1, out=idx[..., 1])
