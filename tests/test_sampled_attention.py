@@ -5,6 +5,7 @@ import torch
 import dgmn_timm  # noqa: F401  (registers the op)
 from dgmn_timm.ops import (
     attention_weights, position_logits, sampled_attention, sampled_attention_portable, sampled_attention_reference)
+from dgmn_timm.ops.sampling import node_displacements
 
 OP = torch.ops.dgmn_timm.sampled_attention
 FWD = torch.ops.dgmn_timm.sampled_attention_fwd
@@ -16,8 +17,7 @@ def _inputs(B, H, W, nh, hd, K=9, bias=True, walk=1.5, dtype=torch.float64, seed
     qkv = torch.randn(B, H, W, 3, nh, hd, generator=g, dtype=torch.float64)
     off = torch.randn(B, H, W, nh, 2 * K, generator=g, dtype=torch.float64) * walk
     if K == 9:
-        k = torch.arange(9)
-        off = off + torch.stack((k // 3 - 1, k % 3 - 1), -1).reshape(18).double()
+        off = off + node_displacements(dtype=torch.float64).reshape(18)
     b = torch.randn(B, H, W, nh, K, generator=g, dtype=torch.float64) if bias else None
     return [None if t is None else t.to(dtype).requires_grad_() for t in (qkv, off, b)]
 
