@@ -12,13 +12,20 @@ Layout (token-major, the layout a ``Linear`` over channels-last tokens produces)
 - ``pos_h``, ``pos_w`` (optional): a position term from per-row and per-column tables,
   (H, K, hd) and (W, K, hd): logit k of the query at (y, x) gets <q, pos_h[y, k]> +
   <q, pos_w[x, k]> (unscaled q). With ``rel_pos_released`` the (H, W) array of height terms is
-  read as a (W, H) image and resized bilinearly to (H, W) (``align_corners=False``; on a
-  square map: transposed), the convention DGMN2's released checkpoints were trained with.
+  transposed and that (W, H) image resized bilinearly to (H, W) (``align_corners=False``; on a
+  square map: only transposed), the convention DGMN2's released checkpoints were trained with
+  (DGMN2's ``rel_pos_released``).
   :func:`position_logits` computes this term with plain ops.
 - result: (B, H, W, nh, hd) = sum_k softmax_k(scale * <q, k_k> + bias_k + pos_k) v_k.
 
 Sampling is bilinear and a corner outside the map reads zero (the deformable-convolution
-convention; ``grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``).
+convention; ``grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``); the
+gather kernel takes its corner indices and weights from ``sampling.axis_corners``.
+
+Cost: both custom ops register a formula with ``torch.utils.flop_counter``, so a plain
+``FlopCounterMode`` counts the op: per (query, head) and node, hd multiply-adds for <q, k>, hd
+for p v, 8 hd for the bilinear reads of key and value and hd per position table; the backward
+twice that (once without d qkv: the output gradient against the value corners and the tables).
 
 Entry points:
 
@@ -32,8 +39,8 @@ Entry points:
 - :func:`sampled_attention_portable`: ``grid_sample`` plus plain tensor ops; autograd-native
   (double backward), TorchScript-scriptable, ONNX-exportable, supports attention dropout.
   Layers choose it at construction.
-- :func:`sampled_attention_reference`: float64 oracle, explicit corner reads, no
-  ``grid_sample``; the tests compare every path with it.
+- ``reference.sampled_attention_reference``: the float64 oracle (explicit corner reads, no
+  ``grid_sample``); the tests compare every path with it.
 
 Gather kernel (CPU)
 -------------------
@@ -171,7 +178,8 @@ def position_logits(
 
 def _position_backward(
         dl: torch.Tensor, q: torch.Tensor, pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor],
-        rel_pos_released: bool, need_q: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        rel_pos_released: bool, need_q: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """ Gradients (d q, d pos_h, d pos_w) of :func:`position_logits` for its output gradient ``dl``. """
     B, H, W, nh, c = q.shape
     K = dl.shape[-1]
