@@ -9,6 +9,7 @@ import dgmn_timm  # noqa: F401  (registers the models and the op)
 from dgmn_timm.layers import RepGraph
 from dgmn_timm.ops import sampled_attention
 from dgmn_timm.tools.profiling import count_macs, count_model_macs
+from utils import load_script
 
 PAPER_GMACS = {'dgmn2_tiny': 2.3, 'dgmn2_small': 4.3, 'dgmn2_medium': 7.1, 'dgmn2_large': 10.4}
 OP = 'dgmn_timm.sampled_attention_fwd'
@@ -93,6 +94,19 @@ def test_variants_within_3_percent_of_paper(name):
         model(torch.zeros(1, 3, 224, 224, device='meta'))
     gmacs = counter.get_total_flops() / 2 / 1e9
     assert abs(gmacs / PAPER_GMACS[name] - 1) < 0.03, gmacs
+
+
+def test_model_backward_counted():
+    model = timm.create_model('dgmn2_tiny', num_classes=5)
+    counts = _flops(lambda: model(torch.randn(2, 3, 64, 48)).sum().backward())
+    assert counts[BACKWARD] == 2 * counts[OP] > 0
+    assert counts['aten.convolution_backward'] > 0
+
+
+def test_count_macs_command(capsys):
+    load_script('count_macs').main(['--models', 'dgmn2_tiny'])
+    out = capsys.readouterr().out
+    assert '| dgmn2_tiny | 12,101,464 | 2.303 | 2.3 | +0.1% |' in out, out
 
 
 def test_portable_build_counts_about_the_same():
