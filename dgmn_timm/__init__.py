@@ -4,7 +4,6 @@
 ``timm.create_model('dgmn2_tiny', ...)`` works, and routes timm's weight loading for these
 models through ``dgmn_timm.weights.checkpoints`` (one reader, one clear error per bad file).
 """
-from .ops.sampling import sample_nodes, sample_nodes_reference
 from .models import *  # noqa: F401,F403  (registers the models with timm)
 from .weights.checkpoints import (
     CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, install_timm_loaders, load_weights,

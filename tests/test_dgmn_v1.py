@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.layers import DGMN, DGMNHead
 from dgmn_timm.models.resnet_dgmn import ResNetDGMN, checkpoint_filter_fn as resnet_dgmn_checkpoint_filter_fn
-from dgmn_timm.ops.sampling import sample_nodes_reference
+from dgmn_timm.ops.reference import sample_nodes_reference
 
 K = 9
 CITY_RATES = (1, 6, 12, 24, 36)

@@ -2,11 +2,10 @@
 slow, float64 reference; the Triton kernels (interpreter mode on CPU, real on CUDA); the
 benchmark script.
 
-The reference below is written from the model's definition only: explicit loops over nodes and
-bilinear corners, explicit loops over (y, x, m) for the position term, explicit resize matrices.
-The op itself is tested in test_sampled_attention.py.
+The layer's reference composes the float64 oracles of ``dgmn_timm.ops.reference`` (explicit loops
+over nodes and bilinear corners, over (y, x, m) for the position term, explicit resize matrices)
+with the layer's parameters. The op itself is tested in test_sampled_attention.py.
 """
-import math
 import os
 import subprocess
 import sys
@@ -16,84 +15,14 @@ import pytest
 import torch
 
 import dgmn_timm  # noqa: F401
-from dgmn_timm.ops import sampled_attention_reference
+from dgmn_timm.ops.reference import bilinear_reference, rel_pos_reference, sampled_attention_reference
+from dgmn_timm.ops.sampling import NUM_NODES as K, node_displacements
 from dgmn_timm.models.dgmn2 import DynamicGraphAttention, rel_pos_logits
 
 ROOT = Path(__file__).resolve().parents[1]
-K = 9
 
 
-# ---------------------------------------------------------------- independent reference
-
-def _resize_matrix(n_in, n_out):
-    """ (n_out, n_in) matrix of a 1-d bilinear resize, align_corners=False. """
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        src = max((i + 0.5) * n_in / n_out - 0.5, 0.)
-        lo = min(int(math.floor(src)), n_in - 1)
-        hi = min(lo + 1, n_in - 1)
-        m[i, lo] += 1 - (src - lo)
-        m[i, hi] += src - lo
-    return m
-
-
-def ref_rel_pos(q, rel_height, rel_width, released=True):
-    """ q (B, H, W, nh, c) -> (B, H, W, nh, K), loops over (y, x, m) (docs/ARCHITECTURE.md, position term). """
-    B, H, W, nh, c = q.shape
-    th = _resize_matrix(rel_height.shape[0], H + K - 1) @ rel_height.double()
-    tw = _resize_matrix(rel_width.shape[0], W + K - 1) @ rel_width.double()
-    rw = q.new_zeros(B, H, W, nh, K)
-    rh_t = q.new_zeros(B, W, H, nh, K)  # Rh'[x, y]
-    rh = q.new_zeros(B, H, W, nh, K)
-    for y in range(H):
-        for x in range(W):
-            for m in range(K):
-                rw[:, y, x, :, m] = q[:, y, x] @ tw[W - 1 - x + m]
-                rh_t[:, x, y, :, m] = q[:, y, x] @ th[H - 1 - y + m]
-                rh[:, y, x, :, m] = q[:, y, x] @ th[H - 1 - y + m]
-    if released:
-        # the (W, H) grid resized as an image to (H, W), added position by position
-        rh = torch.einsum('iw,bwhnm,jh->bijnm', _resize_matrix(W, H), rh_t, _resize_matrix(H, W))
-    return rw + rh
-
-
-def ref_bilinear(img, py, px):
-    """ img (B, H, W, C); py, px (B, ...) pixel coordinates -> (B, ..., C); outside corners read 0. """
-    B, H, W, C = img.shape
-    out = 0.
-    y0, x0 = torch.floor(py), torch.floor(px)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            yi, xi = y0 + dy, x0 + dx
-            weight = (1 - (py - yi).abs()) * (1 - (px - xi).abs())
-            inside = ((yi >= 0) & (yi <= H - 1) & (xi >= 0) & (xi <= W - 1)).to(img.dtype)
-            yc, xc = yi.clamp(0, H - 1).long(), xi.clamp(0, W - 1).long()
-            vals = torch.stack([img[b][yc[b], xc[b]] for b in range(B)])
-            out = out + vals * (weight * inside).unsqueeze(-1)
-    return out
-
-
-def ref_attention(qkv, offset, rel, scale):
-    """ qkv (B, H, W, 3, nh, c), offset (B, H, W, nh, 18), rel (B, H, W, nh, K) -> (B, H, W, nh, c). """
-    B, H, W, _, nh, c = qkv.shape
-    ys = torch.arange(H, dtype=torch.float64).view(1, H, 1)
-    xs = torch.arange(W, dtype=torch.float64).view(1, 1, W)
-    heads = []
-    for h in range(nh):
-        q, k, v = qkv[:, :, :, 0, h], qkv[:, :, :, 1, h], qkv[:, :, :, 2, h]
-        logits, values = [], []
-        for node in range(K):
-            i, j = divmod(node, 3)
-            py = ys - 1 + i + offset[:, :, :, h, 2 * node]
-            px = xs - 1 + j + offset[:, :, :, h, 2 * node + 1]
-            k_n = ref_bilinear(k, py, px)
-            v_n = ref_bilinear(v, py, px)
-            logits.append(scale * (q * k_n).sum(-1) + rel[:, :, :, h, node])
-            values.append(v_n)
-        p = torch.stack(logits, -1).softmax(-1)
-        heads.append(sum(p[..., n, None] * values[n] for n in range(K)))
-    return torch.stack(heads, 3)
-
+# ---------------------------------------------------------------- the module from the float64 oracles
 
 def ref_module(m: DynamicGraphAttention, x):
     """ Whole DynamicGraphAttention from its parameters, float64. """
@@ -102,8 +31,9 @@ def ref_module(m: DynamicGraphAttention, x):
     nh, c = m.num_heads, m.head_dim
     qkv = (x @ m.qkv.weight.double().t() + m.qkv.bias.double()).view(B, H, W, 3, nh, c)
     offset = x.view(B, H, W, nh, c) @ m.offset.weight.double().t() + m.offset.bias.double()
-    rel = ref_rel_pos(qkv[:, :, :, 0], m.rel_height, m.rel_width, m.rel_pos_released)
-    out = ref_attention(qkv, offset, rel, m.scale).reshape(B, H, W, C)
+    rel = rel_pos_reference(qkv[:, :, :, 0], m.rel_height, m.rel_width, m.rel_pos_released)
+    offset = offset + node_displacements(dtype=torch.float64).reshape(2 * K)
+    out = sampled_attention_reference(qkv, offset, rel, m.scale).reshape(B, H, W, C)
     return out @ m.proj.weight.double().t() + m.proj.bias.double()
 
 
@@ -129,7 +59,7 @@ def test_rel_pos_logits_match_reference(H, W, nh, released):
     rel_h = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
     rel_w = torch.randn(13, 6, generator=g, dtype=torch.float64, requires_grad=True)
     out = rel_pos_logits(q, rel_h, rel_w, released)
-    ref = ref_rel_pos(q, rel_h, rel_w, released)
+    ref = rel_pos_reference(q, rel_h, rel_w, released)
     _assert_close(out, ref, 1e-12)
     for a, b in zip(_grads(out, [q, rel_h, rel_w]), _grads(ref, [q, rel_h, rel_w])):
         _assert_close(a, b, 1e-10)
@@ -183,7 +113,8 @@ def test_sampling_graph_consistent_with_forward():
     v = m.qkv(x).view(B, H, W, 3, 2, 4)[:, :, :, 2]
     heads = []
     for h in range(2):
-        vals = [ref_bilinear(v[:, :, :, h], positions[:, h, n, ..., 0], positions[:, h, n, ..., 1]) for n in range(K)]
+        vals = [torch.stack([bilinear_reference(v[b, :, :, h], positions[b, h, n, ..., 0], positions[b, h, n, ..., 1])
+                             for b in range(B)]) for n in range(K)]
         heads.append(sum(weights[:, h, n, ..., None] * vals[n] for n in range(K)))
     out = torch.stack(heads, 3).reshape(B, H, W, C)
     _assert_close(m.proj(out), m(x), 1e-12)

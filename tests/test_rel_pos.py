@@ -1,12 +1,10 @@
 """ The relative-position term against a direct loop over its definition (docs/ARCHITECTURE.md, position term). """
-import math
-
 import pytest
 import torch
 
 from dgmn_timm.models.dgmn2 import rel_pos_logits
-
-K = 9
+from dgmn_timm.ops.reference import rel_pos_reference
+from dgmn_timm.ops.sampling import NUM_NODES as K
 
 
 def rel_pos_term(q, rel_height, rel_width, released=True):
@@ -15,50 +13,11 @@ def rel_pos_term(q, rel_height, rel_width, released=True):
     return out.squeeze(3).permute(0, 3, 1, 2)
 
 
-def _linear_weights(n_in, n_out):
-    """ Explicit 1-d resize matrix (n_out, n_in) of bilinear interpolation with align_corners=False. """
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    scale = n_in / n_out
-    for i in range(n_out):
-        src = max((i + 0.5) * scale - 0.5, 0.)
-        lo = min(int(math.floor(src)), n_in - 1)
-        hi = min(lo + 1, n_in - 1)
-        frac = src - lo
-        m[i, lo] += 1 - frac
-        m[i, hi] += frac
-    return m
-
-
-def _resize_rows(table, rows):
-    return _linear_weights(table.shape[0], rows) @ table
-
-
-def _resize_image(img, out_h, out_w):
-    """ img (..., h, w) -> (..., out_h, out_w), separable bilinear, align_corners=False. """
-    mh = _linear_weights(img.shape[-2], out_h)
-    mw = _linear_weights(img.shape[-1], out_w)
-    return torch.einsum('ih,...hw,jw->...ij', mh, img, mw)
-
-
 def reference_rel_pos(q, rel_height, rel_width, released=True):
-    """ Loops over (y, x, m) with the spec's formulas. q: (N, c, H, W) -> (N, K, H, W). """
-    q = q.double()
-    N, c, H, W = q.shape
-    th = _resize_rows(rel_height.double(), H + K - 1)
-    tw = _resize_rows(rel_width.double(), W + K - 1)
-    rw = torch.zeros(N, K, H, W, dtype=torch.float64)
-    rh_t = torch.zeros(N, K, W, H, dtype=torch.float64)  # Rh'[x, y, m], channels first
-    rh = torch.zeros(N, K, H, W, dtype=torch.float64)
-    for y in range(H):
-        for x in range(W):
-            for m in range(K):
-                rw[:, m, y, x] = q[:, :, y, x] @ tw[W - 1 - x + m]
-                rh_t[:, m, x, y] = q[:, :, y, x] @ th[H - 1 - y + m]
-                rh[:, m, y, x] = q[:, :, y, x] @ th[H - 1 - y + m]
-    if released:
-        # the (W, H, 9) array is resized as an image to (H, W) and added position by position
-        rh = _resize_image(rh_t, H, W)
-    return rw + rh
+    """ The float64 oracle (loops over (y, x, m), explicit resize matrices) for channel-first queries
+    (N, c, H, W) -> (N, K, H, W). """
+    out = rel_pos_reference(q.permute(0, 2, 3, 1).unsqueeze(3), rel_height, rel_width, released)
+    return out.squeeze(3).permute(0, 3, 1, 2)
 
 
 def _inputs(N, c, H, W, rows_h, rows_w, seed=0):

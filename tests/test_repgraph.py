@@ -13,53 +13,17 @@ import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.ops import sampled_attention, sampled_attention_portable
+from dgmn_timm.ops.reference import sampled_attention_reference
 from dgmn_timm.layers import NonLocal2d, RepGraph
 
 
 # ---------------------------------------------------------------- float64 reference
 
 
-def bilinear_reference(table: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    """ Read (H, W, C) ``table`` at fractional pixel (py, px) (any shape P): explicit 4-corner
-    gathers, a corner outside the map reading zero. Returns (*P, C). """
-    H, W, C = table.shape
-    y0, x0 = torch.floor(py), torch.floor(px)
-    wy1, wx1 = py - y0, px - x0
-    out = torch.zeros(py.shape + (C,), dtype=table.dtype)
-    flat = table.reshape(H * W, C)
-    for cy, wy in ((y0, 1 - wy1), (y0 + 1, wy1)):
-        for cx, wx in ((x0, 1 - wx1), (x0 + 1, wx1)):
-            inside = (cy >= 0) & (cy <= H - 1) & (cx >= 0) & (cx <= W - 1)
-            idx = (cy.clamp(0, H - 1) * W + cx.clamp(0, W - 1)).long()
-            val = flat[idx.reshape(-1)].reshape(py.shape + (C,))
-            out = out + (wy * wx * inside).unsqueeze(-1) * val
-    return out
-
-
 def attend_reference(qkv: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """ RepGraph attention in float64 with explicit loops over batch, groups and nodes.
-
-    qkv (B, H, W, 3, G, D); disp (B, H, W, 2S) pixel displacements shared by the groups.
-    Returns (B, H, W, G, D) = sum_n softmax_n(<q, k_n>) v_n (no scaling). """
-    qkv, disp = qkv.double(), disp.double()
-    B, H, W, _, G, D = qkv.shape
-    S = disp.shape[-1] // 2
-    ys = torch.arange(H, dtype=torch.float64).view(H, 1).expand(H, W)
-    xs = torch.arange(W, dtype=torch.float64).view(1, W).expand(H, W)
-    out = torch.zeros(B, H, W, G, D, dtype=torch.float64)
-    for b in range(B):
-        for g in range(G):
-            q, k, v = qkv[b, :, :, 0, g], qkv[b, :, :, 1, g], qkv[b, :, :, 2, g]
-            logits, values = [], []
-            for n in range(S):
-                py = ys + disp[b, :, :, 2 * n]
-                px = xs + disp[b, :, :, 2 * n + 1]
-                kn = bilinear_reference(k, py, px)
-                values.append(bilinear_reference(v, py, px))
-                logits.append((q * kn).sum(-1))
-            p = torch.stack(logits, -1).softmax(-1)  # (H, W, S)
-            out[b, :, :, g] = sum(p[..., n:n + 1] * values[n] for n in range(S))
-    return out
+    """ RepGraph attention in float64: the op's oracle with disp (B, H, W, 2S) shared by the G groups, no scaling. """
+    B, H, W, _, G, _ = qkv.shape
+    return sampled_attention_reference(qkv, disp.unsqueeze(3).expand(B, H, W, G, disp.shape[-1]), None, 1.0)
 
 
 def layer_reference(layer: RepGraph, x: torch.Tensor) -> torch.Tensor:

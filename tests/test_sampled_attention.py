@@ -5,6 +5,7 @@ import torch
 import dgmn_timm  # noqa: F401  (registers the op)
 from dgmn_timm.ops import (
     attention_weights, position_logits, sampled_attention, sampled_attention_portable, sampled_attention_reference)
+from dgmn_timm.ops.sampling import node_displacements
 
 OP = torch.ops.dgmn_timm.sampled_attention
 FWD = torch.ops.dgmn_timm.sampled_attention_fwd
@@ -16,8 +17,7 @@ def _inputs(B, H, W, nh, hd, K=9, bias=True, walk=1.5, dtype=torch.float64, seed
     qkv = torch.randn(B, H, W, 3, nh, hd, generator=g, dtype=torch.float64)
     off = torch.randn(B, H, W, nh, 2 * K, generator=g, dtype=torch.float64) * walk
     if K == 9:
-        k = torch.arange(9)
-        off = off + torch.stack((k // 3 - 1, k % 3 - 1), -1).reshape(18).double()
+        off = off + node_displacements(dtype=torch.float64).reshape(18)
     b = torch.randn(B, H, W, nh, K, generator=g, dtype=torch.float64) if bias else None
     return [None if t is None else t.to(dtype).requires_grad_() for t in (qkv, off, b)]
 
@@ -354,8 +354,8 @@ def test_position_table_alone_and_only_its_gradient(which):
     qkv, off, _ = [t.detach() for t in _inputs(1, 3, 5, 2, 4)]
     pos_h, pos_w = _tables(3, 5, 2, 4)
     kw = {which: pos_h if which == 'pos_h' else pos_w}
-    out = sampled_attention(qkv, off, None, 0.5, **kw, pos_transposed=True)
-    ref = sampled_attention_reference(qkv, off, None, 0.5, **kw, pos_transposed=True)
+    out = sampled_attention(qkv, off, None, 0.5, **kw, rel_pos_released=True)
+    ref = sampled_attention_reference(qkv, off, None, 0.5, **kw, rel_pos_released=True)
     _close(out, ref, 1e-12)
     _close(_grads(out, list(kw.values()))[0], _grads(ref, list(kw.values()))[0], 1e-10)
 

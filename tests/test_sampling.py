@@ -1,9 +1,10 @@
-""" The deformable node sampler (``sample_nodes``) against slow references. """
+""" Bilinear sampling (``axis_corners``, ``sample_nodes``) and the node grid against the float64 oracle. """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dgmn_timm.ops.sampling import NUM_NODES, node_grid, sample_nodes, sample_nodes_reference
+from dgmn_timm.ops.reference import bilinear_reference, sample_nodes_reference
+from dgmn_timm.ops.sampling import NUM_NODES, axis_corners, node_displacements, sample_nodes
 
 SIZES = [(1, 1), (1, 5), (4, 1), (5, 7), (8, 3), (6, 6)]
 
@@ -18,6 +19,30 @@ def _inputs(B, C, H, W, scale=2.5, seed=0, dtype=torch.float64):
 def _to_channels_last(offset):
     B, K2, H, W = offset.shape
     return offset.permute(0, 2, 3, 1).reshape(B, H * W, K2)
+
+
+def test_node_displacements():
+    for d in (1, 2, 3):
+        expected = [[(i - 1) * d, (j - 1) * d] for i in range(3) for j in range(3)]
+        assert node_displacements(d).tolist() == expected
+    assert node_displacements(dtype=torch.float64).dtype == torch.float64 and NUM_NODES == 9
+
+
+def test_axis_corners_by_hand():
+    """ Pixel centres at integers; a pixel outside the 4-pixel axis reads zero; clamped indices. """
+    p = torch.tensor([-1.5, -1., -0.25, 0., 1.25, 2.5, 3., 3.5, 4., 9.], dtype=torch.float64)
+    i0, i1, w0, w1, in0, in1 = axis_corners(p, 4)
+    assert i0.tolist() == [0, 0, 0, 0, 1, 2, 3, 3, 3, 3]
+    assert i1.tolist() == [0, 0, 0, 1, 2, 3, 3, 3, 3, 3]
+    assert w0.tolist() == [0., 0., 0., 1., 0.75, 0.5, 1., 0.5, 0., 0.]
+    assert w1.tolist() == [0., 0., 0.75, 0., 0.25, 0.5, 0., 0., 0., 0.]
+    # the derivatives of w0 / w1 by p inside [-1, L] are -in0 / in1
+    assert in0.tolist() == [False, False, False, True, True, True, True, True, False, False]
+    assert in1.tolist() == [True, True, True, True, True, True, False, False, False, False]
+    # the oracle reads the same values
+    img = torch.arange(4, dtype=torch.float64).view(1, 4, 1) + 1
+    ref = bilinear_reference(img, torch.zeros_like(p), p)[:, 0]
+    torch.testing.assert_close(ref, w0 * (i0 + 1) + w1 * (i1 + 1))
 
 
 def test_reference_by_hand():
@@ -129,8 +154,6 @@ def test_reduced_precision_keeps_float32_coordinates():
     # the grid is built in float32: error is bf16 rounding of values/offsets, not of coordinates
     ref_rounded = sample_nodes_reference(x.bfloat16().double(), offset.bfloat16().double())
     torch.testing.assert_close(out.double(), ref_rounded, atol=5e-2, rtol=2e-2)
-    grid = node_grid(offset[:, 0::2].reshape(1, 9, -1).bfloat16(), offset[:, 1::2].reshape(1, 9, -1).bfloat16(), 56, 56)
-    assert grid.dtype == torch.float32
     assert ref.shape == out.shape
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.sampling import NUM_NODES, sample_nodes
+from ..ops.sampling import NUM_NODES, node_displacements, sample_nodes
 
 __all__ = ['DGMN', 'DGMNHead', 'NodeLinear', 'DGMN_MODES', 'DGMN_FUSIONS']
 
@@ -219,17 +219,15 @@ class DGMN(nn.Module):
         B, C, H, W = x.shape
         K = NUM_NODES
         out = []
-        k = torch.arange(K, device=x.device)
-        ys = torch.arange(H, device=x.device).view(1, H, 1)
-        xs = torch.arange(W, device=x.device).view(1, 1, W)
+        ys = torch.arange(H, device=x.device, dtype=x.dtype).view(1, H, 1).expand(1, H, W)
+        xs = torch.arange(W, device=x.device, dtype=x.dtype).view(1, 1, W).expand(1, H, W)
+        pixels = torch.stack((ys, xs), dim=-1)  # (1, H, W, 2)
         for idx, d in enumerate(self.rates):
             offset = None if self.walk is None else self.walk[idx](x)
             nodes = self._sampled(x, offset, d)
             filters, affinity = self._weights(self.pred[idx](nodes))
             msg = self._message(nodes, filters, affinity).reshape(B, C, H, W)
-            base_y = (ys + ((k // 3 - 1) * d).view(K, 1, 1)).expand(K, H, W)
-            base_x = (xs + ((k % 3 - 1) * d).view(K, 1, 1)).expand(K, H, W)
-            positions = torch.stack((base_y, base_x), dim=-1).to(x.dtype).expand(B, K, H, W, 2)
+            positions = (pixels + node_displacements(d, x.device, x.dtype).view(K, 1, 1, 2)).expand(B, K, H, W, 2)
             if offset is not None:
                 positions = positions + offset.reshape(B, K, 2, H, W).permute(0, 1, 3, 4, 2)
             out.append(dict(

@@ -31,11 +31,11 @@ from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, 
 from timm.models._features import feature_take_indices
 
 from ..ops import attention_weights, position_logits, sampled_attention, sampled_attention_portable
+from ..ops.sampling import NUM_NODES, node_displacements
 from ..weights.checkpoints import CheckpointMismatchError, mismatch_error, shape_mismatches
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_logits', 'MIN_INPUT_SIZE']
 
-NUM_NODES = 9
 MIN_INPUT_SIZE = 32
 
 # variant name -> depths, used to name the variant a checkpoint belongs to
@@ -70,12 +70,6 @@ def rel_pos_logits(
     # width term <q[y, x], rel_width[W - 1 - x + m]>, clean height term <q[y, x], rel_height[H - 1 - y + m]>;
     # released: the (H, W) grid of height terms read as a (W, H) image, resized to (H, W) (transposed if square)
     return position_logits(q, rel_pos_windows(rel_height, H), rel_pos_windows(rel_width, W), released)
-
-
-def _node_grid(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """ (2K,) displacement (dy, dx) of node k = 3i + j of the 3x3 neighbourhood: (i - 1, j - 1). """
-    k = torch.arange(9, device=device)
-    return torch.stack((k // 3 - 1, k % 3 - 1), dim=1).reshape(18).to(dtype)
 
 
 class DynamicGraphAttention(nn.Module):
@@ -131,7 +125,7 @@ class DynamicGraphAttention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
         walks = self.offset(x.reshape(B, H, W, self.num_heads, self.head_dim))
-        offset = walks + _node_grid(x.device, walks.dtype)
+        offset = walks + node_displacements(1, x.device, walks.dtype).reshape(-1)
         return qkv, offset, rel_pos_windows(self.rel_height, H), rel_pos_windows(self.rel_width, W)
 
     @torch.jit.ignore

@@ -11,14 +11,21 @@ Layout (token-major, the layout a ``Linear`` over channels-last tokens produces)
 - ``scale``: multiplies <q, k>.
 - ``pos_h``, ``pos_w`` (optional): a position term from per-row and per-column tables,
   (H, K, hd) and (W, K, hd): logit k of the query at (y, x) gets <q, pos_h[y, k]> +
-  <q, pos_w[x, k]> (unscaled q). With ``pos_transposed`` the (H, W) array of height terms is
-  read as a (W, H) image and resized bilinearly to (H, W) (``align_corners=False``; on a
-  square map: transposed), the convention DGMN2's released checkpoints were trained with.
+  <q, pos_w[x, k]> (unscaled q). With ``rel_pos_released`` the (H, W) array of height terms is
+  transposed and that (W, H) image resized bilinearly to (H, W) (``align_corners=False``; on a
+  square map: only transposed), the convention DGMN2's released checkpoints were trained with
+  (DGMN2's ``rel_pos_released``).
   :func:`position_logits` computes this term with plain ops.
 - result: (B, H, W, nh, hd) = sum_k softmax_k(scale * <q, k_k> + bias_k + pos_k) v_k.
 
 Sampling is bilinear and a corner outside the map reads zero (the deformable-convolution
-convention; ``grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``).
+convention; ``grid_sample(mode='bilinear', padding_mode='zeros', align_corners=False)``); the
+gather kernel takes its corner indices and weights from ``sampling.axis_corners``.
+
+Cost: both custom ops register a formula with ``torch.utils.flop_counter``, so a plain
+``FlopCounterMode`` counts the op: per (query, head) and node, hd multiply-adds for <q, k>, hd
+for p v, 8 hd for the bilinear reads of key and value and hd per position table; the backward
+twice that (once without d qkv: the output gradient against the value corners and the tables).
 
 Entry points:
 
@@ -32,8 +39,8 @@ Entry points:
 - :func:`sampled_attention_portable`: ``grid_sample`` plus plain tensor ops; autograd-native
   (double backward), TorchScript-scriptable, ONNX-exportable, supports attention dropout.
   Layers choose it at construction.
-- :func:`sampled_attention_reference`: float64 oracle, explicit corner reads, no
-  ``grid_sample``; the tests compare every path with it.
+- ``reference.sampled_attention_reference``: the float64 oracle (explicit corner reads, no
+  ``grid_sample``); the tests compare every path with it.
 
 Gather kernel (CPU)
 -------------------
@@ -62,6 +69,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from .sampling import axis_corners
 
 
 __all__ = [
@@ -145,7 +155,7 @@ def _transpose_resize_backward(g: torch.Tensor) -> torch.Tensor:
 
 def position_logits(
         q: torch.Tensor, pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor],
-        pos_transposed: bool = False, branch_free: bool = True) -> torch.Tensor:
+        rel_pos_released: bool = False, branch_free: bool = True) -> torch.Tensor:
     """ The op's position term (module doc) with plain ops: (B, H, W, nh, K) logits.
 
     q: (B, H, W, nh, hd) unscaled queries (any strides); pos_h (H, K, hd), pos_w (W, K, hd)
@@ -158,7 +168,7 @@ def position_logits(
     if pos_h is not None:
         out = torch.matmul(q.reshape(B, H, W * nh, c), pos_h.to(q.dtype).transpose(1, 2))
         out = out.view(B, H, W, nh, pos_h.shape[1])
-        if pos_transposed:
+        if rel_pos_released:
             out = _transpose_resize(out, branch_free)
     if pos_w is not None:
         width = torch.einsum('byxhc,xkc->byxhk', q, pos_w.to(q.dtype))
@@ -168,13 +178,14 @@ def position_logits(
 
 def _position_backward(
         dl: torch.Tensor, q: torch.Tensor, pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor],
-        pos_transposed: bool, need_q: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        rel_pos_released: bool, need_q: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """ Gradients (d q, d pos_h, d pos_w) of :func:`position_logits` for its output gradient ``dl``. """
     B, H, W, nh, c = q.shape
     K = dl.shape[-1]
     dq = dh = dw = None
     if pos_h is not None:
-        dlh = (_transpose_resize_backward(dl) if pos_transposed else dl).reshape(B, H, W * nh, K)
+        dlh = (_transpose_resize_backward(dl) if rel_pos_released else dl).reshape(B, H, W * nh, K)
         dh = torch.matmul(dlh.transpose(2, 3), q.reshape(B, H, W * nh, c)).sum(0)
         if need_q:
             dq = torch.matmul(dlh, pos_h).view(B, H, W, nh, c)
@@ -266,35 +277,19 @@ def _corners(offset: torch.Tensor, height: int, width: int, nh: int, cdt: torch.
     if need_grad:
         my = (py >= -1.) & (py <= height)
         mx = (px >= -1.) & (px <= width)
-    # at or beyond -1 / L both corners on that axis are outside: clamping changes no value
-    py = py.clamp_(-1., height)
-    px = px.clamp_(-1., width)
-    y0 = torch.floor(py)
-    x0 = torch.floor(px)
-    fy = py.sub_(y0)
-    fx = px.sub_(x0)
-    # y0 in [-1, L]: corner y0 is inside iff y0 in [0, L - 1], corner y0 + 1 iff y0 <= L - 2
-    iy0 = (y0 >= 0.) & (y0 <= height - 1)
-    iy1 = y0 <= height - 2
-    ix0 = (x0 >= 0.) & (x0 <= width - 1)
-    ix1 = x0 <= width - 2
-    gy1 = fy * iy1
-    gx1 = fx * ix1
-    gy0 = (1. - fy).mul_(iy0)
-    gx0 = (1. - fx).mul_(ix0)
+    y0, y1, gy0, gy1, iy0, iy1 = axis_corners(py, height, itype)
+    x0, x1, gx0, gx1, ix0, ix1 = axis_corners(px, width, itype)
     w = torch.empty((B, height, width, nh, K, 4), device=device, dtype=cdt)
     torch.mul(gy0, gx0, out=w[..., 0])
     torch.mul(gy0, gx1, out=w[..., 1])
     torch.mul(gy1, gx0, out=w[..., 2])
     torch.mul(gy1, gx1, out=w[..., 3])
-    # rows ((b * H + y) * W + x) * 3 * nh + nh + h, corners clamped into the map
-    yi = y0.to(itype)
-    xi = x0.to(itype)
+    # rows ((b * H + y) * W + x) * 3 * nh + nh + h of the corners (clamped into the map)
     base = _row_base(B, height, width, nh, device, itype)
-    ry0 = yi.clamp(0, height - 1).mul_(width * 3 * nh).add_(base)
-    ry1 = yi.add_(1).clamp_(0, height - 1).mul_(width * 3 * nh).add_(base)
-    cx0 = xi.clamp(0, width - 1).mul_(3 * nh)
-    cx1 = xi.add_(1).clamp_(0, width - 1).mul_(3 * nh)
+    ry0 = y0.mul_(width * 3 * nh).add_(base)
+    ry1 = y1.mul_(width * 3 * nh).add_(base)
+    cx0 = x0.mul_(3 * nh)
+    cx1 = x1.mul_(3 * nh)
     idx = torch.empty((B, height, width, nh, K, 4), device=device, dtype=itype)
     torch.add(ry0, cx0, out=idx[..., 0])
     torch.add(ry0, cx1, out=idx[..., 1])
@@ -328,7 +323,7 @@ def _scaled_tables(pos_h, pos_w, scale: float, cdt: torch.dtype):
     return tuple(None if t is None else t.to(cdt) * (1. / scale) for t in (pos_h, pos_w))
 
 
-def _corner_logits(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, pos_transposed: bool = False,
+def _corner_logits(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, rel_pos_released: bool = False,
                    need_grad: bool = False):
     """ Corners, scaled queries, the table, the corner dots <scale q, K[i_kc]> (M, K, 4) and the
     softmax weights p (M, K). """
@@ -346,20 +341,20 @@ def _corner_logits(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, pos_
         logits += bias.reshape(M, K)
     if pos_h is not None or pos_w is not None:
         th, tw = _scaled_tables(pos_h, pos_w, scale, cdt)
-        logits.view(B, H, W, nh, K).add_(position_logits(qs.view(B, H, W, nh, hd), th, tw, pos_transposed, False))
+        logits.view(B, H, W, nh, K).add_(position_logits(qs.view(B, H, W, nh, hd), th, tw, rel_pos_released, False))
     # softmax over the K nodes, in place (faster than torch.softmax over a short last dim)
     p = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
     return idx, w, axes, qs, table, dots, p.div_(p.sum(dim=-1, keepdim=True))
 
 
-def _attend(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, pos_transposed: bool = False
+def _attend(qkv, offset, bias, scale: float, pos_h=None, pos_w=None, rel_pos_released: bool = False
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ The gather kernel's forward: out (B, H, W, nh, hd), p (B, H, W, nh, K), dots (B, H, W, nh, K, 4). """
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     M = B * H * W * nh
     with _no_autocast(qkv.device.type):
-        idx, w, _, _, table, dots, p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
+        idx, w, _, _, table, dots, p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released)
         # value rows are key rows + nh: a view of the same table starting nh rows later
         out = _gather_sum(idx.view(M, -1), table[nh:], w.mul_(p.unsqueeze(-1)).view(M, -1))
     return out.view(B, H, W, nh, hd).to(qkv.dtype), p.view(B, H, W, nh, K), dots.view(B, H, W, nh, K, 4)
@@ -372,17 +367,17 @@ def _uses_triton(qkv: torch.Tensor) -> bool:
 @torch.library.custom_op('dgmn_timm::sampled_attention_fwd', mutates_args=())
 def sampled_attention_fwd(
         qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
-        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None, pos_transposed: bool = False,
+        pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None, rel_pos_released: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ :func:`sampled_attention` plus two tensors its backward reuses: for the gather kernel the
     softmax weights (B, H, W, nh, K) and the corner dots (B, H, W, nh, K, 4); for the Triton
     kernel the log-sum-exp of the logits (B, H, W, nh) and an empty tensor. """
     _check_inputs(qkv, offset, bias, pos_h, pos_w)
-    return _attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
+    return _attend(qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released)
 
 
 @sampled_attention_fwd.register_fake
-def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
+def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, rel_pos_released=False):
     K = _check_inputs(qkv, offset, bias, pos_h, pos_w)
     B, H, W, _, nh, hd = qkv.shape
     out = qkv.new_empty((B, H, W, nh, hd))
@@ -392,50 +387,50 @@ def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
     return out, qkv.new_empty((B, H, W, nh, K), dtype=cdt), qkv.new_empty((B, H, W, nh, K, 4), dtype=cdt)
 
 
-def _triton_bias(qkv, bias, pos_h, pos_w, pos_transposed: bool):
+def _triton_bias(qkv, bias, pos_h, pos_w, rel_pos_released: bool):
     """ ``bias`` plus the position term (float32), the logits the Triton kernel adds. """
     if pos_h is None and pos_w is None:
         return bias
-    pos = position_logits(qkv[:, :, :, 0].float(), pos_h, pos_w, pos_transposed, False)
+    pos = position_logits(qkv[:, :, :, 0].float(), pos_h, pos_w, rel_pos_released, False)
     return pos if bias is None else pos + bias.float()
 
 
-def _triton_attend(qkv, offset, bias, scale: float, pos_h, pos_w, pos_transposed: bool):
+def _triton_attend(qkv, offset, bias, scale: float, pos_h, pos_w, rel_pos_released: bool):
     """ The forward with the Triton kernel: out, the log-sum-exp of the logits and an empty tensor. """
     from .triton_sampled_attention import triton_forward
-    out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, pos_h, pos_w, pos_transposed), scale)
+    out, lse = triton_forward(qkv, offset, _triton_bias(qkv, bias, pos_h, pos_w, rel_pos_released), scale)
     return out, lse, lse.new_empty(0)
 
 
 @sampled_attention_fwd.register_kernel('cuda')
-def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
+def _(qkv, offset, bias, scale, pos_h=None, pos_w=None, rel_pos_released=False):
     _check_inputs(qkv, offset, bias, pos_h, pos_w)
     if _uses_triton(qkv):
         with _no_autocast('cuda'):
-            return _triton_attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
-    return _attend(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)
+            return _triton_attend(qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released)
+    return _attend(qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released)
 
 
 torch.library.define(
     'dgmn_timm::sampled_attention',
     '(Tensor qkv, Tensor offset, Tensor? bias, float scale, Tensor? pos_h=None, Tensor? pos_w=None, '
-    'bool pos_transposed=False) -> Tensor')
+    'bool rel_pos_released=False) -> Tensor')
 
 
 @torch.library.impl('dgmn_timm::sampled_attention', 'CompositeImplicitAutograd')
-def _sampled_attention(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False):
-    return torch.ops.dgmn_timm.sampled_attention_fwd(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)[0]
+def _sampled_attention(qkv, offset, bias, scale, pos_h=None, pos_w=None, rel_pos_released=False):
+    return torch.ops.dgmn_timm.sampled_attention_fwd(qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released)[0]
 
 
 # the registered op: callable from Python, TorchScript, torch.compile, FX and torch.export
 sampled_attention = torch.ops.dgmn_timm.sampled_attention
 sampled_attention.__doc__ = """ Sampled attention (see the module doc): (B, H, W, nh, hd) output.
 
-    sampled_attention(qkv, offset, bias, scale, pos_h=None, pos_w=None, pos_transposed=False)
+    sampled_attention(qkv, offset, bias, scale, pos_h=None, pos_w=None, rel_pos_released=False)
 
     qkv: (B, H, W, 3, nh, hd); offset: (B, H, W, nh, 2K) displacements (dy, dx) of the K nodes
     from their query, in pixels; bias: (B, H, W, nh, K) logits added before the softmax, or None;
-    scale: multiplies <q, k>; pos_h (H, K, hd), pos_w (W, K, hd), pos_transposed: the position
+    scale: multiplies <q, k>; pos_h (H, K, hd), pos_w (W, K, hd), rel_pos_released: the position
     term of the module doc (:func:`position_logits`), or None.
 
     CPU (and any device without a kernel of its own): the gather kernel; CUDA: the Triton
@@ -449,14 +444,14 @@ sampled_attention.__doc__ = """ Sampled attention (see the module doc): (B, H, W
 def sampled_attention_backward(
         grad_out: torch.Tensor, qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor],
         pos_h: Optional[torch.Tensor], pos_w: Optional[torch.Tensor], out: torch.Tensor, saved1: torch.Tensor,
-        saved2: torch.Tensor, scale: float, pos_transposed: bool, need_qkv: bool, need_offset: bool,
+        saved2: torch.Tensor, scale: float, rel_pos_released: bool, need_qkv: bool, need_offset: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ Gradients (d qkv, d offset, d bias, d pos_h, d pos_w) of ``sampled_attention_fwd``'s output,
     given its outputs; d qkv / d offset are empty tensors where ``need_qkv`` / ``need_offset`` is
     False, d pos_h / d pos_w where the table is None. """
     with _no_autocast(qkv.device.type):
         return _attend_backward(
-            grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale, pos_transposed, need_qkv, need_offset)
+            grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale, rel_pos_released, need_qkv, need_offset)
 
 
 def _table_grads(qkv, grad_pos_h, grad_pos_w, pos_h, pos_w):
@@ -465,7 +460,7 @@ def _table_grads(qkv, grad_pos_h, grad_pos_w, pos_h, pos_w):
                  for g, t in ((grad_pos_h, pos_h), (grad_pos_w, pos_w)))
 
 
-def _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, p, dots, scale: float, pos_transposed: bool,
+def _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, p, dots, scale: float, rel_pos_released: bool,
                      need_qkv: bool, need_offset: bool):
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
@@ -489,7 +484,7 @@ def _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, p, dots, scale: 
         # the position term of the scaled queries with the scaled tables: d qs, and d table = d scaled table / scale
         th, tw = _scaled_tables(pos_h, pos_w, scale, cdt)
         grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
-            dlogits.view(B, H, W, nh, K), qs.view(B, H, W, nh, hd), th, tw, pos_transposed, need_qkv)
+            dlogits.view(B, H, W, nh, K), qs.view(B, H, W, nh, hd), th, tw, rel_pos_released, need_qkv)
         grad_pos_h, grad_pos_w = (None if g is None else g.mul_(1. / scale) for g in (grad_pos_h, grad_pos_w))
     if need_qkv:
         wk = w * dlogits.unsqueeze(-1)  # d logits / d <scaled q, K[i_kc]>
@@ -533,7 +528,7 @@ def _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, p, dots, scale: 
 
 
 @sampled_attention_backward.register_fake
-def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos_transposed, need_qkv, need_offset):
+def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, rel_pos_released, need_qkv, need_offset):
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
     grad_qkv = qkv.new_empty(qkv.shape) if need_qkv else qkv.new_empty(0)
@@ -544,17 +539,17 @@ def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos
 
 
 def _triton_attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, out, lse, scale: float,
-                            pos_transposed: bool, need_qkv: bool, need_offset: bool):
+                            rel_pos_released: bool, need_qkv: bool, need_offset: bool):
     """ The backward with the Triton kernel; the position term's gradients from the logits' gradient. """
     from .triton_sampled_attention import triton_backward
-    logits_bias = _triton_bias(qkv, bias, pos_h, pos_w, pos_transposed)
+    logits_bias = _triton_bias(qkv, bias, pos_h, pos_w, rel_pos_released)
     grad_qkv, grad_offset, grad_logits = triton_backward(grad_out, qkv, offset, logits_bias, out, lse, scale)
     grad_bias = grad_logits.to(qkv.dtype if bias is None else bias.dtype)
     grad_pos_h = grad_pos_w = None
     if pos_h is not None or pos_w is not None:
         th, tw = (None if t is None else t.float() for t in (pos_h, pos_w))
         grad_pos_q, grad_pos_h, grad_pos_w = _position_backward(
-            grad_logits.float(), qkv[:, :, :, 0].float(), th, tw, pos_transposed, need_qkv)
+            grad_logits.float(), qkv[:, :, :, 0].float(), th, tw, rel_pos_released, need_qkv)
         if need_qkv:
             grad_qkv[:, :, :, 0] += grad_pos_q.to(grad_qkv.dtype)  # a tensor triton_backward allocated
     return ((grad_qkv if need_qkv else qkv.new_empty(0), grad_offset if need_offset else qkv.new_empty(0), grad_bias)
@@ -562,20 +557,20 @@ def _triton_attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, out, lse,
 
 
 @sampled_attention_backward.register_kernel('cuda')
-def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, pos_transposed, need_qkv, need_offset):
+def _(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, rel_pos_released, need_qkv, need_offset):
     with _no_autocast('cuda'):
         if _uses_triton(qkv):
             return _triton_attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, scale,
-                                           pos_transposed, need_qkv, need_offset)
+                                           rel_pos_released, need_qkv, need_offset)
         return _attend_backward(grad_out, qkv, offset, bias, pos_h, pos_w, saved1, saved2, scale,
-                                pos_transposed, need_qkv, need_offset)
+                                rel_pos_released, need_qkv, need_offset)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, offset, bias, scale, pos_h, pos_w, pos_transposed = inputs
+    qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released = inputs
     ctx.save_for_backward(qkv, offset, bias, pos_h, pos_w, *output)
     ctx.scale = scale
-    ctx.pos_transposed = pos_transposed
+    ctx.rel_pos_released = rel_pos_released
 
 
 def _backward(ctx, grad_out, _grad_saved1, _grad_saved2):
@@ -584,7 +579,7 @@ def _backward(ctx, grad_out, _grad_saved1, _grad_saved2):
     needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
     need_qkv, need_offset, need_bias, _, need_pos_h, need_pos_w, _ = needs
     grads = torch.ops.dgmn_timm.sampled_attention_backward(
-        grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, ctx.scale, ctx.pos_transposed, need_qkv,
+        grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, ctx.scale, ctx.rel_pos_released, need_qkv,
         need_offset)
     grads = (grads[0], grads[1], grads[2], None, grads[3], grads[4], None)
     return tuple(g if need else None for g, need in zip(grads, needs))[:len(ctx.needs_input_grad)]
@@ -600,13 +595,41 @@ def _refuse_double_backward(ctx, *grads):
 sampled_attention_backward.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+# The op's cost, for torch.utils.flop_counter.FlopCounterMode (which counts 2 FLOPs per multiply-add).
+# Registered on the two ops the dispatcher sees (the public op is a composite over them).
+def _forward_macs(qkv_shape, offset_shape, pos_h, pos_w) -> int:
+    """ Multiply-adds of the forward: per (query, head) and node, hd for <q, k>, hd for p v, 8 hd
+    for the bilinear reads of key and value (4 corners each), hd per position table. """
+    B, H, W, _, nh, hd = qkv_shape
+    K = offset_shape[-1] // 2
+    return B * H * W * nh * K * hd * (10 + (pos_h is not None) + (pos_w is not None))
+
+
+@register_flop_formula(torch.ops.dgmn_timm.sampled_attention_fwd)
+def _fwd_flops(qkv, offset, bias=None, scale=1., pos_h=None, pos_w=None, rel_pos_released=False, *,
+               out_shape=None, **kwargs) -> int:
+    return 2 * _forward_macs(qkv, offset, pos_h, pos_w)
+
+
+@register_flop_formula(torch.ops.dgmn_timm.sampled_attention_backward)
+def _backward_flops(grad_out, qkv, offset, bias, pos_h, pos_w, out, saved1, saved2, scale, rel_pos_released,
+                    need_qkv, need_offset, *, out_shape=None, **kwargs) -> int:
+    """ With d qkv: twice the forward (each product gives a gradient to both factors). Without it: the
+    output gradient against the 4K value corners (for the weights and the offsets) and the tables' gradients. """
+    if need_qkv:
+        return 4 * _forward_macs(qkv, offset, pos_h, pos_w)
+    B, H, W, _, nh, hd = qkv
+    K = offset[-1] // 2
+    return 2 * B * H * W * nh * K * hd * (4 + (pos_h is not None) + (pos_w is not None))
+
+
 def attention_weights(
         qkv: torch.Tensor, offset: torch.Tensor, bias: Optional[torch.Tensor], scale: float,
         pos_h: Optional[torch.Tensor] = None, pos_w: Optional[torch.Tensor] = None,
-        pos_transposed: bool = False) -> torch.Tensor:
+        rel_pos_released: bool = False) -> torch.Tensor:
     """ (B, H, W, nh, K) softmax weights of the nodes, as the op's forward computes them (no autograd). """
     K = _check_inputs(qkv, offset, bias, pos_h, pos_w)
     B, H, W, _, nh, _ = qkv.shape
     with torch.no_grad(), _no_autocast(qkv.device.type):
-        p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, pos_transposed)[-1]
+        p = _corner_logits(qkv, offset, bias, scale, pos_h, pos_w, rel_pos_released)[-1]
     return p.view(B, H, W, nh, K)

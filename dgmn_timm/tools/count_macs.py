@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """ Parameters and GMACs of DGMN models next to the paper's figures.
 
-    python scripts/count_macs.py                       # all dgmn2 variants at 224
-    python scripts/count_macs.py --models dgmn2_tiny --img-size 512
+    python -m dgmn_timm.count_macs                       # all dgmn2 variants at 224
+    python -m dgmn_timm.count_macs --models dgmn2_tiny --img-size 512
+
+GMACs are the total of PyTorch's FlopCounterMode / 2 (the op registers its own cost).
 """
 import argparse
 
@@ -20,11 +22,11 @@ PAPER = {  # params (M), GMACs @224, ImageNet-1k top-1, as the paper reports the
 }
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument('--models', default=','.join(PAPER), help='comma-separated model names')
     parser.add_argument('--img-size', type=int, nargs='+', default=[224], help='H [W]')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     h = args.img_size[0]
     w = args.img_size[-1]
     print('| model | params | GMACs @%dx%d | paper GMACs @224 | diff |' % (h, w))
