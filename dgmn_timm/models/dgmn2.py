@@ -31,7 +31,7 @@ from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, 
 from timm.models._features import feature_take_indices
 
 from ..ops import attention_weights, position_logits, sampled_attention, sampled_attention_portable
-from ..weights.checkpoints import CheckpointMismatchError, mismatch_error, shape_mismatches
+from ..errors import CheckpointMismatchError
 
 __all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_logits', 'MIN_INPUT_SIZE']
 
@@ -523,22 +523,6 @@ class DGMN2(nn.Module):
         if name:
             return name
         return _variant_for_depths(self.depths)
-
-    @torch.jit.ignore
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """ Load our own, the authors' released or a detector's ('backbone.'-prefixed) state dict.
-
-        Raises a RuntimeError naming the variant the weights are for, or the offending keys, if they
-        do not fit this model.
-        """
-        state_dict = checkpoint_filter_fn(state_dict, self)
-        own = self.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        mismatched = shape_mismatches(state_dict, own)
-        if mismatched or (strict and (missing or unexpected)):
-            raise mismatch_error(f'The weights do not fit {_model_name(self)}:', missing, unexpected, mismatched)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _depths_in(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
