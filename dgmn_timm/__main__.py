@@ -13,9 +13,8 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_model_name, read_rgb_image
-from dgmn_timm.tools.engine import create_model, \
-    run_cli
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_model_name, read_rgb_image, run_cli
+from dgmn_timm.tools.engine import create_model
 
 
 def sample_image_path() -> str:

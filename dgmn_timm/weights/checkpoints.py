@@ -40,7 +40,7 @@ from ..errors import (
 )
 
 __all__ = [
-    'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'load_state_dict_into',
+    'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'load_state_dict_into', 'fit_state_dict',
     'create_with_weights', 'classifier_rows', 'filter_fn_for', 'architecture_of', 'folder_architecture',
     'check_folder_architecture', 'convert_command',
 ]
@@ -259,6 +259,26 @@ def classifier_rows(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> 
     return None
 
 
+def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> Dict[str, torch.Tensor]:
+    """ ``state_dict`` mapped by the architecture's ``checkpoint_filter_fn`` and checked against ``model``.
+
+    The filter maps the authors' released layout and refuses another variant; then every missing,
+    unexpected (with ``strict``) and mis-shaped key is reported in one ``CheckpointMismatchError`` line
+    naming the architecture. The input conv's shape is left to timm's ``load_pretrained`` (another in_chans).
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    model_filter = filter_fn_for(model)
+    out = dict(model_filter(state_dict, model) if model_filter is not None else state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in out]
+    unexpected = [k for k in out if k not in own]
+    mismatched = shape_mismatches(out, own, skip={f'{c}.weight' for c in _first_convs(cfg)})
+    if mismatched or (strict and (missing or unexpected)):
+        arch = cfg.get('architecture') or type(model).__name__
+        raise mismatch_error(f'The weights do not fit {arch}:', missing, unexpected, mismatched)
+    return out
+
+
 def load_state_dict_into(
         model: nn.Module,
         state_dict: Mapping[str, torch.Tensor],
@@ -267,41 +287,25 @@ def load_state_dict_into(
 ) -> None:
     """ A state dict (as the reader returns it) -> ``model``, with timm's ``load_pretrained``.
 
-    timm runs the architecture's ``checkpoint_filter_fn`` (the authors' released layout, another variant
-    refused) and adapts the input conv to the model's channels. The mapped keys are checked against the
-    model first, so that a misfit raises one line that names ``source``, the architecture and the keys.
+    timm runs ``fit_state_dict`` as the filter (the architecture's ``checkpoint_filter_fn`` and one-line
+    errors naming ``source``, the architecture and the keys) and adapts the input conv to the model's channels.
 
     Raises:
         CheckpointMismatchError: the weights do not fit the model.
     """
     from timm.models import load_pretrained
     cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    arch = cfg.get('architecture') or type(model).__name__
-    model_filter = filter_fn_for(model)
-    first_convs = _first_convs(cfg)
     in_chans = 3
-    for name in first_convs:
+    for name in _first_convs(cfg):
         try:
             in_chans = model.get_submodule(name).in_channels
         except AttributeError:
             pass
-
-    def checked(sd: Dict[str, torch.Tensor], m: nn.Module) -> Dict[str, torch.Tensor]:
-        out = dict(model_filter(sd, m) if model_filter is not None else sd)
-        own = m.state_dict()
-        missing = [k for k in own if k not in out]
-        unexpected = [k for k in out if k not in own]
-        # timm adapts the input conv to in_chans after this filter
-        mismatched = shape_mismatches(out, own, skip={f'{c}.weight' for c in first_convs})
-        if mismatched or (strict and (missing or unexpected)):
-            raise mismatch_error(f'The weights do not fit {arch}:', missing, unexpected, mismatched)
-        return out
-
     # the state dict as timm's source, and the model's own head size: nothing dropped, nothing re-initialised
     cfg.update(source='', state_dict=dict(state_dict), num_classes=getattr(model, 'num_classes', 0), label_offset=0)
     try:
         load_pretrained(model, pretrained_cfg=cfg, num_classes=cfg['num_classes'], in_chans=in_chans,
-                        filter_fn=checked, strict=strict)
+                        filter_fn=lambda sd, m: fit_state_dict(m, sd, strict=strict), strict=strict)
     except RuntimeError as e:
         raise mismatch(source, e) from e
 

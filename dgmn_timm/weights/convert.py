@@ -34,7 +34,9 @@ import timm
 from timm.models import get_pretrained_cfg, save_for_hf, split_model_name_tag
 
 from ..errors import CheckpointError, mismatch
-from .checkpoints import CONFIG_NAME, check_folder_architecture, filter_fn_for, read_checkpoint, unwrap_state_dict
+from .checkpoints import (
+    CONFIG_NAME, check_folder_architecture, filter_fn_for, fit_state_dict, read_checkpoint, unwrap_state_dict,
+)
 from .hub import README_NAME, WEIGHTS_NAME, _sha256, check_repo_for, package_models, place_in_cache, write_model_card
 
 __all__ = ['ConversionResult', 'convert_checkpoint', 'main']
@@ -65,21 +67,20 @@ def _registered_cfg(name: str) -> Optional[Any]:
         return None
 
 
-def _build_with_weights(model_name: str, state_dict: Dict[str, torch.Tensor], **kwargs) -> nn.Module:
-    """ ``model_name`` holding exactly ``state_dict`` (strict), built on the meta device when it supports that. """
-    state_dict = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-                  for k, v in state_dict.items()}
+def _build_with_weights(model_name: str, released: Dict[str, torch.Tensor], **kwargs) -> nn.Module:
+    """ ``model_name`` holding exactly the released weights (``fit_state_dict``: strict, one-line errors),
+    built on the meta device when it supports that. """
     try:
         with torch.device('meta'):
             model = timm.create_model(model_name, pretrained=False, **kwargs)
     except Exception:
-        model = None
-    if model is not None:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
-            return model
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
-    model.load_state_dict(state_dict, strict=True)
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    state_dict = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+                  for k, v in fit_state_dict(model, released).items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+        model.load_state_dict(state_dict, strict=True)
     return model
 
 
@@ -256,7 +257,7 @@ def convert_checkpoint(
     try:
         # a tag of the name that is not registered (e.g. 'dgmn2_tiny.coco') only names the folder's tag
         build_name = model_name if _registered_cfg(model_name) is not None else architecture
-        model = _build_with_weights(build_name, mapped, num_classes=num_classes)
+        model = _build_with_weights(build_name, released, num_classes=num_classes)
     except RuntimeError as e:
         raise mismatch(checkpoint_path, e) from e
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
