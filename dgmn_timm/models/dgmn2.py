@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_exportable, is_scriptable, trunc_normal_, \
     use_fused_attn
-from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..ops import attention_weights, position_logits, sampled_attention, sampled_attention_portable
@@ -585,7 +585,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
     Takes a state dict (``dgmn_timm.weights.checkpoints.read_state_dict`` takes it out of a training
     checkpoint): the released layout, ours (unchanged), or a detector's backbone with a prefix such as
     'backbone.'. With ``model`` (the model or its feature wrapper) weights of another variant are
-    refused, naming it, and the first conv is adapted to another number of input channels.
+    refused, naming it. timm's ``load_pretrained`` adapts the first conv to another ``in_chans`` after this.
     """
     out = {}
     for k, v in _strip_prefix(state_dict).items():
@@ -603,10 +603,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
         raise CheckpointMismatchError(
             f'The weights are for {_variant_for_depths(ckpt_depths)} (blocks per stage {ckpt_depths}) '
             f'but the model is {_model_name(model)} (blocks per stage {own_depths}).')
-    w = out.get('stem.conv1.weight')
-    in_chans = model.stem.conv1.weight.shape[1]
-    if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] != in_chans:
-        out['stem.conv1.weight'] = adapt_input_conv(in_chans, w)
     return out
 
 

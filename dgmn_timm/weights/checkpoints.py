@@ -347,8 +347,10 @@ def create_with_weights(
     Raises:
         CheckpointError (and subclasses): the file cannot be read or does not fit the model.
     """
-    from timm import create_model
-    check_folder_architecture(path, model_name)
+    from timm import create_model, is_model
+    from timm.models import split_model_name_tag
+    arch = split_model_name_tag(model_name)[0]
+    check_folder_architecture(path, arch if is_model(arch) else None)
     state_dict = read_state_dict(path, use_ema=use_ema)
     rows = classifier_rows(model_name, state_dict)
     feature_kwargs = {k: kwargs.pop(k) for k in ('out_indices', 'feature_cls', 'output_fmt') if k in kwargs}
@@ -357,8 +359,9 @@ def create_with_weights(
     del state_dict
     if features_only:
         # timm's builder loads before it wraps: give it the loaded weights as its state-dict source
-        features = create_model(model_name, pretrained=True, features_only=True, **feature_kwargs, **kwargs,
-                                pretrained_cfg_overlay=dict(state_dict=model.state_dict()))
+        overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {}, state_dict=model.state_dict())
+        features = create_model(model_name, pretrained=True, features_only=True, pretrained_cfg_overlay=overlay,
+                                **feature_kwargs, **kwargs)
         features.pretrained_cfg.pop('state_dict', None)
         return features
     if num_classes is not None and num_classes != (rows or 0):
