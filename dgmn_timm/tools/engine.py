@@ -271,8 +271,8 @@ def load_train_state(path: str) -> Dict[str, Any]:
     try:
         state = read_checkpoint(path)
     except CheckpointError as e:  # truncated, corrupt, or not a torch file: the user's file, not our bug
-        raise UsageError(f'{e} It is not a {TRAIN_STATE} written by this script; start over with --overwrite'
-                         ) from None
+        raise UsageError(f'cannot read the training state to resume from: {e} If it is not a {TRAIN_STATE} of '
+                         f'this script, start over with --overwrite') from None
     if not isinstance(state, dict) or 'epoch' not in state:
         raise UsageError(f'{path} is not a {TRAIN_STATE} written by this script; start over with --overwrite')
     return state
