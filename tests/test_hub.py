@@ -547,6 +547,10 @@ def test_converter_takes_a_run_for_what_it_is(tmp_path, metadata):
     for claim in ('ImageNet', 'imagenet', '78.7', 'paper authors', "authors' release", 'GMACs'):
         assert claim not in card, claim
     assert 'cat, dog, fox' in card and '66.67%' in card and 'Fine-tuned' in card
+    if metadata:  # transformers reads the run's label names
+        transformers = pytest.importorskip('transformers')
+        config = transformers.AutoConfig.from_pretrained(str(out))
+        assert config.id2label == {0: 'cat', 1: 'dog', 2: 'fox'}
     # no Hub id of the paper's weights to cache it under
     with pytest.raises(ValueError, match='no registered hf_hub_id'):
         convert_checkpoint(tmp_path / 'run' / 'best.safetensors', 'dgmn2_tiny', tmp_path / 'o2', to_cache=True)
