@@ -1,8 +1,9 @@
-""" Every bad weights file through every loading route: the same exception type and the same message.
+""" Every bad weights file through every loading route of ours: the same exception type and the same message.
 
-Routes: timm.create_model(checkpoint_path=), pretrained_cfg_overlay=dict(file=), torch.hub.load(checkpoint_path=),
-dgmn_timm.load_weights, the converter, detection's backbone_checkpoint=, and the command lines
+Routes: torch.hub.load(checkpoint_path=), dgmn_timm.load_weights, create_with_weights, the scripts' create_model,
+the converter, detection's backbone_checkpoint= / pretrained_file=, and the command lines
 `python -m dgmn_timm --checkpoint` and `scripts/finetune.py --checkpoint` (exit code 2, one `error:` line).
+timm's own routes (checkpoint_path=, pretrained_cfg_overlay=dict(file=)) raise timm's errors, as for timm's models.
 """
 import argparse
 import functools
@@ -19,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 import dgmn_timm
-from dgmn_timm.weights.checkpoints import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, load_weights
+from dgmn_timm.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from dgmn_timm.weights.checkpoints import create_with_weights, load_weights
 from dgmn_timm.weights.convert import convert_checkpoint
 from dgmn_timm.tasks.detection import create_feature_backbone
 from dgmn_timm.models.dgmn2 import to_released_layout
@@ -93,14 +95,6 @@ def bad_files(tmp_path_factory):
     return files
 
 
-def _checkpoint_path(path, tmp_path):
-    timm.create_model('dgmn2_tiny', checkpoint_path=str(path))
-
-
-def _overlay(path, tmp_path):
-    timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-
-
 def _torch_hub(path, tmp_path):
     torch.hub.load(str(ROOT), 'dgmn2_tiny', source='local', checkpoint_path=str(path))
 
@@ -114,12 +108,26 @@ def _converter(path, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def _create_with_weights(path, tmp_path):
+    create_with_weights('dgmn2_tiny', path)
+
+
+def _scripts(path, tmp_path):
+    from dgmn_timm.tools.engine import create_model
+    create_model('dgmn2_tiny', checkpoint=str(path), num_classes=0)
+
+
 def _detection(path, tmp_path):
     create_feature_backbone('dgmn2_tiny', backbone_checkpoint=path)
 
 
-ROUTES = dict(checkpoint_path=_checkpoint_path, overlay=_overlay, torch_hub=_torch_hub, load_weights=_load_weights,
-              converter=_converter, detection=_detection)
+def _detection_pretrained_file(path, tmp_path):
+    create_feature_backbone('dgmn2_tiny', pretrained_file=path)
+
+
+ROUTES = dict(torch_hub=_torch_hub, load_weights=_load_weights, create_with_weights=_create_with_weights,
+              scripts=_scripts, converter=_converter, detection=_detection,
+              detection_pretrained_file=_detection_pretrained_file)
 
 
 @pytest.mark.parametrize('route', list(ROUTES))
@@ -214,6 +222,6 @@ def test_error_classes_where_the_readme_names_them():
     from dgmn_timm.weights import hub
     assert dgmn_timm.CheckpointError is CheckpointError and dgmn_timm.load_weights is load_weights
     assert dgmn_timm.CheckpointMismatchError is CheckpointMismatchError
-    assert hub.PretrainedWeightsError is CheckpointError
-    assert hub.PretrainedWeightsNotFoundError is CheckpointNotFoundError
+    assert dgmn_timm.CheckpointNotFoundError is CheckpointNotFoundError
+    assert not hasattr(hub, 'PretrainedWeightsError') and not hasattr(hub, 'PretrainedWeightsNotFoundError')
     assert issubclass(CheckpointNotFoundError, FileNotFoundError) and issubclass(CheckpointMismatchError, RuntimeError)

@@ -1,5 +1,13 @@
-""" Loading the authors' released checkpoints (docs/ARCHITECTURE.md, "Released checkpoint layout") and our own. """
+""" Loading the authors' released checkpoints (docs/ARCHITECTURE.md, "Released checkpoint layout") and our own.
+
+timm's routes (``checkpoint_path=``, ``pretrained_cfg_overlay=dict(file=...)``) behave for our models as for
+timm's own; ours (``load_weights``, ``create_with_weights``, the converter, the detection builders) read with
+``dgmn_timm.weights.checkpoints``.
+"""
 import argparse
+import json
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -7,7 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 import dgmn_timm  # noqa: F401
+from dgmn_timm.errors import CheckpointError, CheckpointMismatchError
 from dgmn_timm.models.dgmn2 import checkpoint_filter_fn, to_released_layout
+from dgmn_timm.weights.checkpoints import create_with_weights, load_state_dict_into, load_weights, read_state_dict
 from utils import randomise
 
 
@@ -63,7 +73,7 @@ def test_released_layout_round_trip(source, image):
     sd = _released(source)
     assert checkpoint_filter_fn(sd).keys() == source.state_dict().keys()
     model = _model()
-    model.load_state_dict(sd)  # strict
+    model.load_state_dict(checkpoint_filter_fn(sd, model))  # strict
     for k, v in source.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0)
     with torch.no_grad():
@@ -77,14 +87,25 @@ def test_deit_file_through_pretrained_file(source, image, tmp_path):
         torch.testing.assert_close(model(image), source(image), atol=0, rtol=0)
 
 
-def test_deit_file_through_checkpoint_path(source, image, tmp_path):
+def test_deit_file_through_our_routes(source, image, tmp_path):
     path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
-    model = timm.create_model('dgmn2_tiny', checkpoint_path=path).eval()
+    loaded = _model()
+    load_weights(loaded, path)
+    for model in (loaded, create_with_weights('dgmn2_tiny', path)):
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(image), source(image), atol=0, rtol=0)
+
+
+def test_checkpoint_path_takes_timm_format(source, image, tmp_path):
+    """ timm's checkpoint_path= takes our key layout, as for every timm model (the authors' files go through
+    pretrained_cfg_overlay=dict(file=...), where timm runs our filter, or through the converter). """
+    torch.save({'state_dict': source.state_dict(), 'epoch': 3}, tmp_path / 'ours.pth')
+    model = timm.create_model('dgmn2_tiny', checkpoint_path=str(tmp_path / 'ours.pth')).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(image), source(image), atol=0, rtol=0)
 
 
-def test_file_is_read_with_weights_only(tmp_path):
+def test_unsafe_pickle_refused_on_our_routes(source, tmp_path, capsys):
     """ A pickle that needs anything beyond tensors and argparse.Namespace is refused, never executed. """
 
     class Evil:
@@ -92,9 +113,12 @@ def test_file_is_read_with_weights_only(tmp_path):
             return (print, ('executed!',))
 
     path = tmp_path / 'evil.pth'
-    torch.save({'model': {}, 'payload': Evil()}, path)
-    with pytest.raises(Exception, match='(?i)weights_only|unsupported global|allowlist'):
-        timm.create_model('dgmn2_tiny', checkpoint_path=str(path))
+    torch.save({'model': source.state_dict(), 'payload': Evil()}, path)
+    for route in (lambda: read_state_dict(path), lambda: load_weights(_model(), path),
+                  lambda: create_with_weights('dgmn2_tiny', path)):
+        with pytest.raises(CheckpointError, match='would need full \\(unsafe\\) unpickling'):
+            route()
+    assert 'executed!' not in capsys.readouterr().out
 
 
 def test_plain_state_dict_and_safetensors(source, image, tmp_path):
@@ -112,7 +136,8 @@ def test_detection_checkpoint_with_prefix(source, image, tmp_path):
     neck = {'neck.fpn_convs.0.conv.weight': torch.zeros(256, 256, 3, 3), 'bbox_head.retina_cls.bias': torch.zeros(9)}
     torch.save({'state_dict': {**backbone, **neck}, 'meta': {'epoch': 12}}, tmp_path / 'retinanet.pth')
     path = str(tmp_path / 'retinanet.pth')
-    model = timm.create_model('dgmn2_tiny', num_classes=0, checkpoint_path=path).eval()
+    model = create_with_weights('dgmn2_tiny', path).eval()
+    assert model.num_classes == 0
     with torch.no_grad():
         torch.testing.assert_close(model(image), source.forward_head(source.forward_features(image), pre_logits=True))
     features = timm.create_model('dgmn2_tiny', features_only=True, output_stride=8, pretrained=True,
@@ -120,29 +145,32 @@ def test_detection_checkpoint_with_prefix(source, image, tmp_path):
     with torch.no_grad():
         assert [f.shape[1] for f in features(image)] == [64, 128, 320, 512]
     # a classifier needs a head the detection checkpoint does not have
-    with pytest.raises(RuntimeError, match=r'dgmn2_tiny[\s\S]*Missing keys \(2\): head.weight, head.bias'):
-        timm.create_model('dgmn2_tiny', checkpoint_path=path)
+    with pytest.raises(CheckpointMismatchError, match=r'dgmn2_tiny: Missing keys \(2\): head.weight, head.bias'):
+        load_weights(_model(), path)
 
 
 def test_wrong_variant_is_named(tmp_path):
     small = _model('dgmn2_small')
     path = _deit_file(tmp_path / 'dgmn2_small.pth', _released(small))
-    with pytest.raises(RuntimeError, match=r'dgmn2_small.*\(3, 4, 6, 3\).*model is dgmn2_tiny'):
-        timm.create_model('dgmn2_tiny', checkpoint_path=path)
+    with pytest.raises(CheckpointMismatchError, match=r'dgmn2_small.*\(3, 4, 6, 3\).*model is dgmn2_tiny'):
+        load_weights(_model(), path)
+    with pytest.raises(CheckpointMismatchError, match=r'dgmn2_small.*model is dgmn2_tiny'):
+        create_with_weights('dgmn2_tiny', path, num_classes=10)
+    # timm's route runs the model's filter, which names the variant too
     with pytest.raises(RuntimeError, match=r'dgmn2_small.*model is dgmn2_tiny'):
         timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=10)
     with pytest.raises(RuntimeError, match=r'dgmn2_tiny.*model is dgmn2_medium'):
-        _model('dgmn2_medium').load_state_dict(_model().state_dict())
+        checkpoint_filter_fn(_model().state_dict(), _model('dgmn2_medium'))
 
 
 def test_truncated_state_dict_names_missing_keys(source):
     sd = _released(source)
     del sd['block2.1.attn.qkv.weight'], sd['patch_embed3.norm.running_var']
     sd['block2.1.attn.extra'] = torch.zeros(1)
-    with pytest.raises(RuntimeError) as err:
-        _model().load_state_dict(sd)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_state_dict_into(_model(), sd)
     msg = str(err.value)
-    assert 'dgmn2_tiny' in msg
+    assert 'dgmn2_tiny' in msg and '\n' not in msg
     assert 'stages.1.blocks.1.attn.qkv.weight' in msg and 'stages.2.downsample.norm.running_var' in msg
     assert 'Unexpected keys (1): stages.1.blocks.1.attn.extra' in msg
 
@@ -150,8 +178,9 @@ def test_truncated_state_dict_names_missing_keys(source):
 def test_shape_mismatch_is_named(source):
     sd = source.state_dict()
     sd['stages.0.blocks.0.attn.rel_height'] = torch.zeros(10, 64)
-    with pytest.raises(RuntimeError, match=r'stages.0.blocks.0.attn.rel_height: checkpoint \(10, 64\) vs model \(64, 64\)'):
-        _model().load_state_dict(sd)
+    with pytest.raises(CheckpointMismatchError,
+                       match=r'stages.0.blocks.0.attn.rel_height: checkpoint \(10, 64\) vs model \(64, 64\)'):
+        load_state_dict_into(_model(), sd)
 
 
 def test_corrupt_file_raises(source, tmp_path):
@@ -159,16 +188,19 @@ def test_corrupt_file_raises(source, tmp_path):
     _deit_file(path, _released(source))
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(Exception, match='(?i)zip|archive|eof|corrupt|invalid|failed'):
-        timm.create_model('dgmn2_tiny', checkpoint_path=str(path))
+    with pytest.raises(CheckpointError, match='is truncated or corrupt'):
+        load_weights(_model(), path)
 
 
 @pytest.mark.parametrize('in_chans', [1, 4])
 def test_in_chans_adapted_when_loading(source, tmp_path, in_chans):
     path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
     w = source.stem.conv1.weight
-    for kwargs in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=path)), dict(checkpoint_path=path)):
-        model = timm.create_model('dgmn2_tiny', in_chans=in_chans, **kwargs)
+    loaded = timm.create_model('dgmn2_tiny', in_chans=in_chans)
+    load_weights(loaded, path)
+    for model in (timm.create_model('dgmn2_tiny', in_chans=in_chans, pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=path)),
+                  create_with_weights('dgmn2_tiny', path, in_chans=in_chans), loaded):
         got = model.stem.conv1.weight
         assert got.shape == (32, in_chans, 3, 3)
         if in_chans == 1:
@@ -181,16 +213,16 @@ def test_in_chans_adapted_when_loading(source, tmp_path, in_chans):
 
 def test_num_classes_override_drops_head(source, image, tmp_path):
     path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
-    model = timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=5)
-    model.eval()
-    with torch.no_grad():
-        assert model(image).shape == (2, 5)
-        torch.testing.assert_close(model.forward_features(image), source.forward_features(image), atol=0, rtol=0)
+    for model in (timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=5),
+                  create_with_weights('dgmn2_tiny', path, num_classes=5)):
+        model.eval()
+        with torch.no_grad():
+            assert model(image).shape == (2, 5)
+            torch.testing.assert_close(model.forward_features(image), source.forward_features(image), atol=0, rtol=0)
 
 
 def test_training_checkpoint_unwrap_order(source, tmp_path):
     """ The reader's one order: 'model', else 'state_dict'; with use_ema 'model_ema', else 'state_dict_ema'. """
-    from dgmn_timm.weights.checkpoints import CheckpointError, read_state_dict
     a = {'x': torch.zeros(1)}
     b = {'x': torch.ones(1)}
     c = {'x': torch.full((1,), 2.)}
@@ -215,10 +247,11 @@ def test_training_checkpoint_unwrap_order(source, tmp_path):
 
 
 def test_one_reader_serves_every_route(source, image, tmp_path, monkeypatch):
-    """ The same released file through every route: read by dgmn_timm.weights.checkpoints each time, same model. """
-    from dgmn_timm import checkpoints
+    """ The same released file through each of our routes: read once by dgmn_timm.weights.checkpoints, same model. """
+    from dgmn_timm.weights import checkpoints
     from dgmn_timm.weights.convert import convert_checkpoint
     from dgmn_timm.tasks.detection import create_feature_backbone
+    from dgmn_timm.tools.engine import create_model
     from pathlib import Path
     path = _deit_file(tmp_path / 'dgmn2_tiny.pth', _released(source))
     reads = []
@@ -226,10 +259,10 @@ def test_one_reader_serves_every_route(source, image, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, '_weights_file', lambda p: reads.append(str(p)) or real(p))
     repo = str(Path(__file__).resolve().parents[1])
     models = {
-        'checkpoint_path': lambda: timm.create_model('dgmn2_tiny', checkpoint_path=path),
-        'overlay': lambda: timm.create_model('dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=path)),
         'torch_hub': lambda: torch.hub.load(repo, 'dgmn2_tiny', source='local', checkpoint_path=path),
-        'load_weights': lambda: checkpoints.load_weights(timm.create_model('dgmn2_tiny'), path) and None,
+        'load_weights': lambda: load_weights(timm.create_model('dgmn2_tiny'), path),
+        'create_with_weights': lambda: create_with_weights('dgmn2_tiny', path),
+        'scripts': lambda: create_model('dgmn2_tiny', checkpoint=path),
         'converter': lambda: convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=32, verify=False).model,
     }
     for route, build in models.items():
@@ -248,7 +281,6 @@ def test_one_reader_serves_every_route(source, image, tmp_path, monkeypatch):
 
 def test_other_timm_models_load_as_timm_loads_them(tmp_path):
     """ import dgmn_timm changes nothing for models registered elsewhere: timm's own reader and errors. """
-    from dgmn_timm.weights.checkpoints import CheckpointError
     model = timm.create_model('test_vit')
     torch.save({'state_dict_ema': model.state_dict(), 'state_dict': {}}, tmp_path / 'ema.pth')
     timm.create_model('test_vit', checkpoint_path=str(tmp_path / 'ema.pth'))  # timm's EMA-first order
@@ -256,3 +288,69 @@ def test_other_timm_models_load_as_timm_loads_them(tmp_path):
     with pytest.raises(Exception) as e:
         timm.create_model('test_vit', checkpoint_path=str(tmp_path / 'empty.pth'))
     assert not isinstance(e.value, CheckpointError)
+
+
+_IDENTITY_CHECK = r"""
+import importlib, json, sys
+names = {
+    'timm.models._builder': ['load_pretrained', 'load_state_dict_from_hf', 'load_state_dict_from_path',
+                             'load_custom_from_hf', '_resolve_pretrained_source', 'download_cached_file'],
+    'timm.models._factory': ['create_model', 'load_checkpoint', 'load_model_config_from_hf',
+                             'load_model_config_from_path'],
+    'timm.models._helpers': ['load_checkpoint', 'load_state_dict', 'clean_state_dict', 'remap_state_dict',
+                             'resume_checkpoint', '_torch_load'],
+    'timm.models._hub': ['load_model_config_from_hf', 'load_model_config_from_path', 'load_state_dict_from_hf',
+                         'load_state_dict_from_path', 'download_cached_file', 'hf_hub_download', 'save_for_hf'],
+    'timm.models': ['create_model', 'load_checkpoint', 'load_pretrained', 'load_state_dict'],
+    'timm': ['create_model'],
+    'torch': ['load', 'save'],
+    'torch.hub': ['load_state_dict_from_url', 'download_url_to_file', 'load'],
+    'torch.serialization': ['load', 'add_safe_globals', 'get_safe_globals'],
+    'torch.nn.modules.module': [],
+    'huggingface_hub': ['hf_hub_download', 'snapshot_download', 'try_to_load_from_cache', 'get_hf_file_metadata'],
+    'huggingface_hub.file_download': ['hf_hub_download', 'get_hf_file_metadata'],
+}
+def snapshot():
+    out = {}
+    for mod, attrs in names.items():
+        m = importlib.import_module(mod)
+        for a in attrs:
+            if hasattr(m, a):
+                out[f'{mod}.{a}'] = id(getattr(m, a))
+    import torch.nn as nn
+    out['nn.Module.load_state_dict'] = id(nn.Module.load_state_dict)
+    out['safe_globals'] = repr(sorted(map(str, __import__('torch').serialization.get_safe_globals())))
+    return out
+before = snapshot()
+import dgmn_timm, dgmn_timm.weights.hub, dgmn_timm.weights.convert, dgmn_timm.tasks.detection
+after = snapshot()
+print(json.dumps(dict(changed=sorted(k for k in before if before[k] != after.get(k)), count=len(before))))
+"""
+
+
+def test_import_replaces_no_function():
+    """ After import dgmn_timm, the loaders of timm, torch and huggingface_hub are the objects they were. """
+    proc = subprocess.run([sys.executable, '-c', _IDENTITY_CHECK], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['count'] > 30 and result['changed'] == []
+
+
+def _ema_choice(name, tmp_path):
+    """ Which entry of a training checkpoint with both 'state_dict' and 'state_dict_ema' checkpoint_path= loads. """
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    plain = model.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in plain.items()}
+    path = tmp_path / f'{name}.pth'
+    torch.save({'state_dict': plain, 'state_dict_ema': ema, 'epoch': 1}, path)
+    loaded = timm.create_model(name, checkpoint_path=str(path)).state_dict()
+    key = next(k for k, v in plain.items() if v.is_floating_point())
+    if torch.equal(loaded[key], ema[key]):
+        return 'state_dict_ema'
+    assert torch.equal(loaded[key], plain[key])
+    return 'state_dict'
+
+
+def test_checkpoint_path_picks_the_entry_timm_picks(tmp_path):
+    assert _ema_choice('dgmn2_tiny', tmp_path) == _ema_choice('resnet10t', tmp_path)

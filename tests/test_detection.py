@@ -17,9 +17,9 @@ import dgmn_timm  # noqa: F401
 from dgmn_timm.models.dgmn2 import to_released_layout
 from dgmn_timm.weights.checkpoints import read_checkpoint
 from utils import load_script
+from dgmn_timm.errors import CheckpointMismatchError, CheckpointNotFoundError
 from dgmn_timm.tasks.detection import (
-    create_feature_backbone, fasterrcnn_dgmn2, freeze_batch_norm, load_backbone_checkpoint,
-    maskrcnn_dgmn2, retinanet_dgmn2, timm_fpn_backbone,
+    create_feature_backbone, fasterrcnn_dgmn2, freeze_batch_norm, maskrcnn_dgmn2, retinanet_dgmn2, timm_fpn_backbone,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -282,31 +282,36 @@ def test_pretrained_file_and_local_dir(tmp_path):
         ):
             for g, e in zip(model.backbone.body.eval()(x), expected):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointNotFoundError, match='does not exist'):
         retinanet_dgmn2(pretrained_file=str(tmp_path / 'nope.pth'))
+    with pytest.raises(ValueError, match='give one of'):
+        retinanet_dgmn2(pretrained_file=str(tmp_path / 'dgmn2_tiny.pth'), backbone_checkpoint=str(tmp_path / 'x.pth'))
 
 
 def test_mismatched_detection_checkpoint_raises(tmp_path):
     path = tmp_path / 'small.pth'
     torch.save({'state_dict': _to_released_layout(timm.create_model('dgmn2_small').state_dict())}, path)
-    with pytest.raises(RuntimeError, match='dgmn2_tiny'):
+    with pytest.raises(CheckpointMismatchError, match='dgmn2_tiny'):
         create_feature_backbone('dgmn2_tiny', backbone_checkpoint=str(path))
+    # weights are loaded into the whole model before timm wraps it: a missing stage is missing,
+    # even when the feature levels asked for do not reach it
     truncated = {k: v for k, v in read_checkpoint(path)['state_dict'].items() if 'block4' not in k}
-    body = timm.create_model('dgmn2_small', features_only=True)
-    with pytest.raises(RuntimeError, match='Missing keys'):
-        load_backbone_checkpoint(body, truncated)
+    torch.save({'state_dict': truncated}, tmp_path / 'truncated.pth')
+    with pytest.raises(CheckpointMismatchError, match=r'truncated.pth: .*dgmn2_small: Missing keys') as e:
+        create_feature_backbone('dgmn2_small', out_indices=(0, 1, 2), backbone_checkpoint=str(tmp_path / 'truncated.pth'))
+    assert '\n' not in str(e.value)
 
 
-def test_other_timm_backbone():
+def test_other_timm_backbone(tmp_path):
     """ The FPN backbone is generic over timm models (here a ResNet with BatchNorm everywhere). """
     torch.manual_seed(0)
     src = timm.create_model('resnet18', features_only=True, out_indices=(2, 3, 4))
     state = {'backbone.' + k: v for k, v in src.state_dict().items()}
     state['roi_head.fc.weight'] = torch.zeros(3)
+    torch.save({'state_dict': state}, tmp_path / 'detector.pth')
     backbone = timm_fpn_backbone(
         'resnet18', out_indices=(2, 3, 4), extra_blocks='p6p7', frozen_bn=True, frozen_stages=1,
-        backbone_checkpoint=None)
-    load_backbone_checkpoint(backbone.body.body, state)
+        backbone_checkpoint=str(tmp_path / 'detector.pth'))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     # stage 1 of a ResNet is layer1 (stride 4), the stem conv1 / bn1
     assert not any(p.requires_grad for p in backbone.body.body.conv1.parameters())

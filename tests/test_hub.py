@@ -1,8 +1,10 @@
-""" Pretrained weights on the Hub (issue 3): converter, hub format, offline loading, torch.hub.
+""" Pretrained weights on the Hub: converter, hub format, offline loading, torch.hub.
 
 Everything runs offline: a fake "released" checkpoint is written from a randomly initialised
 dgmn2_tiny re-keyed into the authors' layout (docs/ARCHITECTURE.md, "Released checkpoint layout"), converted, and loaded back
-through every route, always against a temporary Hugging Face cache with HF_HUB_OFFLINE=1.
+through every route, always against a temporary Hugging Face cache with HF_HUB_OFFLINE=1. timm's routes
+(pretrained tags, ``hf-hub:``, ``local-dir:``) raise timm's and huggingface_hub's errors; ours
+(``hub.pretrained_file``, torch.hub, the scripts' ``create_model``) raise one ``CheckpointError`` line.
 """
 import argparse
 import json
@@ -17,7 +19,8 @@ import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
 import dgmn_timm.weights.hub as hub
-from dgmn_timm.weights.checkpoints import read_checkpoint
+from dgmn_timm.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from dgmn_timm.weights.checkpoints import create_with_weights, load_weights, read_checkpoint
 from dgmn_timm.weights.convert import convert_checkpoint
 from dgmn_timm.models.dgmn2 import to_released_layout
 from utils import load_script
@@ -260,7 +263,7 @@ def test_converter_refuses_unsafe_pickle(released, tmp_path):
     ckpt = read_checkpoint(released['cls'])
     ckpt['extra'] = NotAllowed()
     torch.save(ckpt, path)
-    with pytest.raises(hub.PretrainedWeightsError, match='Refusing to read'):
+    with pytest.raises(CheckpointError, match='Refusing to read'):
         convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
     assert not (tmp_path / 'out').exists()
 
@@ -269,7 +272,7 @@ def test_converter_truncated_checkpoint(released, tmp_path):
     path = tmp_path / 'dgmn2_tiny_truncated.pth'
     data = released['cls'].read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(hub.PretrainedWeightsError, match='truncated') as e:
+    with pytest.raises(CheckpointError, match='truncated') as e:
         convert_checkpoint(path, 'dgmn2_tiny', tmp_path / 'out', check_size=SIZE)
     assert str(path) in str(e.value)
 
@@ -287,7 +290,7 @@ def test_converter_untagged_name_and_tag(released, tmp_path):
 
 
 def test_converter_wrong_variant(released, tmp_path):
-    with pytest.raises(hub.PretrainedWeightsError) as e:
+    with pytest.raises(CheckpointError) as e:
         convert_checkpoint(released['cls'], 'dgmn2_small', tmp_path / 'out', check_size=SIZE)
     assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
 
@@ -307,7 +310,7 @@ def test_converter_detection_backbone(released, tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(model.eval().forward_features(released['x']), released['features'], rtol=0, atol=0)
     # a backbone never takes the ImageNet classifier's Hub id
-    with pytest.raises(hub.PretrainedWeightsError) as e:
+    with pytest.raises(CheckpointError) as e:
         hub.place_in_cache(out, HUB_ID)
     assert 'num_classes=0' in str(e.value) and 'num_classes=1000' in str(e.value)
 
@@ -320,10 +323,11 @@ def test_load_local_dir(converted, released):
     model = timm.create_model(f'local-dir:{converted.output_dir}', pretrained=True)
     assert model.pretrained_cfg['architecture'] == 'dgmn2_tiny'
     torch.testing.assert_close(run(model, released['x']), run(converted.model, released['x']), rtol=0, atol=0)
-    # a converted folder given as a pretrained file works too
-    model = timm.create_model(
-        'dgmn2_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted.output_dir)))
-    torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
+    # its weights file as timm's pretrained file, the folder itself on our routes
+    for model in (timm.create_model('dgmn2_tiny', pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=str(converted.output_dir / 'model.safetensors'))),
+                  create_with_weights('dgmn2_tiny', converted.output_dir)):
+        torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
 
 
 def test_load_from_cache_offline(converted, released, hf_cache):
@@ -344,13 +348,16 @@ def test_load_from_cache_offline(converted, released, hf_cache):
 
 
 def test_load_from_explicit_cache_dir(converted, released, tmp_path):
-    """ --cache-dir DIR pairs with timm.create_model(..., cache_dir=DIR). """
+    """ --cache-dir DIR pairs with timm.create_model(..., cache_dir=DIR) and hub.pretrained_file(..., cache_dir=DIR). """
     cache = tmp_path / 'my_models'
     hub.place_in_cache(converted.output_dir, HUB_ID, cache_dir=cache)
-    with pytest.raises(hub.PretrainedWeightsNotFoundError):  # not in the default cache
+    with pytest.raises(CheckpointNotFoundError):  # not in the default cache
+        hub.pretrained_file('dgmn2_tiny')
+    with pytest.raises(Exception):  # timm's route, huggingface_hub's error
         timm.create_model('dgmn2_tiny', pretrained=True)
-    model = timm.create_model('dgmn2_tiny', pretrained=True, cache_dir=cache)
-    torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
+    for model in (timm.create_model('dgmn2_tiny', pretrained=True, cache_dir=cache),
+                  create_with_weights('dgmn2_tiny', hub.pretrained_file('dgmn2_tiny', cache_dir=cache))):
+        torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
 
 
 def test_load_overrides(converted, released, hf_cache):
@@ -371,37 +378,57 @@ def test_load_overrides(converted, released, hf_cache):
 # Errors
 
 
+def _our_pretrained_routes(name):
+    """ The routes of ours that take a pretrained tag: the scripts' --pretrained and torch.hub's pretrained=True. """
+    from dgmn_timm.tools.engine import create_model
+    return {
+        'pretrained_file': lambda: hub.pretrained_file(name),
+        'scripts': lambda: create_model(name, pretrained=True),
+        'torch_hub': lambda: torch.hub.load(str(REPO_ROOT), name.split('.')[0], source='local', pretrained=True),
+    }
+
+
 def test_error_no_cache_offline(hf_cache):
     for name, hub_id in (('dgmn2_tiny', HUB_ID), ('dgmn2_small.in1k', 'dgmn-timm/dgmn2_small.in1k')):
-        with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
-            timm.create_model(name, pretrained=True)
-        msg = str(e.value)
-        assert f"'{hub_id}'" in msg and str(hf_cache) in msg and 'HF_HUB_OFFLINE' in msg
-        assert 'python -m dgmn_timm.convert' in msg and '--to-cache' in msg
-        assert isinstance(e.value, FileNotFoundError)
+        for route, build in _our_pretrained_routes(name).items():
+            with pytest.raises(CheckpointNotFoundError) as e:
+                build()
+            msg = str(e.value)
+            assert f"'{hub_id}'" in msg and str(hf_cache) in msg and 'HF_HUB_OFFLINE' in msg, route
+            assert 'python -m dgmn_timm.convert' in msg and '--to-cache' in msg and '\n' not in msg
+            assert isinstance(e.value, FileNotFoundError)
     # without pretrained nothing is looked up
     assert timm.create_model('dgmn2_tiny', pretrained=False).num_classes == 1000
 
 
-def test_error_local_dir_missing(tmp_path):
-    for folder, why in ((tmp_path / 'nowhere', 'is not a folder'), (tmp_path, 'has no config.json')):
-        with pytest.raises(hub.PretrainedWeightsNotFoundError, match=why) as e:
-            timm.create_model(f'local-dir:{folder}', pretrained=True)
-        assert str(folder) in str(e.value) and 'python -m dgmn_timm.convert' in str(e.value)
+def test_timm_routes_are_timms(hf_cache, tmp_path):
+    """ timm's own routes raise timm's / huggingface_hub's errors for our models, as for timm's. """
+    for name in ('dgmn2_tiny', f'hf-hub:{HUB_ID}', f'local-dir:{tmp_path / "nowhere"}'):
+        with pytest.raises(Exception) as e:
+            timm.create_model(name, pretrained=True)
+        assert not isinstance(e.value, CheckpointError), name
+
+
+def test_error_folder_without_weights(tmp_path):
+    for route in (lambda: load_weights(timm.create_model('dgmn2_tiny'), tmp_path),
+                  lambda: create_with_weights('dgmn2_tiny', tmp_path)):
+        with pytest.raises(CheckpointNotFoundError, match='is a folder without a weights file') as e:
+            route()
+        assert str(tmp_path) in str(e.value) and 'python -m dgmn_timm.convert' in str(e.value)
 
 
 def test_error_hf_hub_name_offline(hf_cache):
-    """ An hf-hub: name of this package's weights, not cached, offline: the same error as the tag (no raw huggingface_hub one). """
-    with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
-        timm.create_model(f'hf-hub:{HUB_ID}', pretrained=True)
+    """ An hf-hub: name of this package's weights, not cached, offline: the same error as the tag. """
+    with pytest.raises(CheckpointNotFoundError) as e:
+        hub.pretrained_file(f'hf-hub:{HUB_ID}')
     msg = str(e.value)
     assert f"'{HUB_ID}'" in msg and 'HF_HUB_OFFLINE is set' in msg and 'python -m dgmn_timm.convert' in msg
 
 
 def test_error_resnet_dgmn_offline_names_timm_weights(hf_cache):
     """ The ResNet-DGMN models load timm's plain ResNet weights: the error names those, not a release to convert. """
-    with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
-        timm.create_model('resnet50_dgmn_c5', pretrained=True)
+    with pytest.raises(CheckpointNotFoundError) as e:
+        hub.pretrained_file('resnet50_dgmn_c5')
     msg = str(e.value)
     assert "'timm/resnet50.a1_in1k'" in msg and "timm.create_model('resnet50.a1_in1k', pretrained=True)" in msg
     assert 'convert' not in msg and '.pth' not in msg
@@ -415,9 +442,10 @@ def test_unreachable_hub_fails_without_retries(hf_cache, monkeypatch):
     monkeypatch.setattr(constants, 'ENDPOINT', 'http://127.0.0.1:9')
     monkeypatch.setattr(constants, 'HUGGINGFACE_CO_URL_TEMPLATE', 'http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}')
     start = time.perf_counter()
-    for name in ('dgmn2_tiny', f'hf-hub:{HUB_ID}'):
-        with pytest.raises(hub.PretrainedWeightsNotFoundError) as e:
-            timm.create_model(name, pretrained=True)
+    routes = list(_our_pretrained_routes('dgmn2_tiny').values()) + [lambda: hub.pretrained_file(f'hf-hub:{HUB_ID}')]
+    for build in routes:
+        with pytest.raises(CheckpointNotFoundError) as e:
+            build()
         assert 'could not be reached' in str(e.value) and 'HF_HUB_OFFLINE=1' in str(e.value)
     # huggingface_hub's own retries sleep 1 + 2 + 4 + 8 + 8 s per file
     assert time.perf_counter() - start < 20
@@ -451,32 +479,100 @@ def test_error_wrong_architecture_folder(converted, tmp_path, hf_cache):
     cfg = json.loads((folder / 'config.json').read_text())
     cfg['architecture'] = 'dgmn2_small'
     (folder / 'config.json').write_text(json.dumps(cfg))
-    # config says small, weights are tiny
-    with pytest.raises(hub.PretrainedWeightsError) as e:
+    # config says small, weights are tiny: timm's route runs the model's filter, which names both
+    with pytest.raises(RuntimeError) as e:
         timm.create_model(f'local-dir:{folder}', pretrained=True)
-    assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value) and str(folder) in str(e.value)
-    # a tiny folder given to small
-    with pytest.raises(hub.PretrainedWeightsError) as e:
-        timm.create_model('dgmn2_small', pretrained=True, pretrained_cfg_overlay=dict(file=str(converted.output_dir)))
     assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
+    # a tiny folder given to small, on our routes
+    for route in (lambda: create_with_weights('dgmn2_small', converted.output_dir),
+                  lambda: create_with_weights('dgmn2_small', folder)):
+        with pytest.raises(CheckpointMismatchError) as e:
+            route()
+        assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
     # a small-labelled folder never takes tiny's Hub id
-    with pytest.raises(hub.PretrainedWeightsError) as e:
+    with pytest.raises(CheckpointError) as e:
         hub.place_in_cache(folder, HUB_ID)
     assert 'dgmn2_small' in str(e.value) and 'dgmn2_tiny' in str(e.value)
 
 
 def test_error_corrupt_weights(converted, tmp_path, hf_cache):
+    from dgmn_timm.tools.engine import create_model
     folder = tmp_path / 'truncated'
     shutil.copytree(converted.output_dir, folder)
     data = (folder / 'model.safetensors').read_bytes()
     (folder / 'model.safetensors').write_bytes(data[:len(data) // 3])
-    with pytest.raises(hub.PretrainedWeightsError) as e:
-        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    with pytest.raises(CheckpointError) as e:
+        create_with_weights('dgmn2_tiny', folder)
     assert 'truncated' in str(e.value) and str(folder) in str(e.value)
     hub.place_in_cache(folder, HUB_ID)
-    with pytest.raises(hub.PretrainedWeightsError) as e:
-        timm.create_model('dgmn2_tiny', pretrained=True)
-    assert HUB_ID in str(e.value) and 'truncated' in str(e.value)
+    with pytest.raises(CheckpointError) as e:
+        create_model('dgmn2_tiny', pretrained=True)
+    assert 'models--dgmn-timm--dgmn2_tiny.in1k' in str(e.value) and 'truncated' in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion tells what the checkpoint is
+
+
+def _finetune_run(root, classes=('cat', 'dog', 'fox'), size=64, metadata=True):
+    """ A run folder as python -m dgmn_timm.finetune writes it: best.safetensors (with its metadata),
+    args.json, summary.json. """
+    from dgmn_timm.tools.engine import save_safetensors, write_json
+    root.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model('dgmn2_tiny', num_classes=len(classes)).eval()
+    meta = dict(format='dgmn-timm finetune', model='dgmn2_tiny', num_classes=len(classes), classes=list(classes),
+                epoch=2, input_size=[3, size, size], weights='model') if metadata else None
+    save_safetensors(model.state_dict(), str(root / 'best.safetensors'), meta)
+    write_json(dict(model='dgmn2_tiny', img_size=size, classes=list(classes), epochs=2), str(root / 'args.json'))
+    write_json(dict(model='dgmn2_tiny', classes=list(classes), val_top1=66.67, val_top5=100.0, best_epoch=2,
+                    input_size=[3, size, size]), str(root / 'summary.json'))
+    return model
+
+
+@pytest.mark.parametrize('metadata', [True, False])
+def test_converter_takes_a_run_for_what_it_is(tmp_path, metadata):
+    """ A 3-class fine-tuned run: its classes, input size, metrics and a fine-tuned tag; no paper ImageNet claims. """
+    model = _finetune_run(tmp_path / 'run', metadata=metadata)
+    out = tmp_path / 'dgmn2_tiny.animals'
+    result = convert_checkpoint(tmp_path / 'run' / 'best.safetensors', 'dgmn2_tiny', out)
+    assert result.verified and result.num_classes == 3 and result.tag == 'ft'
+    assert not result.authors and result.repo_id is None and result.run['classes'] == ['cat', 'dog', 'fox']
+    assert tuple(result.check_input.shape) == (1, 3, 64, 64)  # the run's input size
+    torch.testing.assert_close(run(model, result.check_input), result.check_output, rtol=0, atol=0)
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['num_classes'] == 3 and cfg['label_names'] == ['cat', 'dog', 'fox']
+    assert cfg['pretrained_cfg']['tag'] == 'ft' and cfg['pretrained_cfg']['input_size'] == [3, 64, 64]
+    card = (out / 'README.md').read_text()
+    for claim in ('ImageNet', 'imagenet', '78.7', 'paper authors', "authors' release", 'GMACs'):
+        assert claim not in card, claim
+    assert 'cat, dog, fox' in card and '66.67%' in card and 'Fine-tuned' in card
+    if metadata:  # transformers reads the run's label names
+        transformers = pytest.importorskip('transformers')
+        config = transformers.AutoConfig.from_pretrained(str(out))
+        assert config.id2label == {0: 'cat', 1: 'dog', 2: 'fox'}
+    # no Hub id of the paper's weights to cache it under
+    with pytest.raises(ValueError, match='no registered hf_hub_id'):
+        convert_checkpoint(tmp_path / 'run' / 'best.safetensors', 'dgmn2_tiny', tmp_path / 'o2', to_cache=True)
+
+
+def test_converter_refuses_a_run_whose_classes_do_not_fit(tmp_path):
+    _finetune_run(tmp_path / 'run')
+    args = json.loads((tmp_path / 'run' / 'args.json').read_text())
+    torch.save(timm.create_model('dgmn2_tiny', num_classes=2).state_dict(), tmp_path / 'run' / 'other.pth')
+    assert args['classes'] == ['cat', 'dog', 'fox']
+    with pytest.raises(CheckpointError, match='2-class head but its run records 3 classes'):
+        convert_checkpoint(tmp_path / 'run' / 'other.pth', 'dgmn2_tiny', tmp_path / 'out', check_size=32)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_converter_unknown_imagenet_sized_file_makes_no_paper_claims(tmp_path):
+    """ A 1000-class file in our layout (not the authors' release): converted, but no paper provenance. """
+    torch.save(timm.create_model('dgmn2_tiny').state_dict(), tmp_path / 'mine.pth')
+    result = convert_checkpoint(tmp_path / 'mine.pth', 'dgmn2_tiny', tmp_path / 'out', check_size=32, verify=False)
+    assert not result.authors and result.tag == 'ft' and result.repo_id is None
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert '78.7' not in card and 'paper authors' not in card and 'mine.pth' in card
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,8 +584,8 @@ def test_push_dry_run(converted, capsys, monkeypatch):
 
     def no_network(*args, **kwargs):
         raise AssertionError('dry run must not touch the Hub')
-    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', no_network)
-    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', no_network)
+    for name in ('create_repo', 'create_commit', 'upload_folder'):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, no_network)
     rc = load_script('push_to_hub').main([str(converted.output_dir), '--repo-id', HUB_ID, '--private', '--dry-run'])
     assert rc == 0
     out = capsys.readouterr().out
@@ -505,8 +601,9 @@ def test_push_dry_run(converted, capsys, monkeypatch):
     assert 'dgmn2_small' in capsys.readouterr().err
 
 
-def test_push_uploads_exactly_the_listed_files(converted, monkeypatch):
-    """ The upload path, with the two Hub calls replaced by recorders. """
+def test_push_uploads_exactly_the_listed_files(converted, monkeypatch, tmp_path):
+    """ The upload path (huggingface_hub's create_repo + upload_folder), with the two Hub calls replaced by recorders. """
+    import fnmatch
     import types
     import huggingface_hub
     calls = {}
@@ -515,19 +612,23 @@ def test_push_uploads_exactly_the_listed_files(converted, monkeypatch):
         calls['create_repo'] = dict(repo_id=repo_id, **kwargs)
         return types.SimpleNamespace(repo_id=repo_id)
 
-    def create_commit(self, **kwargs):
-        calls['create_commit'] = kwargs
+    def upload_folder(self, **kwargs):
+        calls['upload_folder'] = kwargs
         return types.SimpleNamespace(commit_url='https://huggingface.co/x/commit/0')
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo', create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, 'create_commit', create_commit)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+    folder = tmp_path / 'folder'
+    shutil.copytree(converted.output_dir, folder)
+    (folder / '.hidden').write_text('not uploaded')
     printed = []
-    hub.push_folder(converted.output_dir, 'someone/dgmn2_tiny.test', private=True, verify=False, print_fn=printed.append)
+    hub.push_folder(folder, 'someone/dgmn2_tiny.test', private=True, verify=False, print_fn=printed.append)
     assert calls['create_repo'] == dict(repo_id='someone/dgmn2_tiny.test', repo_type='model', private=True,
                                         exist_ok=True)
-    ops = calls['create_commit']['operations']
-    assert sorted(op.path_in_repo for op in ops) == ['README.md', 'config.json', 'model.safetensors']
-    assert all(Path(op.path_or_fileobj).parent == converted.output_dir for op in ops)
-    assert calls['create_commit']['repo_id'] == 'someone/dgmn2_tiny.test'
+    upload = calls['upload_folder']
+    assert upload['repo_id'] == 'someone/dgmn2_tiny.test' and Path(upload['folder_path']) == folder
+    patterns = upload['allow_patterns']
+    uploaded = sorted(p.name for p in folder.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+    assert uploaded == ['README.md', 'config.json', 'model.safetensors']
     assert printed[-1].startswith('Uploaded:')
 
 
@@ -584,7 +685,7 @@ def test_torch_hub_load(converted, released):
         out = feats.eval()(released['x'])
     assert [f.shape[1] for f in out] == [64, 128, 320, 512]
     torch.testing.assert_close(out[-1], released['features'], rtol=0, atol=0)
-    with pytest.raises(hub.PretrainedWeightsNotFoundError, match=HUB_ID):
+    with pytest.raises(CheckpointNotFoundError, match=HUB_ID):
         torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', pretrained=True)
-    with pytest.raises(hub.PretrainedWeightsNotFoundError, match='does not exist'):
+    with pytest.raises(CheckpointNotFoundError, match='does not exist'):
         torch.hub.load(str(REPO_ROOT), 'dgmn2_tiny', source='local', checkpoint_path='no/such/file.pth')

@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.dgmn import DGMN
-from ..weights.checkpoints import mismatch_error, shape_mismatches
+from ..errors import mismatch_error, shape_mismatches
 from ._resnet_cfgs import RSB_CFG, resnet_weights_cfg
 
 __all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']

@@ -22,12 +22,13 @@ The recipe defaults follow the paper's 1x schedule models (mmdetection style):
 
 Only the backbone of the authors' mmdetection checkpoints can be loaded (their necks and heads
 use mmdetection's layout, not torchvision's): ``backbone_checkpoint=PATH`` reads the
-``'backbone.'`` entries of such a file with ``torch.load(weights_only=True)``.
+``'backbone.'`` entries of such a file with ``dgmn_timm.weights.checkpoints`` (``torch.load(weights_only=True)``)
+and loads them into the model before timm wraps it as a feature pyramid.
 """
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -39,14 +40,11 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..weights.checkpoints import (
-    abbrev, architecture_of, check_folder_architecture, filter_fn_for, mismatch as checkpoint_mismatch,
-    mismatch_error, read_state_dict,
-)
+from ..weights.checkpoints import create_with_weights
 
 __all__ = [
     'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
-    'freeze_batch_norm', 'load_backbone_checkpoint', 'read_checkpoint',
+    'freeze_batch_norm',
     'retinanet_dgmn2', 'fasterrcnn_dgmn2', 'maskrcnn_dgmn2',
 ]
 
@@ -89,117 +87,6 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """ The state dict in a checkpoint file: ``dgmn_timm.weights.checkpoints.read_state_dict`` (kept for callers). """
-    return read_state_dict(path)
-
-
-def _source_key_candidates(key: str) -> List[str]:
-    """ Names a key of a timm feature wrapper may have in the wrapped model's state dict.
-
-    timm's ``FeatureListNet`` flattens sequential children into ``'<parent>_<child>'``
-    (``stages.1`` becomes ``stages_1``), and the getter / hook wrappers keep the model under
-    ``model.``.
-    """
-    candidates = [key]
-    first, _, rest = key.partition('.')
-    for i, ch in enumerate(first):
-        if ch == '_':
-            candidates.append(f'{first[:i]}.{first[i + 1:]}.{rest}' if rest else f'{first[:i]}.{first[i + 1:]}')
-    if key.startswith('model.'):
-        candidates.append(key[len('model.'):])
-    return candidates
-
-
-def load_backbone_checkpoint(
-        body: nn.Module,
-        checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
-        prefix: str = 'backbone.',
-) -> List[str]:
-    """ Load the backbone of a detection / segmentation checkpoint into a timm feature model.
-
-    Args:
-        body: a timm ``features_only`` model (e.g. ``FeatureBackbone.body``).
-        checkpoint: a weights file or converted folder (read by ``dgmn_timm.weights.checkpoints.read_state_dict``:
-            training dicts unwrapped, the ``'backbone.'`` entries kept) or a state dict.
-        prefix: the backbone's key prefix; entries without it are ignored (neck, heads). If no key has the prefix, the whole dict is taken as the backbone.
-
-    The architecture's own ``checkpoint_filter_fn`` is applied (for DGMN2 that maps the
-    authors' released key layout and refuses another variant), then the keys are matched to the
-    feature model's names.
-
-    Returns:
-        The checkpoint keys that were not used (e.g. a classifier head, stages the feature
-        model does not compute).
-
-    Raises:
-        CheckpointError (and subclasses): the file cannot be read, or (CheckpointMismatchError, a
-            RuntimeError) the backbone does not fit: the message names the file, the variant, or the
-            missing keys, shape mismatches and unexpected keys inside the loaded modules.
-    """
-    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None
-    if source is not None:
-        check_folder_architecture(source, architecture_of(body))
-        state_dict = read_state_dict(source)
-    else:
-        state_dict = dict(checkpoint)
-    for p in (prefix, 'module.' + prefix) if prefix else ():  # (the reader already took 'backbone.' off)
-        if any(k.startswith(p) for k in state_dict):
-            state_dict = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
-            break
-    try:
-        return _load_backbone(body, state_dict)
-    except RuntimeError as e:
-        if source is None:
-            raise
-        raise checkpoint_mismatch(source, e) from e
-
-
-def _load_backbone(body: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
-    filter_fn = filter_fn_for(body)
-    if filter_fn is not None:
-        try:
-            state_dict = filter_fn(state_dict, body)
-        except (AttributeError, TypeError):  # a filter that needs attributes only the full model has
-            state_dict = filter_fn(state_dict, None)
-    own = body.state_dict()
-    mapped: Dict[str, torch.Tensor] = {}
-    missing, mismatched = [], []
-    used = set()
-    for key, param in own.items():
-        source = next((c for c in _source_key_candidates(key) if c in state_dict), None)
-        if source is None:
-            if not key.endswith('num_batches_tracked'):
-                missing.append(key)
-            continue
-        value = state_dict[source]
-        used.add(source)
-        if tuple(value.shape) != tuple(param.shape):
-            mismatched.append(f'{source}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}')
-            continue
-        mapped[key] = value
-    # Keys the feature model has no module for (a classifier, stages after the last feature level)
-    # are fine; keys inside a loaded module (e.g. extra blocks of a stage: a deeper variant) are not.
-    loaded_modules = set()
-    for key in used:
-        parts = key.split('.')
-        loaded_modules.update('.'.join(parts[:i]) for i in range(2, len(parts)))
-    unexpected = [k for k in state_dict if k not in used and not k.endswith('num_batches_tracked') and any(
-        '.'.join(k.split('.')[:i]) in loaded_modules for i in range(2, len(k.split('.'))))]
-    if missing or mismatched or unexpected:
-        arch = architecture_of(body) or type(body).__name__
-        raise mismatch_error(f'The weights do not fit {arch}:', missing, unexpected, mismatched)
-    body.load_state_dict(mapped, strict=False)
-    unused = [k for k in state_dict if k not in used]
-    if unused:
-        _logger.info(f'Backbone checkpoint: {len(unused)} unused keys ({abbrev(unused)})')
-    return unused
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,9 +172,8 @@ def create_feature_backbone(
         model_name: str = 'dgmn2_tiny',
         out_indices: Sequence[int] = (0, 1, 2, 3),
         pretrained: bool = False,
-        pretrained_file: Optional[str] = None,
+        pretrained_file: Optional[Union[str, os.PathLike]] = None,
         backbone_checkpoint: Optional[Union[str, os.PathLike]] = None,
-        checkpoint_prefix: str = 'backbone.',
         frozen_bn: bool = False,
         frozen_stages: int = -1,
         **kwargs,
@@ -298,25 +184,27 @@ def create_feature_backbone(
         model_name: any timm model name, with a pretrained tag (``'dgmn2_tiny.in1k'``) or a source
             prefix (``'hf-hub:...'``, ``'local-dir:/path'``) if wanted.
         out_indices: feature levels to return (0 is the stride-4 level of DGMN2).
-        pretrained: load timm pretrained weights (the tag / source of ``model_name``).
-        pretrained_file: a local weight file for ``pretrained`` (sets ``pretrained=True`` and
-            timm's ``pretrained_cfg_overlay=dict(file=...)``).
-        backbone_checkpoint: a detection / segmentation checkpoint whose backbone (keys under
-            ``checkpoint_prefix``) is loaded after the model is built.
-        checkpoint_prefix: key prefix of the backbone in ``backbone_checkpoint``.
+        pretrained: load timm pretrained weights (the tag / source of ``model_name``, timm's route).
+        pretrained_file: a weights file for the whole model (ImageNet weights: a timm or DeiT-style
+            checkpoint, the authors' release, a converted folder).
+        backbone_checkpoint: a detection / segmentation checkpoint whose backbone (its ``'backbone.'``
+            entries) is loaded.
         frozen_bn: replace BatchNorm layers by ``FrozenBatchNorm2d`` (statistics copied).
         frozen_stages: freeze the stem (0) and the first n stages (n > 0); -1 freezes nothing.
         **kwargs: passed to ``timm.create_model`` (``output_stride``, ``drop_path_rate``, ...).
+
+    ``pretrained_file`` and ``backbone_checkpoint`` are read by ``dgmn_timm.weights.checkpoints`` (one clear
+    ``CheckpointError`` line per bad file) and loaded strictly into the model before timm wraps it.
     """
-    if pretrained_file is not None:  # read (and refused with a clear error) by dgmn_timm.weights.checkpoints
-        pretrained = True
-        overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-        overlay['file'] = os.fspath(pretrained_file)
-        kwargs['pretrained_cfg_overlay'] = overlay
-    body = timm.create_model(
-        model_name, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **kwargs)
-    if backbone_checkpoint is not None:
-        load_backbone_checkpoint(body, backbone_checkpoint, prefix=checkpoint_prefix)
+    weights = [w for w in (pretrained_file, backbone_checkpoint) if w is not None]
+    if len(weights) > 1 or (weights and pretrained):
+        raise ValueError('give one of pretrained, pretrained_file and backbone_checkpoint')
+    if weights:
+        body = create_with_weights(
+            model_name, weights[0], features_only=True, out_indices=tuple(out_indices), **kwargs)
+    else:
+        body = timm.create_model(
+            model_name, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **kwargs)
     if frozen_bn:
         body = freeze_batch_norm(body)
     return FeatureBackbone(body, frozen_stages=frozen_stages)

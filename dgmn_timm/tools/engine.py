@@ -28,7 +28,9 @@ import timm
 from timm.utils import NativeScaler, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so
 
-from ..weights.checkpoints import CheckpointError, load_weights, mismatch, read_checkpoint, read_state_dict
+from ..errors import CheckpointError, mismatch
+from ..weights.checkpoints import create_with_weights, read_checkpoint, unwrap_state_dict
+from ..weights.hub import pretrained_file
 from .cli import UsageError, add_alias, check_model_name, check_positive, check_run_folder
 
 
@@ -39,18 +41,6 @@ TRAIN_STATE = 'train_state.pt'
 # models
 
 
-def _classifier_rows(model_name: str, state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
-    """ Rows of the classifier weight (timm's pretrained-cfg ``classifier`` name) in a state dict, if any. """
-    try:
-        classifier = timm.models.get_pretrained_cfg_value(model_name, 'classifier')
-    except Exception:  # no pretrained cfg for this name
-        classifier = None
-    if isinstance(classifier, (list, tuple)):
-        classifier = classifier[0] if classifier else None
-    weight = state_dict.get(f'{classifier}.weight') if classifier else None
-    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.ndim == 2 else None
-
-
 def create_model(
         model_name: str,
         pretrained: Any = None,
@@ -58,38 +48,34 @@ def create_model(
         num_classes: Optional[int] = None,
         **kwargs,
 ) -> torch.nn.Module:
-    """ Build a registered model from scratch, a pretrained tag or a weights file.
+    """ Build a registered model from scratch, a pretrained tag or a weights file (the scripts' models).
 
     Args:
         model_name: registered name, optionally with a pretrained tag ('dgmn2_tiny.in1k').
-        pretrained: False/None for random weights, True for the default tag, or a tag string.
+        pretrained: False/None for random weights, True for the default tag, or a tag string. The weights
+            come from the local Hugging Face cache or one Hub request (``weights.hub.pretrained_file``).
         checkpoint: a weights file or converted folder in any layout the model loads (ours, the
-            authors', timm's), read with ``dgmn_timm.weights.checkpoints`` before the model is built. The
+            authors', timm's), read by ``dgmn_timm.weights.checkpoints`` (``create_with_weights``): the
             model is built with the file's classifier, loaded strictly, and its classifier is then
             reset to ``num_classes`` if that differs (a new head on the trained backbone).
-        num_classes: classifier size (None: the model's default, 0: no classifier).
+        num_classes: classifier size (None: the model's default or the file's, 0: no classifier).
         kwargs: passed to ``timm.create_model``.
 
     Raises:
-        CheckpointError: the file cannot be read or does not fit the model.
+        CheckpointError: the weights cannot be found or read, or do not fit the model.
     """
     if pretrained and checkpoint:
         raise UsageError('give --pretrained or --checkpoint, not both')
     name = model_name
     if isinstance(pretrained, str) and pretrained.lower() not in ('', 'true', 'default'):
         name = f'{model_name.split(".")[0]}.{pretrained}'
-    if not checkpoint:
-        if num_classes is not None:
-            kwargs['num_classes'] = num_classes
-        return timm.create_model(name, pretrained=bool(pretrained), **kwargs)
-    rows = _classifier_rows(name, read_state_dict(checkpoint))
-    if rows is not None or num_classes is not None:
-        kwargs['num_classes'] = rows if rows is not None else num_classes
-    model = timm.create_model(name, **kwargs)
-    load_weights(model, checkpoint, strict=True)
-    if num_classes is not None and rows is not None and rows != num_classes:
-        model.reset_classifier(num_classes)
-    return model
+    if pretrained:
+        checkpoint = pretrained_file(name)
+    if checkpoint:
+        return create_with_weights(name, checkpoint, num_classes=num_classes, **kwargs)
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    return timm.create_model(name, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,15 +249,11 @@ def write_json(obj: Any, path: str):
 
 def read_model_weights(path: str) -> Dict[str, torch.Tensor]:
     """ The whole model's state dict as a script saved it (a dense script's ``--checkpoint``, a run's
-    ``last.safetensors``), read with ``checkpoints.read_checkpoint`` before the model is built.
+    ``last.safetensors``), read by ``dgmn_timm.weights.checkpoints`` before the model is built.
 
-    Its ``backbone.`` keys belong to the model, so the backbone-only unwrapping of ``read_state_dict``
-    does not apply.
+    Its ``backbone.`` keys belong to the model, so they are kept as they are.
     """
-    state_dict = read_checkpoint(path)
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f'{path} is not a weights file of the whole model (a last.safetensors of this script).')
-    return state_dict
+    return unwrap_state_dict(read_checkpoint(path), source=path, backbone_only=False)
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], path: str):
@@ -283,14 +265,14 @@ def load_model_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tenso
 
 
 def load_train_state(path: str) -> Dict[str, Any]:
-    """ A training state written by a script (``torch.load(weights_only=True)``); ``UsageError`` if unreadable. """
+    """ A training state written by a script (read by ``dgmn_timm.weights.checkpoints``); ``UsageError`` if unreadable. """
     if not os.path.isfile(path):
         raise UsageError(f'no training state to resume from at {path}')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a torch file: the user's file, not our bug
-        raise UsageError(f'cannot read the training state {path} ({type(e).__name__}: {e}); it is truncated or '
-                         f'not a {TRAIN_STATE} written by this script; start over with --overwrite') from None
+        state = read_checkpoint(path)
+    except CheckpointError as e:  # truncated, corrupt, or not a torch file: the user's file, not our bug
+        raise UsageError(f'cannot read the training state to resume from: {e} If it is not a {TRAIN_STATE} of '
+                         f'this script, start over with --overwrite') from None
     if not isinstance(state, dict) or 'epoch' not in state:
         raise UsageError(f'{path} is not a {TRAIN_STATE} written by this script; start over with --overwrite')
     return state

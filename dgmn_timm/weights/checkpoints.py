@@ -1,44 +1,48 @@
-""" Reading weight files and loading them into models: one reader, one filter lookup, one error type.
+""" Reading weight files and loading them into models: the one reader of dgmn_timm.
 
-Every route that takes a weights file ends here: ``timm.create_model(checkpoint_path=...)``,
-``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:`` / ``hf-hub:`` sources of dgmn_timm models,
-torch.hub's ``checkpoint_path``, the detection / segmentation ``backbone_checkpoint``, the converter
-(``python -m dgmn_timm.convert``) and the scripts. A file that cannot be used raises ``CheckpointError``
-(a ``ValueError``) or a subclass, with one message that names the file, says what is wrong with it and
-what to do, the same on every route.
+Every route of this package that takes a weights file ends here: ``dgmn_timm.load_weights``,
+``create_with_weights`` (torch.hub's ``checkpoint_path`` and ``pretrained``, the detection / segmentation
+``backbone_checkpoint`` / ``pretrained_file``, the scripts' ``--checkpoint`` and ``--pretrained``) and the
+converter (``python -m dgmn_timm.convert``). A file that cannot be used raises ``CheckpointError`` (a
+``ValueError``) or a subclass (``dgmn_timm.errors``), with one line that names the file, says what is
+wrong with it and what to do, the same on every route.
 
 The reader:
 
 * accepts ``.safetensors`` files, PyTorch files (``.pth`` / ``.pt`` / ``.bin`` / any name) and
   converted folders (``model.safetensors`` or ``pytorch_model.bin`` inside, next to a ``config.json``);
 * reads PyTorch files with ``torch.load(weights_only=True)``, allowing ``argparse.Namespace`` for that
-  one call (DeiT-style training checkpoints keep their arguments in one), as timm's loader does;
+  one call (DeiT-style training checkpoints keep their arguments in one);
 * unwraps a training checkpoint in this order: ``'model'``, then ``'state_dict'`` (the trained weights),
   or with ``use_ema=True`` ``'model_ema'``, then ``'state_dict_ema'``; a plain state dict is taken as it is;
 * strips the ``module.`` / ``_orig_mod.`` wrapper prefixes (timm's ``clean_state_dict``) and keeps the
   ``backbone.`` entries of a detection / segmentation checkpoint, prefix removed.
 
-``import dgmn_timm`` routes timm's own loaders through this module for dgmn_timm models only (see
-``install_timm_loaders``; timm's EMA-first default of ``checkpoint_path=`` is not followed for them); other
-timm models load exactly as timm loads them.
+Loading goes through timm's own ``load_pretrained`` (the architecture's ``checkpoint_filter_fn``, the
+input-conv adaptation), before any feature wrapper is built, as timm's builder does. timm's own routes
+(``timm.create_model(checkpoint_path=...)``, ``pretrained=True``, ``pretrained_cfg_overlay=dict(file=...)``)
+are timm's: importing dgmn_timm changes nothing in them.
 """
 import argparse
-import functools
 import json
 import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from ..errors import (
+    CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, abbrev, mismatch, mismatch_error,
+    shape_mismatches,
+)
+
 __all__ = [
-    'CheckpointError', 'CheckpointNotFoundError', 'CheckpointMismatchError',
-    'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'filter_fn_for',
-    'architecture_of', 'folder_architecture', 'check_folder_architecture', 'mismatch', 'convert_command',
-    'shape_mismatches', 'mismatch_error', 'abbrev', 'is_package_architecture', 'install_timm_loaders',
+    'read_checkpoint', 'read_state_dict', 'unwrap_state_dict', 'load_weights', 'load_state_dict_into', 'fit_state_dict',
+    'create_with_weights', 'classifier_rows', 'filter_fn_for', 'architecture_of', 'folder_architecture',
+    'check_folder_architecture', 'convert_command',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -49,21 +53,6 @@ FOLDER_WEIGHTS = ('model.safetensors', 'pytorch_model.bin')
 _MODEL_KEYS = ('model', 'state_dict')
 _EMA_KEYS = ('model_ema', 'state_dict_ema')
 _BACKBONE_PREFIX = 'backbone.'
-
-
-class CheckpointError(ValueError):
-    """ A weights file cannot be used: the message names the file, the problem and what to do. """
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """ The weights file, folder or Hub repo does not exist or cannot be reached. """
-
-
-class CheckpointMismatchError(CheckpointError, RuntimeError):
-    """ The weights were read but do not fit the model (another variant or architecture, wrong shapes).
-
-    Also a RuntimeError, as ``nn.Module.load_state_dict`` raises for the same mistakes.
-    """
 
 
 def convert_command(model_name: str = 'dgmn2_tiny', cache: bool = True) -> str:
@@ -246,9 +235,79 @@ def check_folder_architecture(path: PathLike, arch: Optional[str]) -> None:
             f'pretrained=True), or give {arch.split(".")[0]} weights converted for it.')
 
 
-def mismatch(path: PathLike, error: BaseException) -> CheckpointMismatchError:
-    """ The error for weights that were read from ``path`` but do not fit the model. """
-    return CheckpointMismatchError(f'{path}: {error}')
+def _first_convs(cfg: Mapping[str, Any]) -> Sequence[str]:
+    first = cfg.get('first_conv')
+    return (first,) if isinstance(first, str) else tuple(first or ())
+
+
+def _classifiers(cfg: Mapping[str, Any]) -> Sequence[str]:
+    classifier = cfg.get('classifier')
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+
+
+def classifier_rows(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
+    """ Rows of the classifier weight (timm's pretrained-cfg ``classifier`` name) in a state dict, if any. """
+    from timm.models import get_pretrained_cfg_value
+    try:
+        cfg = dict(classifier=get_pretrained_cfg_value(model_name, 'classifier'))
+    except Exception:  # no pretrained cfg for this name
+        return None
+    for name in _classifiers(cfg):
+        weight = state_dict.get(f'{name}.weight')
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return int(weight.shape[0])
+    return None
+
+
+def fit_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> Dict[str, torch.Tensor]:
+    """ ``state_dict`` mapped by the architecture's ``checkpoint_filter_fn`` and checked against ``model``.
+
+    The filter maps the authors' released layout and refuses another variant; then every missing,
+    unexpected (with ``strict``) and mis-shaped key is reported in one ``CheckpointMismatchError`` line
+    naming the architecture. The input conv's shape is left to timm's ``load_pretrained`` (another in_chans).
+    """
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    model_filter = filter_fn_for(model)
+    out = dict(model_filter(state_dict, model) if model_filter is not None else state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in out]
+    unexpected = [k for k in out if k not in own]
+    mismatched = shape_mismatches(out, own, skip={f'{c}.weight' for c in _first_convs(cfg)})
+    if mismatched or (strict and (missing or unexpected)):
+        arch = cfg.get('architecture') or type(model).__name__
+        raise mismatch_error(f'The weights do not fit {arch}:', missing, unexpected, mismatched)
+    return out
+
+
+def load_state_dict_into(
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        source: Any = 'the state dict',
+        strict: bool = True,
+) -> None:
+    """ A state dict (as the reader returns it) -> ``model``, with timm's ``load_pretrained``.
+
+    timm runs ``fit_state_dict`` as the filter (the architecture's ``checkpoint_filter_fn`` and one-line
+    errors naming ``source``, the architecture and the keys) and adapts the input conv to the model's channels.
+
+    Raises:
+        CheckpointMismatchError: the weights do not fit the model.
+    """
+    from timm.models import load_pretrained
+    cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
+    in_chans = 3
+    for name in _first_convs(cfg):
+        try:
+            in_chans = model.get_submodule(name).in_channels
+        except AttributeError:
+            pass
+    # the state dict as timm's source, and the model's own head size: nothing dropped, nothing re-initialised
+    cfg.update(source='', state_dict=dict(state_dict), num_classes=getattr(model, 'num_classes', 0), label_offset=0)
+    try:
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=cfg['num_classes'], in_chans=in_chans,
+                        filter_fn=lambda sd, m: fit_state_dict(m, sd, strict=strict), strict=strict)
+    except RuntimeError as e:
+        raise mismatch(source, e) from e
 
 
 def load_weights(
@@ -256,192 +315,55 @@ def load_weights(
         path: PathLike,
         strict: bool = True,
         use_ema: bool = False,
-) -> Any:
-    """ Weights file (or converted folder) -> model, through the architecture's ``checkpoint_filter_fn``.
+) -> None:
+    """ Weights file (or converted folder) -> a model you already have (not a feature wrapper).
 
-    Reads with ``read_state_dict``, maps the keys with the filter of the module that registers the
-    model's architecture (the authors' released layout, a 'backbone.' prefix), and loads with
-    ``model.load_state_dict(strict=strict)``.
-
-    Returns:
-        What ``model.load_state_dict`` returns (missing and unexpected keys when not strict).
+    Reads with ``read_state_dict`` and loads with ``load_state_dict_into``.
 
     Raises:
         CheckpointError / CheckpointNotFoundError: the file cannot be read (see ``read_checkpoint``).
         CheckpointMismatchError: the weights do not fit the model (the message names the file, the
             variant or architecture they are for, and the offending keys).
     """
-    arch = architecture_of(model)
-    check_folder_architecture(path, arch)
+    check_folder_architecture(path, architecture_of(model))
+    load_state_dict_into(model, read_state_dict(path, use_ema=use_ema), path, strict=strict)
+
+
+def create_with_weights(
+        model_name: str,
+        path: PathLike,
+        num_classes: Optional[int] = None,
+        use_ema: bool = False,
+        features_only: bool = False,
+        **kwargs,
+) -> nn.Module:
+    """ ``timm.create_model(model_name, **kwargs)`` holding the weights of a file, read by this module.
+
+    The model is built with the file's classifier (none for a backbone-only file) and loaded strictly;
+    with ``num_classes`` of another size its classifier is then replaced (a new head on the trained
+    weights). With ``features_only`` the weights are loaded into the model before timm wraps it
+    (``out_indices`` and the other feature options go in ``kwargs``).
+
+    Raises:
+        CheckpointError (and subclasses): the file cannot be read or does not fit the model.
+    """
+    from timm import create_model, is_model
+    from timm.models import split_model_name_tag
+    arch = split_model_name_tag(model_name)[0]
+    check_folder_architecture(path, arch if is_model(arch) else None)
     state_dict = read_state_dict(path, use_ema=use_ema)
-    filter_fn = filter_fn_for(model)
-    try:
-        if filter_fn is not None:
-            state_dict = filter_fn(state_dict, model)
-        return model.load_state_dict(state_dict, strict=strict)
-    except RuntimeError as e:
-        raise mismatch(path, e) from e
-
-
-# ---------------------------------------------------------------------------------------------
-# Describing a state dict that does not fit
-
-
-def abbrev(items: Sequence[str], n: int = 8) -> str:
-    """ The first ``n`` items, comma-separated, with a count of the rest. """
-    items = list(items)
-    more = f', ... (+{len(items) - n} more)' if len(items) > n else ''
-    return ', '.join(items[:n]) + more
-
-
-def shape_mismatches(
-        state_dict: Mapping[str, Any],
-        own: Mapping[str, torch.Tensor],
-        skip: Collection[str] = (),
-) -> List[str]:
-    """ 'key: checkpoint (shape) vs model (shape)' for every tensor whose shape differs from the model's. """
-    return [
-        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-        for k, v in state_dict.items()
-        if k in own and k not in skip and isinstance(v, torch.Tensor) and v.shape != own[k].shape
-    ]
-
-
-def mismatch_error(
-        title: str,
-        missing: Sequence[str] = (),
-        unexpected: Sequence[str] = (),
-        mismatched: Sequence[str] = (),
-        missing_label: str = 'Missing keys',
-) -> CheckpointMismatchError:
-    """ An error whose one-line message lists the missing, unexpected and mis-shaped keys after ``title``. """
-    msg = []
-    if missing:
-        msg.append(f'{missing_label} ({len(missing)}): {abbrev(missing)}')
-    if unexpected:
-        msg.append(f'Unexpected keys ({len(unexpected)}): {abbrev(unexpected)}')
-    if mismatched:
-        msg.append(f'Shape mismatches ({len(mismatched)}): {abbrev(mismatched)}')
-    return CheckpointMismatchError(f'{title} ' + '; '.join(msg))
-
-
-# ---------------------------------------------------------------------------------------------
-# timm's loaders, for this package's models
-
-
-def is_package_architecture(arch: Optional[str]) -> bool:
-    """ Whether ``arch`` (optionally with a tag) is registered by a module of this package. """
-    from timm.models import is_model, model_entrypoint
-    name = (arch or '').split('.')[0]
-    if not name or not is_model(name):
-        return False
-    module = model_entrypoint(name).__module__
-    return module == PACKAGE or module.startswith(PACKAGE + '.')
-
-
-def _wrap_load_pretrained(original: Callable) -> Callable:
-    """ timm's ``load_pretrained``, reading this package's weights with ``read_state_dict``.
-
-    Files, folders and Hub repos are read here (clear errors, the Hub asked without retries); timm's
-    ``load_pretrained`` then does the rest from the state dict (filter, input conv, classifier).
-    """
-    @functools.wraps(original)
-    def load_pretrained(model, pretrained_cfg=None, num_classes=1000, in_chans=3, filter_fn=None, strict=True,
-                        cache_dir=None):
-        cfg = pretrained_cfg or getattr(model, 'pretrained_cfg', None) or {}
-        arch = cfg.get('architecture')
-        if not is_package_architecture(arch):
-            return original(model, pretrained_cfg, num_classes, in_chans, filter_fn, strict, cache_dir)
-        from timm.models._builder import _resolve_pretrained_source
-        load_from, location = _resolve_pretrained_source(cfg)
-        if load_from in ('file', 'local-dir'):
-            path = location
-            check_folder_architecture(path, arch)
-        elif load_from == 'hf-hub':
-            from .hub import hub_weights_file
-            repo_id, filename = location if isinstance(location, (tuple, list)) else (location, None)
-            path = hub_weights_file(repo_id, filename, cache_dir=cache_dir, model_name=_tagged(arch, cfg.get('tag')))
-        elif load_from == '':
-            name = _tagged(arch, cfg.get('tag'))
-            raise CheckpointNotFoundError(
-                f'No pretrained weights are registered for {name}. Use pretrained=False, or give weights with '
-                f"checkpoint_path=PATH or timm.create_model('local-dir:FOLDER', pretrained=True).")
-        else:  # a state dict or a url: timm's own business
-            return original(model, pretrained_cfg, num_classes, in_chans, filter_fn, strict, cache_dir)
-        try:
-            state_dict = read_state_dict(path)
-        except CheckpointError as e:
-            if load_from != 'hf-hub':
-                raise
-            raise type(e)(f"{e} (It is the cached copy of the Hugging Face Hub repo '{repo_id}': delete it, then "
-                          f'download it again or run `{convert_command(_tagged(arch, cfg.get("tag")))}`.)') from e
-        cfg = dict(cfg, state_dict=state_dict, source='', file=None)
-        try:
-            return original(model, cfg, num_classes, in_chans, filter_fn, strict, cache_dir)
-        except RuntimeError as e:
-            raise mismatch(path, e) from e
-    return load_pretrained
-
-
-def _wrap_load_checkpoint(original: Callable) -> Callable:
-    """ timm's ``load_checkpoint`` (``create_model(checkpoint_path=...)``), as ``load_weights`` for this package.
-
-    timm's ``use_ema`` default (True) is not followed: the trained weights load, as on every other route.
-    """
-    @functools.wraps(original)
-    def load_checkpoint(model, checkpoint_path, use_ema=True, device='cpu', strict=True, remap=False, filter_fn=None,
-                        weights_only=True):
-        if remap or filter_fn is not None or not weights_only or not is_package_architecture(architecture_of(model)):
-            return original(model, checkpoint_path, use_ema, device, strict, remap, filter_fn, weights_only)
-        return load_weights(model, checkpoint_path, strict=strict)
-    return load_checkpoint
-
-
-def _wrap_config_from_hf(original: Callable) -> Callable:
-    """ timm's ``load_model_config_from_hf`` (``hf-hub:`` names): this package's repos fail fast and clearly. """
-    @functools.wraps(original)
-    def load_model_config_from_hf(model_id, cache_dir=None, **kwargs):
-        from .hub import hub_file, is_package_repo
-        if is_package_repo(model_id):
-            hub_file(model_id, (CONFIG_NAME,), cache_dir=cache_dir)
-        return original(model_id, cache_dir=cache_dir, **kwargs)
-    return load_model_config_from_hf
-
-
-def _wrap_config_from_path(original: Callable) -> Callable:
-    """ timm's ``load_model_config_from_path`` (``local-dir:`` names), with the reader's message for a missing folder. """
-    @functools.wraps(original)
-    def load_model_config_from_path(model_path, **kwargs):
-        p = Path(model_path)
-        if not p.is_dir():
-            raise CheckpointNotFoundError(
-                f'{p} is not a folder. local-dir: takes a folder with {CONFIG_NAME} and model.safetensors, written by '
-                f'`{convert_command(cache=False)}` or timm.models.save_for_hf.')
-        if not (p / CONFIG_NAME).is_file():
-            raise CheckpointNotFoundError(
-                f'{p} has no {CONFIG_NAME}. local-dir: takes a folder written by `{convert_command(cache=False)}` or '
-                f'timm.models.save_for_hf; load a bare weights file with checkpoint_path=.')
-        return original(model_path, **kwargs)
-    return load_model_config_from_path
-
-
-def _tagged(arch: Optional[str], tag: Optional[str]) -> str:
-    return f'{arch}.{tag}' if tag else str(arch)
-
-
-def install_timm_loaders() -> None:
-    """ Route timm's weight loading for this package's models through this module (once; idempotent).
-
-    Replaces, in timm's own modules, the functions ``timm.create_model`` calls to load weights:
-    ``load_pretrained`` (pretrained tags, ``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``,
-    ``hf-hub:``), ``load_checkpoint`` (``checkpoint_path=``) and the two config readers of ``hf-hub:`` /
-    ``local-dir:``. For models registered outside this package each one calls timm's original unchanged
-    (the ``local-dir:`` reader only adds a message for a missing folder). Nothing in torch is changed.
-    """
-    from timm.models import _builder, _factory
-    if getattr(_builder.load_pretrained, '__wrapped__', None) is not None:
-        return
-    _builder.load_pretrained = _wrap_load_pretrained(_builder.load_pretrained)
-    _factory.load_checkpoint = _wrap_load_checkpoint(_factory.load_checkpoint)
-    _factory.load_model_config_from_hf = _wrap_config_from_hf(_factory.load_model_config_from_hf)
-    _factory.load_model_config_from_path = _wrap_config_from_path(_factory.load_model_config_from_path)
+    rows = classifier_rows(model_name, state_dict)
+    feature_kwargs = {k: kwargs.pop(k) for k in ('out_indices', 'feature_cls', 'output_fmt') if k in kwargs}
+    model = create_model(model_name, num_classes=rows or 0, **kwargs)
+    load_state_dict_into(model, state_dict, path)
+    del state_dict
+    if features_only:
+        # timm's builder loads before it wraps: give it the loaded weights as its state-dict source
+        overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {}, state_dict=model.state_dict())
+        features = create_model(model_name, pretrained=True, features_only=True, pretrained_cfg_overlay=overlay,
+                                **feature_kwargs, **kwargs)
+        features.pretrained_cfg.pop('state_dict', None)
+        return features
+    if num_classes is not None and num_classes != (rows or 0):
+        model.reset_classifier(num_classes)
+    return model

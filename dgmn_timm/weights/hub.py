@@ -3,16 +3,18 @@
 timm writes and reads Hub folders (``save_for_hf``, ``local-dir:``, ``hf-hub:``) and generates model
 cards (``generate_readme``); this module adds what it lacks for weights that are not on the Hub yet:
 
-    * ``hub_file`` / ``hub_weights_file``: a file of a Hub repo from the local cache or the Hub, asked
-      once without retries, with an error that names the repo and the command that produces it;
+    * ``pretrained_file``: the local weights file of a model's pretrained tag, for this package's own
+      routes (torch.hub's ``pretrained=True``, the scripts' ``--pretrained``): from the local cache or
+      one Hub request without retries, with an error that names the repo and the command that produces it;
+    * ``hub_file`` / ``hub_weights_file``: the same for any file of a Hub repo;
     * ``write_model_card``: the card of a converted folder (timm's ``generate_readme``);
     * ``place_in_cache``: a converted folder -> the local Hugging Face cache under a Hub id, so that
       ``timm.create_model('dgmn2_tiny.in1k', pretrained=True)`` works offline;
-    * ``push_folder``: a converted folder -> a Hub repo (``huggingface_hub``), with a dry run
+    * ``push_folder``: a converted folder -> a Hub repo (``HfApi.upload_folder``), with a dry run
       (``python -m dgmn_timm.push_to_hub FOLDER --repo-id ORG/NAME [--dry-run]``);
     * ``hub_entrypoint`` / ``package_models``: the torch.hub entry points of ``hubconf.py``.
 
-Conversion of the authors' checkpoints lives in ``dgmn_timm.weights.convert`` (``python -m dgmn_timm.convert``).
+Conversion of checkpoints lives in ``dgmn_timm.weights.convert`` (``python -m dgmn_timm.convert``).
 """
 import hashlib
 import json
@@ -26,21 +28,14 @@ import torch.nn as nn
 import timm
 from timm.models import get_pretrained_cfg, list_models, model_entrypoint, split_model_name_tag
 
-from .checkpoints import (
-    CONFIG_NAME, PACKAGE, CheckpointError, CheckpointMismatchError, CheckpointNotFoundError, convert_command,
-    is_package_architecture,
-)
+from ..errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from .checkpoints import CONFIG_NAME, PACKAGE, convert_command, create_with_weights
 
 __all__ = [
-    'PretrainedWeightsError', 'PretrainedWeightsNotFoundError', 'PAPER_METRICS',
-    'hf_cache_dir', 'hub_file', 'hub_weights_file', 'is_package_repo', 'registered_architecture',
-    'write_model_card', 'read_config', 'place_in_cache', 'hub_folder_files', 'verify_hub_folder', 'push_folder',
-    'package_models', 'hub_entrypoint', 'create_hub_model',
+    'PAPER_METRICS', 'hf_cache_dir', 'pretrained_file', 'hub_file', 'hub_weights_file', 'is_package_architecture',
+    'is_package_repo', 'registered_architecture', 'write_model_card', 'read_config', 'place_in_cache',
+    'hub_folder_files', 'verify_hub_folder', 'push_folder', 'package_models', 'hub_entrypoint', 'create_hub_model',
 ]
-
-# the errors the README promises, as the checkpoint module's
-PretrainedWeightsError = CheckpointError
-PretrainedWeightsNotFoundError = CheckpointNotFoundError
 
 WEIGHTS_NAME = 'model.safetensors'
 README_NAME = 'README.md'
@@ -94,6 +89,15 @@ def _hf_offline() -> bool:
 def _split_revision(hub_id: str) -> Tuple[str, Optional[str]]:
     repo_id, _, revision = hub_id.partition('@')
     return repo_id, revision or None
+
+
+def is_package_architecture(arch: Optional[str]) -> bool:
+    """ Whether ``arch`` (optionally with a tag) is registered by a module of this package. """
+    name = (arch or '').split('.')[0]
+    if not name or not timm.is_model(name):
+        return False
+    module = model_entrypoint(name).__module__
+    return module == PACKAGE or module.startswith(PACKAGE + '.')
 
 
 def registered_architecture(repo_id: str) -> Optional[Tuple[str, Any]]:
@@ -185,6 +189,32 @@ def hub_weights_file(
     return hub_file(hub_id, names, cache_dir=cache_dir, model_name=model_name)
 
 
+def pretrained_file(model_name: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """ The local weights file that ``timm.create_model(model_name, pretrained=True)`` would load.
+
+    For this package's own routes (torch.hub's ``pretrained=True``, the scripts' ``--pretrained``): the
+    model's registered pretrained tag (default tag without one) or an ``hf-hub:ORG/NAME`` id, taken from the
+    local Hugging Face cache, else asked from the Hub once, without retries (``hub_file``). The result is a
+    path every reader of this package takes (``create_with_weights``, ``pretrained_file=``, ``--checkpoint``).
+
+    Raises:
+        CheckpointNotFoundError: one line naming the model, the Hub repo, the cache and the command that
+            produces the weights, within one Hub request (at once with HF_HUB_OFFLINE=1 or no network).
+    """
+    if model_name.startswith('hf-hub:'):
+        return hub_weights_file(model_name[len('hf-hub:'):], cache_dir=cache_dir)
+    arch, tag = split_model_name_tag(model_name)
+    if not timm.is_model(arch):
+        raise CheckpointNotFoundError(f'Unknown model {arch!r}: no pretrained weights to load.')
+    cfg = get_pretrained_cfg(model_name if tag else arch)
+    name = f'{arch}.{cfg.tag}' if cfg is not None and cfg.tag else arch
+    if cfg is None or not cfg.hf_hub_id:
+        raise CheckpointNotFoundError(
+            f'No pretrained weights are registered for {name}. Give a weights file instead (--checkpoint PATH, '
+            f'checkpoint_path=PATH), or a converted folder.')
+    return hub_weights_file(cfg.hf_hub_id, cfg.hf_hub_filename, cache_dir=cache_dir, model_name=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Converted folders
 
@@ -222,8 +252,14 @@ def write_model_card(
         source: Optional[Mapping[str, Any]] = None,
         ignored_keys: Optional[List[str]] = None,
         folder_name: Optional[str] = None,
+        authors: bool = False,
+        run: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """ Write the ``README.md`` model card of a converted folder from its ``config.json`` (timm's generate_readme).
+
+    The card says what the weights are: the paper's provenance, numbers and dataset only for the authors'
+    released checkpoints (``authors``); a run of ours (``run``) is described by its classes, input size and
+    metrics; other weights only by their file.
 
     Args:
         folder: the folder (with ``config.json`` and ``model.safetensors``).
@@ -231,6 +267,8 @@ def write_model_card(
         source: provenance of the converted file (file, sha256, epoch, args).
         ignored_keys: released tensors that are not part of the converted model.
         folder_name: the folder's name in the card's ``local-dir:`` example (default: its name now).
+        authors: the weights are the authors' released checkpoint (recognised by the converter).
+        run: the record of a fine-tuning run of ours (classes, input_size, epoch, val_top1, val_top5, weights).
     """
     from timm.models._hub import generate_readme
     folder = Path(folder)
@@ -248,7 +286,7 @@ def write_model_card(
         hub_name = f'local-dir:{folder_name or folder.name}'
     family = arch.split('_')[0]
     paper = _PAPERS.get(family, {})
-    metrics = PAPER_METRICS.get(arch, {}) if num_classes else {}
+    metrics = PAPER_METRICS.get(arch, {}) if authors and num_classes == 1000 else {}
     variant = arch.split('_', 1)[-1].capitalize() if '_' in arch else arch
     classifier = num_classes > 0
     size = tuple(pcfg.get('input_size') or (3, 224, 224))
@@ -270,13 +308,20 @@ def write_model_card(
     desc = (f'{paper.get("name", family.upper())}-{variant} '
             f'{"image classification model" if classifier else "backbone"} from the paper "{paper.get("title", "")}"'
             + (f': {paper["description"]}.' if paper.get('description') else '.'))
-    if classifier:
+    if run is not None:
+        names = [str(c) for c in run.get('classes') or ()]
+        desc += (f' Fine-tuned with {PACKAGE} (`python -m {PACKAGE}.finetune`) on {num_classes} classes'
+                 + (f' ({", ".join(names[:10])}{", ..." if len(names) > 10 else ""})' if names else '') + '.')
+    elif authors and classifier:
         desc += (' Trained on ImageNet-1k by the paper authors; the weights were converted from their released '
                  f'checkpoint to timm format with {PACKAGE} (no retraining, no fine-tuning).')
-    else:
+    elif authors:
         desc += (' Backbone only (no classifier, num_classes=0), converted from a detection / segmentation '
                  f"checkpoint of the authors' release with {PACKAGE}; use it as a feature extractor or to "
                  'initialise a dense-prediction model.')
+    else:
+        desc += (f' Weights converted to timm format with {PACKAGE} from `{(source or {}).get("file", "a file")}`'
+                 + (f' ({num_classes} classes).' if classifier else ' (backbone only, num_classes=0).'))
     stats = {}
     if num_params is not None:
         stats['Params (M)'] = f'{num_params / 1e6:.2f} (this checkpoint, {num_params:,} parameters)' + (
@@ -293,14 +338,23 @@ def write_model_card(
             f'{metrics["top1"]}% (reported by the authors at {size[-1]}x{size[-1]}; not re-evaluated here)')
     if paper:
         details['Papers'] = [f'{paper["title"]}: https://arxiv.org/abs/{paper["arxiv"]} (arXiv:{paper["arxiv"]})']
-    if classifier and 'in1k' in tag:
+    if authors and classifier and num_classes == 1000:
         details['Dataset'] = 'ImageNet-1k'
+    if run is not None:
+        if run.get('classes'):
+            details['Classes'] = ', '.join(str(c) for c in run['classes'])
+        for key, label in (('val_top1', 'Validation top-1 (this run)'), ('val_top5', 'Validation top-5 (this run)')):
+            if run.get(key) is not None:
+                details[label] = f'{float(run[key]):.2f}%'
+        if run.get('epoch') is not None:
+            details['Epochs'] = str(run['epoch']) + (f' ({run["weights"]} weights)' if run.get('weights') else '')
     if source:
         original = f'`{source.get("file")}`'
         if source.get('sha256'):
             original += f' (sha256 `{source["sha256"][:16]}...`' + (
                 f', epoch {source["epoch"]})' if 'epoch' in source else ')')
-        details['Original'] = f"the authors' release (Apache-2.0), converted from {original}"
+        details['Original'] = (f"the authors' release (Apache-2.0), converted from {original}" if authors
+                               else f'converted from {original}')
     if ignored_keys:
         groups = sorted({k.split('.')[0] for k in ignored_keys})
         details['Not converted'] = f'{len(ignored_keys)} tensors outside the backbone ({", ".join(groups)})'
@@ -482,11 +536,9 @@ def push_folder(
     from huggingface_hub import HfApi
     api = HfApi(library_name='timm', library_version=timm.__version__)
     repo_url = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
-    from huggingface_hub import CommitOperationAdd
-    operations = [CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=str(folder / rel)) for rel in files]
-    info = api.create_commit(
-        repo_id=repo_url.repo_id, repo_type='model', operations=operations,
-        commit_message=commit_message, revision=revision)
+    info = api.upload_folder(
+        repo_id=repo_url.repo_id, folder_path=folder, repo_type='model', revision=revision,
+        commit_message=commit_message, allow_patterns=[rel.as_posix() for rel in files])
     print_fn(f'Uploaded: {getattr(info, "commit_url", info)}')
     return info
 
@@ -523,12 +575,15 @@ Example:
 
 
 def create_hub_model(model_name: str, pretrained: bool = False, checkpoint_path=None, **kwargs) -> nn.Module:
-    """ ``timm.create_model`` for the torch.hub entry points: ``checkpoint_path`` is a pretrained file. """
-    if checkpoint_path is not None:
-        kwargs['pretrained_cfg_overlay'] = dict(kwargs.pop('pretrained_cfg_overlay', None) or {},
-                                                file=os.fspath(checkpoint_path))
-        pretrained = True
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    """ The torch.hub entry points' model: random, the pretrained weights (``pretrained_file``) or a file's,
+    read by ``dgmn_timm.weights.checkpoints`` (``create_with_weights``). """
+    if pretrained and checkpoint_path is not None:
+        raise ValueError('give pretrained=True or checkpoint_path, not both')
+    if pretrained:
+        checkpoint_path = pretrained_file(model_name, cache_dir=kwargs.pop('cache_dir', None))
+    if checkpoint_path is None:
+        return timm.create_model(model_name, **kwargs)
+    return create_with_weights(model_name, checkpoint_path, **kwargs)
 
 
 def hub_entrypoint(model_name: str) -> Callable[..., nn.Module]:
