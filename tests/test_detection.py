@@ -396,14 +396,16 @@ def test_train_detection_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'epoch 1/1' in proc.stderr  # tqdm progress bar
     assert re.search(r'epoch 1/1: loss .*, box AP \d\.\d{4}, mask AP \d\.\d{4}', proc.stdout), proc.stdout[-2000:]
-    metrics = json.loads((out / 'metrics.json').read_text())
-    assert metrics['num_classes'] == 3 and metrics['cat_ids'] == [3, 7]
-    assert len(metrics['epochs']) == 1 and np.isfinite(metrics['epochs'][0]['loss'])
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['num_classes'] == 3 and summary['cat_ids'] == [3, 7]
+    (record,) = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert np.isfinite(record['train_loss']) and record['train_samples'] == 2
+    assert json.loads((out / 'args.json').read_text())['decay_bias_norm'] is True  # the paper recipe: decay everything
     for iou_type in ('bbox', 'segm'):
-        stats = metrics['eval'][iou_type]
-        assert set(stats) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'}
+        stats = {k: v for k, v in record.items() if k.startswith(f'val_{iou_type}_')}
+        assert set(stats) == {f'val_{iou_type}_{k}' for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')}
         assert all(0.0 <= v <= 1.0 for v in stats.values())
-    assert metrics['eval']['num_detections'] > 0
+    assert record['val_num_detections'] > 0
     # the safetensors checkpoint loads into a fresh detector
     from safetensors.torch import load_file
     model = maskrcnn_dgmn2(num_classes=3)

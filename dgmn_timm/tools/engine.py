@@ -441,7 +441,7 @@ def check_train_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict
         return previous, None
     path = os.path.join(args.output_dir, TRAIN_STATE) if args.resume == 'auto' else args.resume
     state = load_train_state(path)
-    if 'args' not in state or 'num_updates' not in state:
+    if not {'args', 'num_updates', 'train_time_s', 'last'} <= set(state):
         raise UsageError(f'{path} is not a {TRAIN_STATE} written by this script; start over with --overwrite')
     now = _jsonable(vars(args))
     differ = sorted(k for k in set(now) | set(state['args'])
@@ -576,6 +576,7 @@ def train(
 
     start_epoch, num_updates, train_time = 0, 0, 0.
     best: Dict[str, Any] = dict(epoch=0, weights=None, metrics=None)
+    last: Optional[Dict[str, Any]] = None  # the last epoch's metrics line
     if state is not None:
         weights = os.path.join(os.path.dirname(os.path.abspath(state['path'])), state['weights_file'])
         load_model_weights(model, read_model_weights(weights), weights)
@@ -585,7 +586,7 @@ def train(
         if ema is not None and state.get('ema') is not None:
             ema.module.load_state_dict(state['ema'])
         start_epoch, num_updates, best = state['epoch'], state['num_updates'], state['best']
-        train_time = state.get('train_time_s', 0.)
+        train_time, last = state['train_time_s'], state['last']
         if is_main:
             tqdm.write(f'Resumed from {state["path"]}: {start_epoch} of {args.epochs} epochs done')
     if scheduler is not None:
@@ -608,7 +609,6 @@ def train(
                    os.path.join(out, ARGS_FILE))
 
     end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
-    last: Optional[Dict[str, Any]] = None
     session_start = time.time()
     old_handler = None
     try:
@@ -698,7 +698,7 @@ def train(
                     weights_file=LAST_FILE, optimizer=optimizer.state_dict(),
                     scaler=loss_scaler.state_dict() if loss_scaler is not None else None,
                     ema=ema.module.state_dict() if ema is not None else None,
-                    train_time_s=train_time + time.time() - session_start,
+                    train_time_s=train_time + time.time() - session_start, last=_jsonable(record),
                 ), os.path.join(out, TRAIN_STATE))
                 with open(metrics_path, 'a', encoding='utf-8') as f:
                     f.write(json.dumps(_jsonable(record)) + '\n')

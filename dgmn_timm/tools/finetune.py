@@ -45,7 +45,7 @@ from dgmn_timm.tools.engine import (
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', default=None,
                    help='folder with train/<class>/* and val/<class>/* (with --dataset hfds/...: the cache folder)')

@@ -51,7 +51,8 @@ STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     data = p.add_argument_group('data')
     data.add_argument('--train-images', required=True, help='folder of training images')
     data.add_argument('--train-ann', required=True, help='COCO-format annotation JSON of the training images')

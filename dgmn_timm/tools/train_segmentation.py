@@ -70,7 +70,7 @@ def _recipes_epilog() -> str:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter, allow_abbrev=False,
                                 epilog=_recipes_epilog())
     data = p.add_argument_group('data')
     data.add_argument('--train-images', required=True, help='folder of training images (searched recursively)')
