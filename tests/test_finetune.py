@@ -315,6 +315,25 @@ def test_too_small_input_writes_nothing_and_the_corrected_command_runs(tmp_path,
     assert {'args.json', 'metrics.jsonl', 'summary.json', 'last.safetensors'} <= set(os.listdir(out))
 
 
+def test_pretrained_without_network_is_one_line(tmp_path, monkeypatch, capsys):
+    """ --pretrained with weights that are not cached and no way to the Hub: one error line within
+    seconds, before a model is built or a file written (timm's own download retries for a minute). """
+    import time
+    import huggingface_hub
+    from dgmn_timm.tools.cli import run_cli
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    data = str(tmp_path / 'data')
+    write_digits_imagefolder(data, img_size=32, per_class=2, classes=[0, 1])
+    start = time.monotonic()
+    assert run_cli(finetune.main, FAST + ['--data-dir', data, '--output-dir', str(tmp_path / 'out'),
+                                          '--pretrained']) == 2
+    assert time.monotonic() - start < 15
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith('error: --pretrained: the weights of dgmn2_tiny are not in the local cache'), line
+    assert not (tmp_path / 'out').exists()
+
+
 def _write_parquet_digits(folder):
     """ Digits 0 and 1 as a Hugging Face dataset of local parquet files (train and validation splits). """
     import io

@@ -317,7 +317,10 @@ def check_pretrained(model_name: str, pretrained: Any, flag: str = '--pretrained
     if name.startswith('hf-hub:'):
         hub_id, url, filename = name[len('hf-hub:'):], None, None
     else:
-        cfg = timm.models.get_pretrained_cfg(name)
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError:  # an unknown tag
+            cfg = None
         if cfg is None:
             tags = [m.split('.', 1)[1] for m in timm.list_pretrained(f'{name.split(".")[0]}.*')]
             raise UsageError(f'{flag}: {name} has no pretrained weights'
