@@ -287,6 +287,7 @@ def test_all_images_unreadable(tmp_path):
     with pytest.raises(DataDirError, match='could be decoded'):
         finetune.main(FAST + ['--data-dir', str(tmp_path), '--output-dir', str(tmp_path / 'out'), '--epochs', '1',
                               '--batch-size', '2', '--mixup', '0', '--cutmix', '0'])
+    assert not os.path.exists(tmp_path / 'out')  # failed before its first step: nothing blocks the next command
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

@@ -601,7 +601,9 @@ def train(
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
 
     metrics_path = os.path.join(out, METRICS_FILE)
-    if is_main:
+
+    def start_record():
+        # written with the first epoch's files, so that a run failing before it leaves nothing behind
         os.makedirs(out, exist_ok=True)
         kept = []  # a resume keeps the lines of the epochs done (an interruption may have left one more)
         if state is not None and os.path.isfile(metrics_path):
@@ -666,7 +668,7 @@ def train(
             reduced = all_reduce_sum([sums[k] for k in names] + [n_seen, skipped], dist_info)
             n_seen, skipped = reduced[-2:]
             if n_seen == 0:
-                raise DataDirError('No training sample could be read in this epoch.')
+                raise DataDirError('No training sample could be decoded in this epoch.')
             if dist_info.distributed:
                 distribute_bn(model, dist_info.world_size, reduce=True)  # same BatchNorm stats on every rank
             record: Dict[str, Any] = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'])
@@ -690,6 +692,8 @@ def train(
                 else:
                     best = dict(epoch=epoch, weights=improved[0], metrics=_jsonable(improved[1]))
             if is_main:
+                if epoch == start_epoch + 1:
+                    start_record()
                 if improved is not None:
                     save_safetensors(improved[2].state_dict(), os.path.join(out, BEST_FILE),
                                      dict(task.meta, epoch=epoch, weights=improved[0]))
