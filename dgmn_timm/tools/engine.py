@@ -553,7 +553,8 @@ def train(
     Args:
         args: parsed options (``add_run_args``, ``add_train_args`` and the script's own).
         model: the model on its device (initial weights loaded).
-        train_loader: batches for ``task.forward``; a ``DistributedSampler``'s epoch is set every epoch.
+        train_loader: batches for ``task.forward``; its ``DistributedSampler``'s epoch, or the generator of
+            its shuffle (``make_loader``), is set every epoch.
         task: forward, evaluation and records of the script.
         schedule: ``create_scheduler`` options (sched, warmup_epochs or warmup_steps, warmup_lr, min_lr, ...).
         dist_info: the device and process group.
@@ -626,8 +627,10 @@ def train(
             # data order, augmentation, mixup and drop path draw from RNGs seeded per epoch (and rank), so a
             # resumed run continues as an uninterrupted one would
             random_seed(args.seed + 10007 * epoch, dist_info.rank)
-            if hasattr(train_loader.sampler, 'set_epoch'):
+            if hasattr(train_loader.sampler, 'set_epoch'):  # DistributedSampler: seeded with --seed + epoch - 1
                 train_loader.sampler.set_epoch(epoch - 1)
+            elif train_loader.generator is not None:  # make_loader's shuffle: seeded with --seed + epoch
+                train_loader.generator.manual_seed(args.seed + epoch)
             train_model.train()
             sums: Dict[str, float] = {}
             n_seen = skipped = 0.

@@ -16,7 +16,6 @@ refused unless --resume (continue it) or --overwrite (replace it) is given.
 """
 import argparse
 import math
-import os
 import sys
 
 import torch

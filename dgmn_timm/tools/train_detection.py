@@ -254,8 +254,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.overwrite:
         clear_run_files(args.output_dir, previous)
     model.to(device)
-    train_loader = make_loader(train_set, args.batch_size, args.workers, collate_fn=collate,
-                               sampler=torch.utils.data.DistributedSampler(train_set, 1, 0, seed=args.seed))
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, seed=args.seed,
+                               collate_fn=collate)
     val_loader = make_loader(val_set, args.batch_size, args.workers, collate_fn=collate)
 
     def forward(model, batch):

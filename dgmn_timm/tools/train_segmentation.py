@@ -257,8 +257,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
     train_set = SegmentationFolder(train_pairs, mean, std, train=True, args=args)
     val_set = SegmentationFolder(val_pairs, mean, std, train=False, args=args)
-    train_loader = make_loader(train_set, args.batch_size, args.workers, drop_last=len(train_set) > args.batch_size,
-                               sampler=torch.utils.data.DistributedSampler(train_set, 1, 0, seed=args.seed))
+    train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, seed=args.seed,
+                               drop_last=len(train_set) > args.batch_size)
     val_loader = make_loader(val_set, 1, args.workers)  # whole images of different sizes: one at a time
 
     def forward(model, batch):
