@@ -412,6 +412,28 @@ def test_train_detection_script(tmp_path):
     model.load_state_dict(load_file(str(out / 'last.safetensors')))
 
 
+def test_training_recipe_on_timm_factories():
+    """ The paper's recipe on timm's factories: weight decay on every parameter, 500 warm-up iterations
+    from 1e-3 x lr, x0.1 after epochs 8 and 11 (timm steps a milestone one update early). """
+    from dgmn_timm.tools.engine import create_optimizer, create_scheduler
+    script = load_script('train_detection')
+    args = script.parse_args(['--train-images', '.', '--train-ann', '.'])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    optimizer = create_optimizer(model, args, args.lr)
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [1e-4]
+    assert sum(len(g['params']) for g in optimizer.param_groups) == 4  # biases and norms decay too
+    per_epoch = 100
+    scheduler = create_scheduler(optimizer, args.epochs, per_epoch, **script.lr_schedule(args))
+
+    def paper(it):  # the hand-made form
+        factor = 0.1 ** sum(it + 1 >= s * per_epoch for s in args.lr_steps)
+        return factor * (1e-3 + (1 - 1e-3) * it / 500 if it < 500 else 1.)
+
+    for it in (0, 1, 250, 499, 500, 799, 800, 1099, 1100, 1199):
+        scheduler.step_update(it)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-4 * paper(it), rel=1e-6), it
+
+
 @pytest.mark.slow
 def test_detector_learns_synthetic_boxes():
     """ A few dozen steps on one fixed batch: the detection losses fall clearly. """

@@ -140,6 +140,21 @@ def make_segmentation_dataset(root: Path):
     return root / 'images', root / 'masks'
 
 
+def test_training_recipe_on_timm_factories():
+    """ The recipe on timm's factories: AdamW, weight decay on every parameter, poly (power 0.9) over all
+    iterations, stepped per update. """
+    from dgmn_timm.tools.engine import create_optimizer, create_scheduler
+    script = load_script('train_segmentation')
+    args = script.parse_args(['--train-images', '.', '--train-masks', '.', '--num-classes', '3', '--epochs', '4'])
+    optimizer = create_optimizer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), args, args.lr)
+    assert type(optimizer).__name__ == 'AdamW' and len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]['weight_decay'] == 1e-4 and len(optimizer.param_groups[0]['params']) == 4
+    scheduler = create_scheduler(optimizer, args.epochs, 25, **script.lr_schedule(args))
+    for it in (0, 1, 37, 99, 100):
+        scheduler.step_update(it)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-4 * (1 - it / 100) ** 0.9, abs=1e-12), it
+
+
 def read_metrics(out: Path):
     return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines() if line.strip()]
 

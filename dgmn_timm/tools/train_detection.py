@@ -148,6 +148,13 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
+def lr_schedule(args: argparse.Namespace) -> Dict[str, Any]:
+    """ The paper's schedule as ``engine.create_scheduler`` options: --warmup-iters linear warm-up from
+    --warmup-ratio x lr, then x0.1 after each of --lr-steps epochs (timm's multistep, stepped per update). """
+    return dict(sched='multistep', decay_milestones=args.lr_steps, decay_rate=0.1,
+                warmup_steps=args.warmup_iters, warmup_lr=args.lr * args.warmup_ratio)
+
+
 def describe(metrics: Dict[str, Any]) -> str:
     """ The AP part of the epoch line: box AP, and mask AP for Mask R-CNN. """
     text = f'box AP {metrics["bbox_AP"]:.4f}'
@@ -270,9 +277,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     run_info = dict(num_classes=num_classes, cat_ids=train_set.cat_ids)
     if args.eval_only:
         return evaluate_only(args, model, task, run_info)
-    schedule = dict(sched='multistep', decay_milestones=args.lr_steps, decay_rate=0.1,
-                    warmup_steps=args.warmup_iters, warmup_lr=args.lr * args.warmup_ratio)
-    return train(args, model, train_loader, task, schedule, DistInfo(device), state=state, run_info=run_info)
+    return train(args, model, train_loader, task, lr_schedule(args), DistInfo(device), state=state, run_info=run_info)
 
 
 if __name__ == '__main__':

@@ -216,6 +216,12 @@ def evaluate(model, loader, device, args) -> Dict[str, Any]:
     return segmentation_metrics(conf)
 
 
+def lr_schedule(args: argparse.Namespace) -> Dict[str, Any]:
+    """ The recipe's poly decay over all iterations as ``engine.create_scheduler`` options (timm's poly,
+    stepped per update). """
+    return dict(sched='poly', decay_rate=args.poly_power, min_lr=args.min_lr)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     # every check before anything is built or written
@@ -272,8 +278,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 summary=dict(meta, train_images=len(train_set), val_images=len(val_set)))
     if args.eval_only:
         return evaluate_only(args, model, task)
-    schedule = dict(sched='poly', decay_rate=args.poly_power, min_lr=args.min_lr)
-    return train(args, model, train_loader, task, schedule, DistInfo(device), state=state)
+    return train(args, model, train_loader, task, lr_schedule(args), DistInfo(device), state=state)
 
 
 if __name__ == '__main__':
