@@ -373,6 +373,42 @@ def test_hfds_dataset_of_local_parquet_files(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / 'out2')
 
 
+def test_wds_shards(tmp_path):
+    """ --dataset wds/NAME: webdataset shards and timm's _info.json (plus the class names) in --data-dir,
+    read by timm's iterable reader. An undecodable sample cannot be skipped by index: timm's pipeline
+    drops it with a warning and fills the epoch from the shard stream. """
+    import io
+    wds = pytest.importorskip('webdataset')
+    from sklearn.datasets import load_digits
+    from PIL import Image
+    digits = load_digits()
+    images, labels = digits.images[digits.target < 2], digits.target[digits.target < 2]
+    root = tmp_path / 'shards'
+    root.mkdir()
+    splits = {}
+    for split, part in (('train', slice(0, 16)), ('validation', slice(16, 24))):
+        with wds.TarWriter(str(root / f'{split}-000.tar')) as sink:
+            for i, (pixels, label) in enumerate(zip(images[part], labels[part])):
+                buf = io.BytesIO()
+                Image.fromarray((pixels * 15).astype('uint8')).resize((32, 32)).convert('RGB').save(buf, 'PNG')
+                sink.write({'__key__': f'{split}{i:03d}', 'png': buf.getvalue(), 'cls': str(int(label)).encode()})
+            if split == 'train':
+                sink.write({'__key__': 'broken', 'png': b'not an image', 'cls': b'0'})
+        count = 17 if split == 'train' else 8
+        splits[split] = dict(name=split, num_samples=count, filenames=[f'{split}-000.tar'], shard_lengths=[count])
+    (root / '_info.json').write_text(json.dumps(dict(name='digits01', classes=['zero', 'one'], splits=splits)))
+    out = str(tmp_path / 'out')
+    summary = finetune.main(FAST + ['--dataset', 'wds/digits01', '--data-dir', str(root), '--output-dir', out,
+                                    '--epochs', '1', '--batch-size', '4', '--no-aug', '--mixup', '0', '--cutmix', '0'])
+    assert summary['classes'] == ['zero', 'one']
+    (m,) = read_metrics(out)
+    assert m['train_samples'] == 20  # 17 rounded up to the batch size, the broken one replaced
+    assert m['train_skipped'] == 0 and m['val_samples'] == 8
+    (root / '_info.json').write_text(json.dumps(dict(splits=splits)))
+    with pytest.raises(DataDirError, match='names no "classes"'):
+        finetune.main(FAST + ['--dataset', 'wds/digits01', '--data-dir', str(root), '--output-dir', out + '2'])
+
+
 def test_lr_scaling_follows_timm():
     args = finetune.get_parser().parse_args(['--data-dir', 'x', '--batch-size', '64'])
     assert finetune.resolve_lr(args, 1) == pytest.approx(1e-3 * (64 / 1024) ** 0.5)  # sqrt for AdamW

@@ -631,6 +631,8 @@ def train(
                 train_loader.sampler.set_epoch(epoch - 1)
             elif train_loader.generator is not None:  # make_loader's shuffle: seeded with --seed + epoch
                 train_loader.generator.manual_seed(args.seed + epoch)
+            elif hasattr(train_loader.dataset, 'set_epoch'):  # timm's iterable datasets: shard and sample shuffle
+                train_loader.dataset.set_epoch(epoch - 1)
             train_model.train()
             sums: Dict[str, float] = {}
             n_seen = skipped = 0.

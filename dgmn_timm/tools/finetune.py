@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 4 scripts/finetune.py --model dgmn2_small --pretrained --data-dir DIR --output-dir OUT
 
 DIR holds train/<class>/<image> and val/<class>/<image>; or --dataset hfds/NAME reads a Hugging Face
-dataset (a Hub name or a local folder of parquet files). timm's data pipeline, optimisers and
+dataset (a Hub name or a local folder of parquet files), --dataset wds/NAME webdataset shards. timm's data pipeline, optimisers and
 schedulers, in the training loop of dgmn_timm.tools.engine (shared with the dense scripts); defaults follow the DGMN2 recipe (AdamW, weight decay 0.05, cosine with warm-up,
 label smoothing 0.1, RandAugment, mixup 0.8 / cutmix 1.0, random erasing 0.25, drop path 0.1).
 
@@ -23,14 +23,15 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import IterableImageDataset, Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy, random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.weights.checkpoints import read_state_dict
 from dgmn_timm.tools.data import (
-    DataDirError, SafeImageDataset, ShardSampler, collate_skip, open_image_dataset, patch_timm_posterize,
+    DataDirError, SafeImageDataset, ShardSampler, collate_pairs, collate_skip, open_image_dataset,
+    patch_timm_posterize,
 )
 from dgmn_timm.tools.cli import (
     HelpFormatter, UsageError, add_run_args, check_model_name, check_positive, clear_run_files, run_cli, set_threads,
@@ -50,7 +51,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help='folder with train/<class>/* and val/<class>/* (with --dataset hfds/...: the cache folder)')
     g.add_argument('--dataset', default='', metavar='NAME',
                    help='a timm dataset name instead of the folder: hfds/NAME (a Hugging Face dataset: a Hub name '
-                        'or a local folder of parquet files)')
+                        'or a local folder of parquet files), wds/NAME (webdataset shards and their _info.json '
+                        'in --data-dir)')
     g.add_argument('--train-split', default='train', help='training split of --dataset')
     g.add_argument('--val-split', default='validation', help='validation split of --dataset')
     g.add_argument('--img-size', type=int, default=None, help='input size (default: the model\'s, 224)')
@@ -174,7 +176,8 @@ def main(argv=None) -> dict:
     check_model_name(args.model)
     check_input_size(args.model, '--img-size', args.img_size)
     previous, state = check_train_args(args)
-    data = open_image_dataset(args.dataset, args.data_dir, args.train_split, args.val_split)
+    data = open_image_dataset(args.dataset, args.data_dir, args.train_split, args.val_split, args.batch_size,
+                              args.seed)
     classes = data['classes']
     num_classes = len(classes)
     trained_on = state.get('run_info', {}).get('classes', classes) if state is not None else classes
@@ -186,6 +189,9 @@ def main(argv=None) -> dict:
         check_pretrained(args.model, args.pretrained)
 
     dist_info = init_distributed(args.device)
+    if dist_info.distributed and data.get('iterable'):  # its readers split the shards by rank when built
+        data = open_image_dataset(args.dataset, args.data_dir, args.train_split, args.val_split, args.batch_size,
+                                  args.seed)
     device = dist_info.device
     is_main = dist_info.is_main
     progress = is_main and not args.no_progress
@@ -206,18 +212,25 @@ def main(argv=None) -> dict:
     model.to(device)
 
     data_config, train_tf, eval_tf = build_transforms(args, model)
-    train_ds = SafeImageDataset(data['train'], transform=train_tf)
-    val_ds = SafeImageDataset(data['val'], transform=eval_tf)
-    train_sampler = DistributedSampler(
-        train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
-    per_rank = len(train_sampler)
-    loader_kw = dict(num_workers=args.workers, collate_fn=collate_skip, pin_memory=args.pin_mem)
-    train_loader = DataLoader(
-        train_ds, batch_size=args.batch_size, sampler=train_sampler,
-        drop_last=per_rank >= 2 * args.batch_size, **loader_kw)
-    val_loader = DataLoader(
-        val_ds, batch_size=args.batch_size, sampler=ShardSampler(len(val_ds), dist_info.rank, dist_info.world_size),
-        **loader_kw)
+    loader_kw = dict(num_workers=args.workers, pin_memory=args.pin_mem)
+    if data.get('iterable'):  # wds/: timm's iterable dataset, shuffled and split over ranks by its reader
+        train_ds = IterableImageDataset(args.data_dir, reader=data['train'], transform=train_tf)
+        val_ds = IterableImageDataset(args.data_dir, reader=data['val'], transform=eval_tf)
+        for ds in (train_ds, val_ds):
+            ds.set_loader_cfg(num_workers=args.workers)
+        train_loader = DataLoader(train_ds, batch_size=args.batch_size, collate_fn=collate_pairs, **loader_kw)
+        val_loader = DataLoader(val_ds, batch_size=args.batch_size, collate_fn=collate_pairs, **loader_kw)
+    else:
+        train_ds = SafeImageDataset(data['train'], transform=train_tf)
+        val_ds = SafeImageDataset(data['val'], transform=eval_tf)
+        train_sampler = DistributedSampler(
+            train_ds, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=args.seed)
+        train_loader = DataLoader(
+            train_ds, batch_size=args.batch_size, sampler=train_sampler, collate_fn=collate_skip,
+            drop_last=len(train_sampler) >= 2 * args.batch_size, **loader_kw)
+        val_loader = DataLoader(
+            val_ds, batch_size=args.batch_size, collate_fn=collate_skip,
+            sampler=ShardSampler(len(val_ds), dist_info.rank, dist_info.world_size), **loader_kw)
     lr = resolve_lr(args, dist_info.world_size)
 
     mixup_fn = None
