@@ -335,6 +335,22 @@ def test_pretrained_without_network_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['--opt', 'adamx'], 'unknown --opt adamx; did you mean adamax'),
+    (['--pretrained', 'nope'], '--pretrained: dgmn2_tiny.nope has no pretrained weights; tags: in1k'),
+    (['--dataset', 'tfds/x'], '--dataset tfds/x: give hfds/NAME'),
+    (['--dataset', 'wds/x'], 'reads its shards and their _info.json from --data-dir'),
+])
+def test_argument_errors_before_work(extra, message, tmp_path, capsys):
+    from dgmn_timm.tools.cli import run_cli
+    data = str(tmp_path / 'data')
+    write_digits_imagefolder(data, img_size=32, per_class=2, classes=[0, 1])
+    assert run_cli(finetune.main, FAST + ['--data-dir', data, '--output-dir', str(tmp_path / 'out')] + extra) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith('error: ') and message in line, line
+    assert not (tmp_path / 'out').exists()
+
+
 def _write_parquet_digits(folder):
     """ Digits 0 and 1 as a Hugging Face dataset of local parquet files (train and validation splits). """
     import io

@@ -24,6 +24,7 @@ How the dense scripts' paper recipes map onto timm's factories
 """
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -439,6 +440,13 @@ def check_train_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict
     """
     check_positive(args, 'epochs', 'batch_size', 'eval_interval', 'stop_after', 'threads')
     check_positive(args, 'workers', allow_zero=('workers',))
+    from timm.optim import list_optimizers
+    names = list_optimizers()
+    opt = args.opt.lower()
+    if (opt[len('lookahead_'):] if opt.startswith('lookahead_') else opt) not in names:
+        close = difflib.get_close_matches(opt, names, n=3)
+        raise UsageError(f'unknown --opt {args.opt}' + (f'; did you mean {", ".join(close)}?' if close else
+                                                       '; see timm.optim.list_optimizers()'))
     previous = check_run_folder(args.output_dir, RUN_FILES, args.resume, args.overwrite)
     if not args.resume:
         return previous, None
