@@ -155,6 +155,26 @@ def test_training_recipe_on_timm_factories():
         assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-4 * (1 - it / 100) ** 0.9, abs=1e-12), it
 
 
+def test_mask_label_above_num_classes_is_one_line(tmp_path, capsys):
+    """ A mask label >= --num-classes stops the run with one line naming the file, also when a loader worker
+    finds it, and leaves no folder behind (it failed before its first step). """
+    from PIL import Image
+    from dgmn_timm.tools.cli import run_cli
+    (tmp_path / 'img').mkdir()
+    (tmp_path / 'mask').mkdir()
+    Image.new('RGB', (40, 40)).save(tmp_path / 'img' / 'a.png')
+    Image.fromarray(np.full((40, 40), 5, np.uint8)).save(tmp_path / 'mask' / 'a.png')
+    out = tmp_path / 'out'
+    assert run_cli(load_script('train_segmentation').main, [
+        '--train-images', str(tmp_path / 'img'), '--train-masks', str(tmp_path / 'mask'), '--num-classes', '2',
+        '--crop-size', '32', '32', '--batch-size', '1', '--epochs', '1', '--workers', '1', '--no-progress',
+        '--output-dir', str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f'error: {tmp_path / "mask" / "a.png"} has labels outside 0..1 (and the ignore index 255); ' \
+                   'check --num-classes'
+    assert not out.exists()
+
+
 def read_metrics(out: Path):
     return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines() if line.strip()]
 
