@@ -19,8 +19,8 @@ How the dense scripts' paper recipes map onto timm's factories
       updates per epoch`` (``create_scheduler(warmup_steps=...)``); stepped per update, a milestone applies
       one update early (timm's convention) and warm-up is not scaled by a milestone it overlaps;
     - segmentation's poly decay over all iterations: ``sched='poly'`` with ``decay_rate`` the power;
-      with ``--min-lr`` above 0 timm decays towards it (lr_min + (lr - lr_min)(1 - t/T)^p) where the
-      hand-made schedule clamped at it.
+      with ``--min-lr`` above 0 timm decays towards it (lr_min + (lr - lr_min)(1 - t/T)^p) rather than
+      cutting the decay off at it.
 """
 import argparse
 import contextlib
