@@ -401,18 +401,42 @@ def test_train_detection_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'epoch 1/1' in proc.stderr  # tqdm progress bar
     assert re.search(r'epoch 1/1: loss .*, box AP \d\.\d{4}, mask AP \d\.\d{4}', proc.stdout), proc.stdout[-2000:]
-    metrics = json.loads((out / 'metrics.json').read_text())
-    assert metrics['num_classes'] == 3 and metrics['cat_ids'] == [3, 7]
-    assert len(metrics['epochs']) == 1 and np.isfinite(metrics['epochs'][0]['loss'])
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['num_classes'] == 3 and summary['cat_ids'] == [3, 7]
+    (record,) = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert np.isfinite(record['train_loss']) and record['train_samples'] == 2
+    assert json.loads((out / 'args.json').read_text())['decay_bias_norm'] is True  # the paper recipe: decay everything
     for iou_type in ('bbox', 'segm'):
-        stats = metrics['eval'][iou_type]
-        assert set(stats) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'}
+        stats = {k: v for k, v in record.items() if k.startswith(f'val_{iou_type}_')}
+        assert set(stats) == {f'val_{iou_type}_{k}' for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')}
         assert all(0.0 <= v <= 1.0 for v in stats.values())
-    assert metrics['eval']['num_detections'] > 0
+    assert record['val_num_detections'] > 0
     # the safetensors checkpoint loads into a fresh detector
     from safetensors.torch import load_file
     model = maskrcnn_dgmn2(num_classes=3)
     model.load_state_dict(load_file(str(out / 'last.safetensors')))
+
+
+def test_training_recipe_on_timm_factories():
+    """ The paper's recipe on timm's factories: weight decay on every parameter, 500 warm-up iterations
+    from 1e-3 x lr, x0.1 after epochs 8 and 11 (timm steps a milestone one update early). """
+    from dgmn_timm.tools.engine import create_optimizer, create_scheduler
+    script = load_script('train_detection')
+    args = script.parse_args(['--train-images', '.', '--train-ann', '.'])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    optimizer = create_optimizer(model, args, args.lr)
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [1e-4]
+    assert sum(len(g['params']) for g in optimizer.param_groups) == 4  # biases and norms decay too
+    per_epoch = 100
+    scheduler = create_scheduler(optimizer, args.epochs, per_epoch, **script.lr_schedule(args))
+
+    def paper(it):  # the hand-made form
+        factor = 0.1 ** sum(it + 1 >= s * per_epoch for s in args.lr_steps)
+        return factor * (1e-3 + (1 - 1e-3) * it / 500 if it < 500 else 1.)
+
+    for it in (0, 1, 250, 499, 500, 799, 800, 1099, 1100, 1199):
+        scheduler.step_update(it)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-4 * paper(it), rel=1e-6), it
 
 
 @pytest.mark.slow

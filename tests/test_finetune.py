@@ -1,7 +1,9 @@
-""" scripts/finetune.py: real fine-tuning runs on scikit-learn's digits written as an ImageFolder tree.
+""" scripts/finetune.py: real fine-tuning runs on scikit-learn's digits written as an ImageFolder tree
+(and as a Hugging Face dataset of parquet files).
 
-Default run: mechanics (loss falls, skipped unreadable images, summary and checkpoints),
-exact --resume, a 2-process torchrun (gloo) run, the error paths.
+Default run: mechanics (loss falls, skipped unreadable images, summary and checkpoints, one
+permission), exact --resume and what a resume may change, a 2-process torchrun (gloo) run, the
+error paths, and the one training loop the dense scripts share.
 ``-m slow``: full digits, dgmn2_tiny from scratch, clearly above chance.
 """
 import json
@@ -81,9 +83,20 @@ def test_finetune_mechanics(mechanics_run, digits01):
     best = max(metrics, key=lambda m: m['val_top1'])
     assert saved['best_epoch'] == best['epoch']
     assert saved['val_top1'] == pytest.approx(best['val_top1']) and saved['val_top5'] == 100.
-    assert saved['last_val_top1'] == pytest.approx(metrics[-1]['val_top1'])
+    assert saved['last'] == metrics[-1]
     for name in ('best.safetensors', 'last.safetensors', 'train_state.pt', 'args.json'):
         assert os.path.isfile(os.path.join(out, name)), name
+    # every file of the run has the same permission bits (safetensors included)
+    modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_one_training_loop():
+    """ finetune and the dense scripts run the same loop function. """
+    from dgmn_timm.tools import engine
+    assert finetune.train is engine.train
+    assert load_script('train_detection').train is engine.train
+    assert load_script('train_segmentation').train is engine.train
 
 
 def test_finished_run_is_never_overwritten(mechanics_run, digits01, capsys):
@@ -149,7 +162,13 @@ def test_resume_continues_identically(digits01, tmp_path):
     first = read_metrics(part)
     assert [m['epoch'] for m in first] == [1]
     with open(os.path.join(part, 'summary.json'), encoding='utf-8') as f:
-        assert json.load(f)['completed'] is False
+        first_summary = json.load(f)
+    assert first_summary['completed'] is False
+    # a resume that changes what the run trains is refused, and the record is left as it was
+    from dgmn_timm.tools.cli import run_cli
+    record = {name: Path(part, name).read_bytes() for name in ('args.json', 'summary.json', 'metrics.jsonl')}
+    assert run_cli(finetune.main, common + ['--output-dir', part, '--resume', '--batch-size', '8']) == 2
+    assert {name: Path(part, name).read_bytes() for name in record} == record
     finetune.main(common + ['--output-dir', part, '--resume'])
     a, b = read_metrics(full), read_metrics(part)
     assert [m['epoch'] for m in b] == [1, 2, 3]
@@ -161,6 +180,15 @@ def test_resume_continues_identically(digits01, tmp_path):
     from safetensors.torch import load_file
     wa, wb = load_file(os.path.join(full, 'last.safetensors')), load_file(os.path.join(part, 'last.safetensors'))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with open(os.path.join(part, 'summary.json'), encoding='utf-8') as f:
+        done = json.load(f)
+    assert done['completed'] and done['train_time_s'] > first_summary['train_time_s']
+    # a finished run continues to more epochs: history kept, training time accumulates, batch size as trained
+    extended = finetune.main(common + ['--output-dir', part, '--resume', '--epochs', '4'])
+    assert [m['epoch'] for m in read_metrics(part)] == [1, 2, 3, 4] and read_metrics(part)[:3] == b
+    assert extended['train_time_s'] > done['train_time_s'] and extended['global_batch_size'] == 16
+    with open(os.path.join(part, 'args.json'), encoding='utf-8') as f:
+        assert json.load(f)['batch_size'] == 16
 
 
 def test_resume_without_state_fails(digits01, tmp_path):
@@ -259,15 +287,142 @@ def test_all_images_unreadable(tmp_path):
     with pytest.raises(DataDirError, match='could be decoded'):
         finetune.main(FAST + ['--data-dir', str(tmp_path), '--output-dir', str(tmp_path / 'out'), '--epochs', '1',
                               '--batch-size', '2', '--mixup', '0', '--cutmix', '0'])
+    assert not os.path.exists(tmp_path / 'out')  # failed before its first step: nothing blocks the next command
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), '--data-dir', str(tmp_path / 'nope'), '--output',
+    proc = subprocess.run([sys.executable, str(SCRIPT), '--data-dir', str(tmp_path / 'nope'), '--output-dir',
                            str(tmp_path / 'out')], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 2
     assert 'error: Data directory' in proc.stderr and 'does not exist' in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_too_small_input_writes_nothing_and_the_corrected_command_runs(tmp_path, capsys):
+    """ --img-size 8 is below DGMN2's 32 px: one error line before anything is built or written; the
+    corrected command then runs in the same folder. """
+    from dgmn_timm.tools.cli import run_cli
+    data = str(tmp_path / 'data')
+    write_digits_imagefolder(data, img_size=32, per_class=3, classes=[0, 1])
+    out = tmp_path / 'out'
+    argv = ['--model', 'dgmn2_tiny', '--no-progress', '--workers', '0', '--data-dir', data, '--output-dir', str(out),
+            '--epochs', '1', '--batch-size', '2', '--mixup', '0', '--cutmix', '0']
+    assert run_cli(finetune.main, argv + ['--img-size', '8']) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == 'error: --img-size 8: dgmn2_tiny takes inputs of at least 32 px'
+    assert not out.exists()
+    assert run_cli(finetune.main, argv + ['--img-size', '32']) == 0
+    assert {'args.json', 'metrics.jsonl', 'summary.json', 'last.safetensors'} <= set(os.listdir(out))
+
+
+def test_pretrained_without_network_is_one_line(tmp_path, monkeypatch, capsys):
+    """ --pretrained with weights that are not cached and no way to the Hub: one error line within
+    seconds, before a model is built or a file written (timm's own download retries for a minute). """
+    import time
+    import huggingface_hub
+    from dgmn_timm.tools.cli import run_cli
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty_cache'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    data = str(tmp_path / 'data')
+    write_digits_imagefolder(data, img_size=32, per_class=2, classes=[0, 1])
+    start = time.monotonic()
+    assert run_cli(finetune.main, FAST + ['--data-dir', data, '--output-dir', str(tmp_path / 'out'),
+                                          '--pretrained']) == 2
+    assert time.monotonic() - start < 15
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith('error: --pretrained: the weights of dgmn2_tiny are not in the local cache'), line
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--opt', 'adamx'], 'unknown --opt adamx; did you mean adamax'),
+    (['--pretrained', 'nope'], '--pretrained: dgmn2_tiny.nope has no pretrained weights; tags: in1k'),
+    (['--dataset', 'tfds/x'], '--dataset tfds/x: give hfds/NAME'),
+    (['--dataset', 'wds/x'], 'reads its shards and their _info.json from --data-dir'),
+])
+def test_argument_errors_before_work(extra, message, tmp_path, capsys):
+    from dgmn_timm.tools.cli import run_cli
+    data = str(tmp_path / 'data')
+    write_digits_imagefolder(data, img_size=32, per_class=2, classes=[0, 1])
+    assert run_cli(finetune.main, FAST + ['--data-dir', data, '--output-dir', str(tmp_path / 'out')] + extra) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith('error: ') and message in line, line
+    assert not (tmp_path / 'out').exists()
+
+
+def _write_parquet_digits(folder):
+    """ Digits 0 and 1 as a Hugging Face dataset of local parquet files (train and validation splits). """
+    import io
+    datasets = pytest.importorskip('datasets')
+    from sklearn.datasets import load_digits
+    from PIL import Image
+    digits = load_digits()
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=['zero', 'one'])})
+    os.makedirs(folder)
+    for split, part in (('train', slice(0, 40)), ('validation', slice(40, 60))):
+        rows = {'image': [], 'label': []}
+        for pixels, label in zip(digits.images[digits.target < 2][part], digits.target[digits.target < 2][part]):
+            buf = io.BytesIO()
+            Image.fromarray((pixels * 15).astype('uint8')).resize((32, 32)).convert('RGB').save(buf, 'PNG')
+            rows['image'].append({'bytes': buf.getvalue(), 'path': None})
+            rows['label'].append(int(label))
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(os.path.join(folder, f'{split}.parquet'))
+
+
+def test_hfds_dataset_of_local_parquet_files(tmp_path, monkeypatch):
+    """ --dataset hfds/FOLDER: timm's reader, datasets.load_dataset of a folder of parquet files, no network. """
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    folder = str(tmp_path / 'parquet')
+    _write_parquet_digits(folder)
+    out = str(tmp_path / 'out')
+    summary = finetune.main(FAST + ['--dataset', f'hfds/{folder}', '--data-dir', str(tmp_path / 'cache'),
+                                    '--output-dir', out, '--epochs', '2', '--batch-size', '8', '--lr', '1e-3',
+                                    '--warmup-epochs', '0', '--no-aug', '--mixup', '0', '--cutmix', '0'])
+    assert summary['classes'] == ['zero', 'one'] and summary['train_samples'] == 40 and summary['val_samples'] == 20
+    metrics = read_metrics(out)
+    assert [m['train_samples'] for m in metrics] == [40, 40] and metrics[-1]['val_samples'] == 20
+    with pytest.raises(DataDirError, match="cannot read split 'nope'"):
+        finetune.main(FAST + ['--dataset', f'hfds/{folder}', '--data-dir', str(tmp_path / 'cache'),
+                              '--val-split', 'nope', '--output-dir', str(tmp_path / 'out2'), '--epochs', '1'])
+    assert not os.path.exists(tmp_path / 'out2')
+
+
+def test_wds_shards(tmp_path):
+    """ --dataset wds/NAME: webdataset shards and timm's _info.json (plus the class names) in --data-dir,
+    read by timm's iterable reader. An undecodable sample cannot be skipped by index: timm's pipeline
+    drops it with a warning and fills the epoch from the shard stream. """
+    import io
+    wds = pytest.importorskip('webdataset')
+    from sklearn.datasets import load_digits
+    from PIL import Image
+    digits = load_digits()
+    images, labels = digits.images[digits.target < 2], digits.target[digits.target < 2]
+    root = tmp_path / 'shards'
+    root.mkdir()
+    splits = {}
+    for split, part in (('train', slice(0, 16)), ('validation', slice(16, 24))):
+        with wds.TarWriter(str(root / f'{split}-000.tar')) as sink:
+            for i, (pixels, label) in enumerate(zip(images[part], labels[part])):
+                buf = io.BytesIO()
+                Image.fromarray((pixels * 15).astype('uint8')).resize((32, 32)).convert('RGB').save(buf, 'PNG')
+                sink.write({'__key__': f'{split}{i:03d}', 'png': buf.getvalue(), 'cls': str(int(label)).encode()})
+            if split == 'train':
+                sink.write({'__key__': 'broken', 'png': b'not an image', 'cls': b'0'})
+        count = 17 if split == 'train' else 8
+        splits[split] = dict(name=split, num_samples=count, filenames=[f'{split}-000.tar'], shard_lengths=[count])
+    (root / '_info.json').write_text(json.dumps(dict(name='digits01', classes=['zero', 'one'], splits=splits)))
+    out = str(tmp_path / 'out')
+    summary = finetune.main(FAST + ['--dataset', 'wds/digits01', '--data-dir', str(root), '--output-dir', out,
+                                    '--epochs', '1', '--batch-size', '4', '--no-aug', '--mixup', '0', '--cutmix', '0'])
+    assert summary['classes'] == ['zero', 'one']
+    (m,) = read_metrics(out)
+    assert m['train_samples'] == 20  # 17 rounded up to the batch size, the broken one replaced
+    assert m['train_skipped'] == 0 and m['val_samples'] == 8
+    (root / '_info.json').write_text(json.dumps(dict(splits=splits)))
+    with pytest.raises(DataDirError, match='names no "classes"'):
+        finetune.main(FAST + ['--dataset', 'wds/digits01', '--data-dir', str(root), '--output-dir', out + '2'])
 
 
 def test_lr_scaling_follows_timm():

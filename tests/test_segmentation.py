@@ -140,7 +140,46 @@ def make_segmentation_dataset(root: Path):
     return root / 'images', root / 'masks'
 
 
-def test_train_segmentation_script(tmp_path):
+def test_training_recipe_on_timm_factories():
+    """ The recipe on timm's factories: AdamW, weight decay on every parameter, poly (power 0.9) over all
+    iterations, stepped per update. """
+    from dgmn_timm.tools.engine import create_optimizer, create_scheduler
+    script = load_script('train_segmentation')
+    args = script.parse_args(['--train-images', '.', '--train-masks', '.', '--num-classes', '3', '--epochs', '4'])
+    optimizer = create_optimizer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), args, args.lr)
+    assert type(optimizer).__name__ == 'AdamW' and len(optimizer.param_groups) == 1
+    assert optimizer.param_groups[0]['weight_decay'] == 1e-4 and len(optimizer.param_groups[0]['params']) == 4
+    scheduler = create_scheduler(optimizer, args.epochs, 25, **script.lr_schedule(args))
+    for it in (0, 1, 37, 99, 100):
+        scheduler.step_update(it)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-4 * (1 - it / 100) ** 0.9, abs=1e-12), it
+
+
+def test_mask_label_above_num_classes_is_one_line(tmp_path, capsys):
+    """ A mask label >= --num-classes stops the run with one line naming the file, also when a loader worker
+    finds it, and leaves no folder behind (it failed before its first step). """
+    from PIL import Image
+    from dgmn_timm.tools.cli import run_cli
+    (tmp_path / 'img').mkdir()
+    (tmp_path / 'mask').mkdir()
+    Image.new('RGB', (40, 40)).save(tmp_path / 'img' / 'a.png')
+    Image.fromarray(np.full((40, 40), 5, np.uint8)).save(tmp_path / 'mask' / 'a.png')
+    out = tmp_path / 'out'
+    assert run_cli(load_script('train_segmentation').main, [
+        '--train-images', str(tmp_path / 'img'), '--train-masks', str(tmp_path / 'mask'), '--num-classes', '2',
+        '--crop-size', '32', '32', '--batch-size', '1', '--epochs', '1', '--workers', '1', '--no-progress',
+        '--output-dir', str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == f'error: {tmp_path / "mask" / "a.png"} has labels outside 0..1 (and the ignore index 255); ' \
+                   'check --num-classes'
+    assert not out.exists()
+
+
+def read_metrics(out: Path):
+    return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines() if line.strip()]
+
+
+def test_train_segmentation_script(tmp_path, capsys):
     images, masks = make_segmentation_dataset(tmp_path / 'data')
     out = tmp_path / 'run'
     cmd = [
@@ -148,34 +187,43 @@ def test_train_segmentation_script(tmp_path):
         '--train-images', str(images), '--train-masks', str(masks), '--num-classes', '3',
         '--backbone', 'dgmn2_tiny', '--crop-size', '64', '64', '--scale-range', '0.75', '1.25',
         '--epochs', '2', '--batch-size', '2', '--lr', '1e-3', '--workers', '0', '--device', 'cpu',
-        '--eval-interval', '2', '--num-threads', '1', '--output-dir', str(out), '--opt', 'sgd', '--momentum', '0.9',
+        '--eval-interval', '2', '--threads', '1', '--output-dir', str(out), '--opt', 'momentum', '--momentum', '0.9',
     ]
+    # a crop below DGMN2's 32 px: one error line, nothing written; the corrected command below then runs
+    script = load_script('train_segmentation')
+    from dgmn_timm.tools.cli import UsageError, run_cli
+    small = [a if a != '64' else '8' for a in cmd[2:]]
+    assert run_cli(script.main, small) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'error: --crop-size 8 8: dgmn2_tiny takes inputs of at least 32 px']
+    assert not out.exists()
+
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'epoch 2/2' in proc.stderr  # tqdm progress bar
-    assert '--num-threads is deprecated' in proc.stderr  # the old spelling still works, for one release
     assert 'epoch 2/2: loss' in proc.stdout and 'mIoU' in proc.stdout
-    metrics = json.loads((out / 'metrics.json').read_text())
-    assert [e['epoch'] for e in metrics['epochs']] == [1, 2]
-    assert all(np.isfinite(e['loss']) for e in metrics['epochs'])
-    ev = metrics['eval']
-    assert 0.0 <= ev['mIoU'] <= 1.0 and 0.0 <= ev['aAcc'] <= 1.0 and len(ev['per_class_iou']) == 3
-    assert ev['aAcc'] > 0.5  # better than a random guess of 3 classes after two epochs on two easy images
+    metrics = read_metrics(out)
+    assert [e['epoch'] for e in metrics] == [1, 2]
+    assert all(np.isfinite(e['train_loss']) for e in metrics)
+    assert 'val_mIoU' not in metrics[0]  # --eval-interval 2
+    ev = metrics[-1]
+    assert 0.0 <= ev['val_mIoU'] <= 1.0 and 0.0 <= ev['val_aAcc'] <= 1.0 and len(ev['val_per_class_iou']) == 3
+    assert ev['val_aAcc'] > 0.5  # better than a random guess of 3 classes after two epochs on two easy images
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['val_mIoU'] == ev['val_mIoU'] and summary['best_epoch'] == 2
     from safetensors.torch import load_file
     model = semantic_fpn_dgmn2(num_classes=3)
     model.load_state_dict(load_file(str(out / 'last.safetensors')))
 
     # the finished run is never overwritten by accident; --resume continues it
-    script = load_script('train_segmentation')
-    from dgmn_timm.tools.cli import UsageError
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UsageError, match='holds a previous run.*--resume.*--overwrite'):
         script.main(cmd[2:])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     resumed = script.main(cmd[2:] + ['--resume', '--epochs', '3', '--no-progress'])
-    assert [e['epoch'] for e in resumed['epochs']] == [1, 2, 3]
-    assert resumed['epochs'][:2] == metrics['epochs']
+    assert resumed['epochs'] == 3 and resumed['train_time_s'] > summary['train_time_s']
+    assert [e['epoch'] for e in read_metrics(out)] == [1, 2, 3] and read_metrics(out)[:2] == metrics
 
 
 @pytest.mark.slow

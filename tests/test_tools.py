@@ -551,14 +551,16 @@ def test_every_option_has_help_and_one_default():
             assert text.count('default') <= 1, (name, action.option_strings, text)
 
 
-def test_deprecated_spellings_still_work(capsys):
-    args = SCRIPTS['finetune'].get_parser().parse_args(['--data-dir', 'd', '--output', 'o', '--num-threads', '3'])
-    assert (args.output_dir, args.threads) == ('o', 3)
-    err = capsys.readouterr().err
-    assert '--output is deprecated' in err and 'use --output-dir' in err and '--num-threads is deprecated' in err
-    args = SCRIPTS['train_segmentation'].parse_args(['--train-images', 'i', '--train-masks', 'm', '--num-classes',
-                                                     '3', '--weights', 'w.safetensors'])
-    assert args.checkpoint == 'w.safetensors'
+@pytest.mark.parametrize('name, argv', [
+    ('finetune', ['--data-dir', 'd', '--output', 'o']),
+    ('finetune', ['--data-dir', 'd', '--num-threads', '3']),
+    ('train_segmentation', ['--train-images', 'i', '--train-masks', 'm', '--num-classes', '3', '--weights', 'w']),
+])
+def test_no_alias_spellings(name, argv, capsys):
+    """ One spelling per option: the former aliases are unknown options. """
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[name].get_parser().parse_args(argv)
+    assert e.value.code == 2 and 'unrecognized arguments' in capsys.readouterr().err
 
 
 def test_segmentation_recipe_follows_the_head(monkeypatch):

@@ -497,9 +497,9 @@ def cdgcnet_resnet101(num_classes: int = 19, **kwargs) -> CDGCNet:
 
 
 HEADS['cdgc'] = cdgcnet
-# the paper's recipe: SGD, no stochastic depth in the backbone
+# the paper's recipe: SGD with plain momentum (timm's 'momentum'; its 'sgd' is Nesterov), no stochastic depth
 HEAD_DEFAULTS['cdgc'] = {
-    'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'poly_power': 0.9, 'output_stride': 8,
+    'opt': 'momentum', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 5e-4, 'poly_power': 0.9, 'output_stride': 8,
     'drop_path': 0.0}
 
 
@@ -618,5 +618,5 @@ def rgnet(
 HEADS['repgraph'] = rgnet
 # the usual dilated-FCN recipe (SGD, poly decay, output stride 8); ResNets have no stochastic depth
 HEAD_DEFAULTS['repgraph'] = {
-    'opt': 'sgd', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 1e-4, 'poly_power': 0.9, 'output_stride': 8,
+    'opt': 'momentum', 'lr': 0.01, 'momentum': 0.9, 'weight_decay': 1e-4, 'poly_power': 0.9, 'output_stride': 8,
     'drop_path': 0.0}

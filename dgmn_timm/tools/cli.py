@@ -53,24 +53,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-class _DeprecatedAlias(argparse.Action):
-    def __init__(self, option_strings, dest, new: str = '', **kwargs):
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f'warning: {option_string} is deprecated and will be removed; use {self.new}', file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_alias(group, old: str, new: str, dest: str, **kwargs):
-    """ Accept ``old`` as a hidden, deprecated spelling of ``new`` (same ``dest``) for one release. """
-    group.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, help=argparse.SUPPRESS,
-                       default=argparse.SUPPRESS, **kwargs)
-
-
 def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = None, seed: Optional[int] = 0,
-                 workers: Optional[int] = None, resume: bool = True):
+                 resume: bool = True):
     """ The run flags the scripts share (one vocabulary); returns the argument group.
 
     ``output_dir`` None leaves out ``--output-dir`` (a script that writes one file names it itself),
@@ -79,7 +63,6 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = No
     g = parser.add_argument_group('run')
     if output_dir is not None:
         g.add_argument('--output-dir', default=output_dir, metavar='DIR', help='folder for the run\'s files')
-        add_alias(g, '--output', '--output-dir', 'output_dir')
     g.add_argument('--overwrite', action='store_true', help='replace the files of a previous run (deleted first)')
     if resume:
         g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
@@ -89,8 +72,7 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = No
     g.add_argument('--threads', type=int, default=None,
                    help='intra-op CPU threads of the main process (default: OMP_NUM_THREADS if set, else the cores '
                         'left after one per loader worker, at least 1)')
-    add_alias(g, '--num-threads', '--threads', 'threads', type=int)
-    g.add_argument('--workers', type=int, default=default_workers() if workers is None else workers,
+    g.add_argument('--workers', type=int, default=default_workers(),
                    help='data-loading processes (one thread each; 0 loads in the main process)')
     if seed is not None:
         g.add_argument('--seed', type=int, default=seed, help='seed of data order, augmentation and initialisation')

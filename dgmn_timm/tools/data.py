@@ -9,9 +9,10 @@
 - ``write_digits_imagefolder``: scikit-learn's bundled 8x8 digits as a small ImageFolder tree
   (``python -m dgmn_timm.data digits`` writes it to ``./digits``).
 """
+import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from timm.utils import natural_key
 
 __all__ = [
     'DataDirError', 'IMAGE_EXTENSIONS', 'scan_class_folder', 'scan_image_folder_tree', 'list_images', 'find_pairs',
-    'FolderReader', 'SafeImageDataset', 'Skipped', 'collate_skip', 'ShardSampler', 'patch_timm_posterize',
+    'FolderReader', 'SafeImageDataset', 'open_image_dataset', 'collate_pairs', 'Skipped', 'collate_skip', 'ShardSampler', 'patch_timm_posterize',
     'write_digits_imagefolder',
 ]
 
@@ -216,29 +217,129 @@ class FolderReader(Reader):
 
 
 class SafeImageDataset(ImageDataset):
-    """ timm ImageDataset that returns a ``Skipped`` record for an image it cannot read or decode.
+    """ timm ImageDataset over a reader (``FolderReader`` or one of timm's) that returns a ``Skipped``
+    record for an image it cannot read or decode.
 
     ``collate_skip`` drops those samples and reports them, so a broken file costs one sample,
     not the epoch. Returns (image, target, index).
     """
 
-    def __init__(self, samples: Sequence[Tuple[str, int]], root: Optional[str] = None, transform=None,
+    def __init__(self, samples: Union[Reader, Sequence[Tuple[str, int]]], root: Optional[str] = None, transform=None,
                  input_img_mode: str = 'RGB'):
-        super().__init__(root, reader=FolderReader(samples, root), transform=transform,
+        reader = samples if isinstance(samples, Reader) else FolderReader(samples, root)
+        super().__init__(getattr(reader, 'root', root), reader=reader, transform=transform,
                          input_img_mode=input_img_mode)
 
     def __getitem__(self, index):
-        path, target = self.reader[index]
+        source, target = self.reader[index]
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img = img.convert(self.input_img_mode)  # decodes, so broken files fail here
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return Skipped(path, str(e))
+            return Skipped(self.reader._filename(index) or f'sample {index}', str(e))
+        finally:
+            if hasattr(source, 'close'):
+                source.close()
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target, index
+
+
+def open_image_dataset(dataset: str, data_dir: Optional[str], train_split: str = 'train',
+                       val_split: str = 'validation', batch_size: int = 1, seed: int = 0) -> Dict[str, Any]:
+    """ The training and validation readers and the class names of an image classification dataset.
+
+    Args:
+        dataset: '' for an ImageFolder tree under ``data_dir`` (``scan_image_folder_tree``),
+            ``hfds/NAME`` for a Hugging Face dataset (a Hub name, or a local folder of parquet files:
+            ``datasets.load_dataset(NAME)``; ``data_dir`` is its cache folder), or ``wds/NAME`` for
+            webdataset shards in ``data_dir`` described by its ``_info.json`` (timm's splits, plus
+            ``classes``: the class names, index = label).
+        train_split, val_split: the splits of ``dataset``.
+        batch_size, seed: for the shuffling of an iterable (``wds/``) training reader.
+
+    Returns:
+        dict with ``classes`` (index = label), ``train`` and ``val`` readers (for ``SafeImageDataset``,
+        or, with ``iterable`` True, for timm's ``IterableImageDataset``).
+
+    Raises:
+        DataDirError: the data is missing or malformed, or the dataset kind is not one of these.
+    """
+    if not dataset:
+        tree = scan_image_folder_tree(data_dir)
+        return dict(classes=tree['classes'], train=FolderReader(tree['train'], tree['train_dir']),
+                    val=FolderReader(tree['val'], tree['val_dir']))
+    prefix, _, name = dataset.partition('/')
+    if prefix.lower() == 'wds' and name:
+        return _open_wds(dataset, data_dir, train_split, val_split, batch_size, seed)
+    if prefix.lower() != 'hfds' or not name:
+        raise DataDirError(f'--dataset {dataset}: give hfds/NAME (a Hugging Face dataset), wds/NAME (webdataset '
+                           f'shards in --data-dir), or no --dataset for an ImageFolder tree in --data-dir')
+    try:
+        from timm.data.readers.reader_hfds import ReaderHfds
+    except ImportError as e:
+        raise DataDirError(f'--dataset {dataset} needs the Hugging Face datasets package ({e}); '
+                           f'pip install datasets') from None
+    readers = {}
+    for split in (train_split, val_split):
+        try:
+            readers[split] = ReaderHfds(name, root=data_dir, split=split)
+        except Exception as e:  # datasets raises many kinds (FileNotFoundError, ValueError, DatasetNotFoundError)
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataDirError(f'cannot read split {split!r} of {dataset}: {text}') from None
+    train = readers[train_split]
+    index = train.class_to_idx
+    if index:
+        classes = [n for n, _ in sorted(index.items(), key=lambda kv: kv[1])]
+    else:  # integer labels without names
+        labels = list(train.iter_targets())
+        if not labels or min(labels) < 0:
+            raise DataDirError(f'split {train_split!r} of {dataset} has no labels 0..N-1 in its label column')
+        classes = [str(i) for i in range(max(labels) + 1)]
+    return dict(classes=classes, train=train, val=readers[val_split])
+
+
+def _open_wds(dataset: str, data_dir: Optional[str], train_split: str, val_split: str, batch_size: int, seed: int
+              ) -> Dict[str, Any]:
+    try:
+        import webdataset  # noqa: F401
+        from timm.data.readers.reader_wds import ReaderWds
+    except ImportError as e:
+        raise DataDirError(f'--dataset {dataset} needs the webdataset package ({e}); pip install webdataset') from None
+    info_path = os.path.join(data_dir or '', '_info.json')
+    if not data_dir or not os.path.isfile(info_path):
+        raise DataDirError(f'--dataset {dataset} reads its shards and their _info.json from --data-dir; '
+                           f'{info_path} does not exist')
+    try:
+        with open(info_path, encoding='utf-8') as f:
+            info = json.load(f)
+    except ValueError as e:
+        raise DataDirError(f'{info_path} is not JSON ({e})') from None
+    classes = info.get('classes') if isinstance(info, dict) else None
+    if not isinstance(classes, list) or not classes:
+        raise DataDirError(f'{info_path} names no "classes" (the class names, index = label)')
+    readers = {}
+    for split, training in ((train_split, True), (val_split, False)):
+        try:
+            readers[split] = ReaderWds(data_dir, name=dataset, split=split, is_training=training,
+                                       batch_size=batch_size, seed=seed)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise DataDirError(f'cannot read split {split!r} of {dataset} in {info_path}: {e}') from None
+        missing = [f for f in readers[split].split_info.filenames if not os.path.isfile(os.path.join(data_dir, f))]
+        if missing:
+            raise DataDirError(f'split {split!r} of {info_path}: shard {os.path.join(data_dir, missing[0])} '
+                               f'does not exist')
+    return dict(classes=[str(c) for c in classes], train=readers[train_split], val=readers[val_split],
+                iterable=True)
+
+
+def collate_pairs(batch):
+    """ Collate the (image, target) samples of an iterable dataset in ``collate_skip``'s form (no
+    indices; an undecodable sample never arrives: timm's webdataset pipeline drops it with a warning). """
+    images, targets = zip(*batch)
+    return torch.stack(images), torch.as_tensor(targets), None, []
 
 
 class Skipped(NamedTuple):

@@ -1,10 +1,26 @@
 """ What the training and inference tools share: models from names or files, devices, files, training state,
-and the epoch loop of the dense (detection and segmentation) training scripts.
+and the one training loop of ``finetune``, ``train_detection`` and ``train_segmentation``.
 
-Dense training
-    ``add_dense_args`` and ``train_dense`` hold the argument group, optimiser, schedule, epoch
-    loop, metrics file, checkpoints and training state of ``scripts/train_detection.py`` and
-    ``scripts/train_segmentation.py``; a script gives its data, model, loss and evaluation.
+The training loop
+    ``add_train_args``, ``check_train_args`` and ``train`` hold the optimisation flags, the run-folder
+    and ``--resume`` checks, and the epoch loop; a script gives its data, model and a ``Task`` (forward,
+    evaluation, the metric that picks the best weights). The loop runs timm's ``create_optimizer_v2`` and
+    ``create_scheduler_v2`` (stepped per update), ``NativeScaler`` for float16 AMP and ``ModelEmaV3``
+    (``--model-ema``), and writes one run folder layout: ``args.json``, ``metrics.jsonl`` (one JSON line
+    per epoch), ``last.safetensors`` / ``best.safetensors``, ``train_state.pt`` and ``summary.json``, all
+    with the same permission bits.
+
+How the dense scripts' paper recipes map onto timm's factories
+    - weight decay on every parameter: ``create_optimizer_v2(filter_bias_and_bn=False)``
+      (``--decay-bias-norm``, on by default in the dense scripts; finetune follows timm and skips
+      biases and norms);
+    - detection's 500 warm-up iterations from 1e-3 x lr, then x0.1 after epochs 8 and 11: ``sched='multistep'``,
+      ``decay_milestones`` in epochs, ``warmup_lr = lr * --warmup-ratio`` and ``warmup_epochs = iterations /
+      updates per epoch`` (``create_scheduler(warmup_steps=...)``); stepped per update, a milestone applies
+      one update early (timm's convention) and warm-up is not scaled by a milestone it overlaps;
+    - segmentation's poly decay over all iterations: ``sched='poly'`` with ``decay_rate`` the power;
+      with ``--min-lr`` above 0 timm decays towards it (lr_min + (lr - lr_min)(1 - t/T)^p) rather than
+      cutting the decay off at it.
 """
 import argparse
 import contextlib
@@ -12,14 +28,11 @@ import difflib
 import json
 import math
 import os
-import random
-import shutil
-import sys
+import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -31,7 +44,8 @@ from timm.utils.distributed import init_distributed_device_so
 from ..errors import CheckpointError, mismatch
 from ..weights.checkpoints import create_with_weights, read_checkpoint, unwrap_state_dict
 from ..weights.hub import pretrained_file
-from .cli import UsageError, add_alias, check_model_name, check_positive, check_run_folder
+from .cli import UsageError, check_model_name, check_positive, check_run_folder
+from .data import DataDirError
 
 
 TRAIN_STATE = 'train_state.pt'
@@ -179,35 +193,14 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, loss_sca
 
 
 # --------------------------------------------------------------------------------------------
-# RNG state (for --resume)
-
-
-def rng_state() -> Dict[str, Any]:
-    """ RNG states of Python, NumPy and torch, in a form torch.load(weights_only=True) reads back. """
-    np_state = np.random.get_state()
-    state = dict(
-        python=random.getstate(),
-        numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-               float(np_state[4])),
-        torch=torch.get_rng_state(),
-    )
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]):
-    py = state['python']
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-# --------------------------------------------------------------------------------------------
 # files
+
+
+def _file_mode() -> int:
+    """ The permission bits ``open()`` gives a new file under the current umask (0644 under 022). """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -217,6 +210,7 @@ def atomic_path(path: str):
     tmp = f'{root}.tmp{ext}'
     try:
         yield tmp
+        os.chmod(tmp, _file_mode())  # writers differ (safetensors: 0600, open(): 0666 & ~umask); files do not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -279,180 +273,546 @@ def load_train_state(path: str) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# dense training (detection, segmentation)
+# pretrained weights and input sizes (checked before a model is built)
 
 
-DENSE_FILES = ('metrics.json', 'last.safetensors', TRAIN_STATE)
+def pretrained_name(model_name: str, pretrained: Any) -> str:
+    """ The model name with the ``--pretrained TAG`` tag, if one is given. """
+    if isinstance(pretrained, str) and pretrained.lower() not in ('', 'true', 'default'):
+        return f'{model_name.split(".")[0]}.{pretrained}'
+    return model_name
 
 
-def add_dense_args(parser: argparse.ArgumentParser) -> Dict[str, Any]:
-    """ The model, optimisation and run flags of the dense training scripts; returns the groups by name. """
+def check_pretrained(model_name: str, pretrained: Any, flag: str = '--pretrained'):
+    """ ``UsageError`` unless the pretrained weights of ``model_name`` are cached or their host answers.
+
+    Without a network, timm's download retries for about a minute and ends in a long traceback; this
+    looks in the Hugging Face / torch hub caches, then tries one connection (5 s) to the host.
+    """
+    if not pretrained:
+        return
+    import socket
+    from urllib.parse import urlparse
+    import huggingface_hub
+    name = pretrained_name(model_name, pretrained)
+    if name.startswith('local-dir:'):
+        return
+    if name.startswith('hf-hub:'):
+        hub_id, url, filename = name[len('hf-hub:'):], None, None
+    else:
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError:  # an unknown tag
+            cfg = None
+        if cfg is None:
+            tags = [m.split('.', 1)[1] for m in timm.list_pretrained(f'{name.split(".")[0]}.*')]
+            raise UsageError(f'{flag}: {name} has no pretrained weights'
+                             + (f'; tags: {", ".join(tags)}' if tags else ''))
+        if cfg.file:
+            return
+        hub_id, url, filename = cfg.hf_hub_id, cfg.url, cfg.hf_hub_filename
+    if hub_id:
+        repo, _, revision = hub_id.partition('@')
+        names = [filename] if filename else ['model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin']
+        if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, n, revision=revision or None), str)
+               for n in names):
+            return
+        host = urlparse(huggingface_hub.constants.ENDPOINT)
+    elif url:
+        if os.path.isfile(os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urlparse(url).path))):
+            return
+        host = urlparse(url)
+    else:
+        raise UsageError(f'{flag}: {name} has no pretrained weights to download')
+    where = f'the weights of {name} are not in the local cache'
+    if huggingface_hub.constants.HF_HUB_OFFLINE and hub_id:
+        raise UsageError(f'{flag}: {where} and HF_HUB_OFFLINE is set; download them once online, or give '
+                         f'--checkpoint FILE')
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f'{flag}: {where} and {host.hostname} cannot be reached ({e}); connect, or give '
+                         f'--checkpoint FILE') from None
+
+
+@contextlib.contextmanager
+def pretrained_errors(name: str):
+    """ A download of pretrained weights that fails after ``check_pretrained`` passed: one line, not a traceback. """
+    import huggingface_hub
+    try:
+        yield
+    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError,
+            ConnectionError, TimeoutError) as e:
+        raise UsageError(f'--pretrained: cannot download the weights of {name} ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else ""})') from None
+
+
+def min_input_size(model_name: str) -> int:
+    """ Smallest input side a model takes (its pretrained cfg's ``min_input_size``; 1 if it names none). """
+    if ':' in model_name.split('.')[0]:
+        return 1
+    cfg = timm.models.get_pretrained_cfg(model_name) or timm.models.get_pretrained_cfg(
+        timm.models.split_model_name_tag(model_name)[0])
+    size = getattr(cfg, 'min_input_size', None) if cfg is not None else None
+    return min(size[-2:]) if size else 1
+
+
+def check_input_size(model_name: str, flag: str, *sizes: Optional[int]):
+    """ ``UsageError`` if a size given with ``flag`` is below the model's minimum input side. """
+    low = min_input_size(model_name)
+    for size in sizes:
+        if size is not None and size < low:
+            raise UsageError(f'{flag} {" ".join(str(s) for s in sizes)}: {model_name} takes inputs of at least '
+                             f'{low} px')
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop (finetune, train_detection, train_segmentation)
+
+
+ARGS_FILE, METRICS_FILE, SUMMARY_FILE = 'args.json', 'metrics.jsonl', 'summary.json'
+LAST_FILE, BEST_FILE = 'last.safetensors', 'best.safetensors'
+RUN_FILES = (ARGS_FILE, METRICS_FILE, SUMMARY_FILE, LAST_FILE, BEST_FILE, TRAIN_STATE)
+# options a --resume may change: how long the run goes, and how it runs, not what it trains
+RESUME_MAY_CHANGE = ('epochs', 'stop_after', 'resume', 'overwrite', 'device', 'threads', 'workers', 'no_progress',
+                     'pin_mem')
+
+
+def add_train_args(parser: argparse.ArgumentParser, **defaults) -> argparse._ArgumentGroup:
+    """ The optimisation, EMA and precision flags of the training loop (``train``); ``defaults`` set theirs. """
+    g = parser.add_argument_group('training')
+    g.add_argument('--epochs', type=int, help='training epochs')
+    g.add_argument('--batch-size', type=int, help='images per step and process')
+    g.add_argument('--opt', help='any timm optimizer name (adamw, sgd: Nesterov momentum, momentum: plain)')
+    g.add_argument('--lr', type=float, help='peak learning rate')
+    g.add_argument('--momentum', type=float, default=0.9, help='momentum of SGD-like optimizers')
+    g.add_argument('--weight-decay', type=float, help='weight decay')
+    g.add_argument('--decay-bias-norm', action=argparse.BooleanOptionalAction, default=False,
+                   help='weight decay on biases and normalisation parameters too (timm skips them)')
+    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (default: off)')
+    g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'], help='what --clip-grad clips')
+    g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (evaluated too)')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per update')
+    g.add_argument('--model-ema-warmup', action='store_true', help='ramp the EMA decay up from 0')
+    g.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 with loss '
+                                                      'scaling on GPU)')
+    g.add_argument('--amp-dtype', default='auto', choices=['auto', 'float16', 'bfloat16'],
+                   help='autocast dtype of --amp (auto: bfloat16 on CPU, float16 on GPU)')
+    g.add_argument('--eval-interval', type=int, default=1, help='evaluate every n epochs (and after the last)')
+    g.add_argument('--stop-after', type=int, default=None, metavar='N',
+                   help='end this session after N epochs (e.g. a job time limit); continue with --resume')
+    parser.set_defaults(**defaults)
+    return g
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_train_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict[str, Any]]]:
+    """ The checks of the training loop's flags and run folder, before anything is built or written.
+
+    Returns:
+        the files of a previous run in ``--output-dir`` (for ``clear_run_files`` with ``--overwrite``)
+        and, with ``--resume``, the training state to continue from (for ``train``).
+
+    Raises:
+        UsageError: a bad value, a folder holding another run, or a ``--resume`` whose options differ
+            from the run's in more than ``RESUME_MAY_CHANGE``.
+    """
+    check_positive(args, 'epochs', 'batch_size', 'eval_interval', 'stop_after', 'threads')
+    check_positive(args, 'workers', allow_zero=('workers',))
+    from timm.optim import list_optimizers
+    names = list_optimizers()
+    opt = args.opt.lower()
+    if (opt[len('lookahead_'):] if opt.startswith('lookahead_') else opt) not in names:
+        close = difflib.get_close_matches(opt, names, n=3)
+        raise UsageError(f'unknown --opt {args.opt}' + (f'; did you mean {", ".join(close)}?' if close else
+                                                       '; see timm.optim.list_optimizers()'))
+    previous = check_run_folder(args.output_dir, RUN_FILES, args.resume, args.overwrite)
+    if not args.resume:
+        return previous, None
+    path = os.path.join(args.output_dir, TRAIN_STATE) if args.resume == 'auto' else args.resume
+    state = load_train_state(path)
+    if not {'args', 'num_updates', 'train_time_s', 'last'} <= set(state):
+        raise UsageError(f'{path} is not a {TRAIN_STATE} written by this script; start over with --overwrite')
+    now = _jsonable(vars(args))
+    differ = sorted(k for k in set(now) | set(state['args'])
+                    if k not in RESUME_MAY_CHANGE and now.get(k) != state['args'].get(k))
+    if differ:
+        raise UsageError('--resume: the run was trained with other ' + ', '.join(
+            f'--{k.replace("_", "-")} ({state["args"].get(k)}, now {now.get(k)})' for k in differ)
+            + '; only --epochs, --stop-after and how it runs (--device, --threads, --workers) may change')
+    state['path'] = path
+    return previous, state
+
+
+@dataclass
+class Task:
+    """ What a script gives the training loop.
+
+    Attributes:
+        forward: (model, batch) -> (loss or None if the batch has no sample, named loss parts, samples,
+            unreadable-sample records). Runs under autocast.
+        evaluate: (model, description) -> metrics (nested dicts are flattened into the metrics line).
+        score: the metric (flattened name) that picks ``best.safetensors``; higher is better.
+        describe: metrics -> the text of the epoch line (e.g. 'top-1 98.44%').
+        meta: metadata of the saved weights (the epoch and weights source are added).
+        summary: what ``summary.json`` holds besides the loop's fields (model, classes, data sizes).
+    """
+    forward: Callable[[torch.nn.Module, Any], Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor], int, list]]
+    evaluate: Callable[[torch.nn.Module, str], Dict[str, Any]]
+    score: str
+    describe: Callable[[Dict[str, Any]], str]
+    meta: Dict[str, Any]
+    summary: Dict[str, Any]
+
+
+def flatten(metrics: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    """ {'bbox': {'AP': x}} -> {'bbox_AP': x}, with ``prefix`` before every name. """
+    flat: Dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f'{prefix}{k}_'))
+        else:
+            flat[f'{prefix}{k}'] = v
+    return flat
+
+
+def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
+    """ timm's ``create_optimizer_v2``: biases and norms skip weight decay unless ``--decay-bias-norm``. """
+    from timm.optim import create_optimizer_v2
+    layer_decay = getattr(args, 'layer_decay', None)
+    target = model if (layer_decay or not args.decay_bias_norm) else [p for p in model.parameters()
+                                                                       if p.requires_grad]
+    return create_optimizer_v2(target, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                               filter_bias_and_bn=not args.decay_bias_norm, layer_decay=layer_decay)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int,
+                     warmup_steps: Optional[int] = None, **kwargs):
+    """ timm's ``create_scheduler_v2``, stepped per update; ``warmup_steps`` counts warm-up in updates
+    (instead of ``warmup_epochs``). The lr is a function of the update count, so a resume rebuilds it. """
+    from timm.scheduler import create_scheduler_v2
+    if warmup_steps is not None:
+        kwargs['warmup_epochs'] = warmup_steps / updates_per_epoch
+    scheduler, _ = create_scheduler_v2(optimizer, num_epochs=epochs, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch, **kwargs)
+    return scheduler
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(main_pid: int):
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a data-loading worker: just end, as without the handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Terminated()
+    return handler
+
+
+def _one_line(error: Exception) -> str:
+    """ The message of an error raised in a loader worker (torch re-raises it with the worker's traceback). """
+    text = str(error)
+    if text.startswith('Caught ') and 'Traceback' in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(': ', 1)[1] if ': ' in last else last
+    return text
+
+
+def train(
+        args: argparse.Namespace,
+        model: torch.nn.Module,
+        train_loader: torch.utils.data.DataLoader,
+        task: Task,
+        schedule: Dict[str, Any],
+        dist_info: DistInfo,
+        state: Optional[Dict[str, Any]] = None,
+        lr: Optional[float] = None,
+        run_info: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """ The training loop every training script shares.
+
+    timm's ``create_optimizer_v2`` / ``create_scheduler_v2`` (stepped per update), ``NativeScaler``
+    (float16 AMP) and ``ModelEmaV3`` (``--model-ema``); DDP under torchrun.
+
+    Args:
+        args: parsed options (``add_run_args``, ``add_train_args`` and the script's own).
+        model: the model on its device (initial weights loaded).
+        train_loader: batches for ``task.forward``; its ``DistributedSampler``'s epoch, or the generator of
+            its shuffle (``make_loader``), is set every epoch.
+        task: forward, evaluation and records of the script.
+        schedule: ``create_scheduler`` options (sched, warmup_epochs or warmup_steps, warmup_lr, min_lr, ...).
+        dist_info: the device and process group.
+        state: the training state to continue from (``check_train_args`` reads it for ``--resume``).
+        lr: the peak learning rate (default ``--lr``).
+        run_info: what ``args.json`` holds besides the options (resolved values, classes).
+
+    Writes to ``--output-dir`` (rank 0): ``args.json``; after every epoch ``metrics.jsonl`` (one JSON line),
+    ``last.safetensors``, ``best.safetensors`` (when ``task.score`` improves) and ``train_state.pt``;
+    at the end ``summary.json``. Returns the summary.
+    """
+    from timm.utils import ModelEmaV3, distribute_bn
+    out = args.output_dir
+    device, is_main = dist_info.device, dist_info.is_main
+    progress = is_main and not args.no_progress
+    lr = args.lr if lr is None else lr
+    amp_dtype = resolve_amp_dtype(device, args.amp_dtype) if args.amp else None
+    loss_scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None
+    updates_per_epoch = len(train_loader)
+    optimizer = create_optimizer(model, args, lr)
+    scheduler = create_scheduler(optimizer, args.epochs, updates_per_epoch, **schedule)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+
+    start_epoch, num_updates, train_time = 0, 0, 0.
+    best: Dict[str, Any] = dict(epoch=0, weights=None, metrics=None)
+    last: Optional[Dict[str, Any]] = None  # the last epoch's metrics line
+    if state is not None:
+        weights = os.path.join(os.path.dirname(os.path.abspath(state['path'])), state['weights_file'])
+        load_model_weights(model, read_model_weights(weights), weights)
+        optimizer.load_state_dict(state['optimizer'])
+        if loss_scaler is not None and state.get('scaler'):
+            loss_scaler.load_state_dict(state['scaler'])
+        if ema is not None and state.get('ema') is not None:
+            ema.module.load_state_dict(state['ema'])
+        start_epoch, num_updates, best = state['epoch'], state['num_updates'], state['best']
+        train_time, last = state['train_time_s'], state['last']
+        if is_main:
+            tqdm.write(f'Resumed from {state["path"]}: {start_epoch} of {args.epochs} epochs done')
+    if scheduler is not None:
+        scheduler.step_update(num_updates=num_updates)
+
+    train_model = model
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    metrics_path = os.path.join(out, METRICS_FILE)
+
+    def start_record():
+        # written with the first epoch's files, so that a run failing before it leaves nothing behind
+        os.makedirs(out, exist_ok=True)
+        kept = []  # a resume keeps the lines of the epochs done (an interruption may have left one more)
+        if state is not None and os.path.isfile(metrics_path):
+            with open(metrics_path, encoding='utf-8') as f:
+                kept = [line for line in f if line.strip() and json.loads(line)['epoch'] <= start_epoch]
+        atomic_write_text(''.join(kept), metrics_path)
+        write_json(dict(vars(args), lr_resolved=lr, world_size=dist_info.world_size, **(run_info or {})),
+                   os.path.join(out, ARGS_FILE))
+
+    end_epoch = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    session_start = time.time()
+    old_handler = None
+    try:
+        old_handler = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    except ValueError:  # not the main thread
+        pass
+    try:
+        for epoch in range(start_epoch + 1, end_epoch + 1):
+            t0 = time.time()
+            # data order, augmentation, mixup and drop path draw from RNGs seeded per epoch (and rank), so a
+            # resumed run continues as an uninterrupted one would
+            random_seed(args.seed + 10007 * epoch, dist_info.rank)
+            if hasattr(train_loader.sampler, 'set_epoch'):  # DistributedSampler: seeded with --seed + epoch - 1
+                train_loader.sampler.set_epoch(epoch - 1)
+            elif train_loader.generator is not None:  # make_loader's shuffle: seeded with --seed + epoch
+                train_loader.generator.manual_seed(args.seed + epoch)
+            elif hasattr(train_loader.dataset, 'set_epoch'):  # timm's iterable datasets: shard and sample shuffle
+                train_loader.dataset.set_epoch(epoch - 1)
+            train_model.train()
+            sums: Dict[str, float] = {}
+            n_seen = skipped = 0.
+            bar = tqdm(train_loader, desc=f'epoch {epoch}/{args.epochs}', disable=not progress, dynamic_ncols=True)
+            for batch in bar:
+                with autocast(device, amp_dtype):
+                    loss, parts, n, unreadable = task.forward(train_model, batch)
+                skipped += len(unreadable)
+                for item in unreadable:
+                    tqdm.write(f'skipped unreadable image {item.path}: {item.reason}')
+                if loss is None:
+                    if not dist_info.distributed:
+                        continue
+                    # nothing readable in this batch: a zero step keeps the ranks in step
+                    loss = sum(p.sum() * 0. for p in train_model.parameters())
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f'Loss is {value} at epoch {epoch}'
+                        + (f' ({", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())})' if parts else '')
+                        + '; lower --lr or use --clip-grad')
+                backward_step(loss, optimizer, loss_scaler, [p for p in model.parameters() if p.requires_grad],
+                              args.clip_grad, args.clip_mode)
+                num_updates += 1
+                if scheduler is not None:
+                    scheduler.step_update(num_updates=num_updates)
+                if ema is not None:
+                    ema.update(model, step=num_updates)
+                sums['loss'] = sums.get('loss', 0.) + value * n
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.) + v.item() * n
+                n_seen += n
+                if progress:
+                    bar.set_postfix(loss=f'{sums["loss"] / max(n_seen, 1):.4f}',
+                                    lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+            bar.close()
+            names = sorted(sums)
+            reduced = all_reduce_sum([sums[k] for k in names] + [n_seen, skipped], dist_info)
+            n_seen, skipped = reduced[-2:]
+            if n_seen == 0:
+                raise DataDirError('No training sample could be decoded in this epoch.')
+            if dist_info.distributed:
+                distribute_bn(model, dist_info.world_size, reduce=True)  # same BatchNorm stats on every rank
+            record: Dict[str, Any] = dict(epoch=epoch, lr=optimizer.param_groups[0]['lr'])
+            record.update({f'train_{k}': v / n_seen for k, v in zip(names, reduced)})
+            record.update(train_samples=int(n_seen), train_skipped=int(skipped))
+            candidates = []
+            if epoch % args.eval_interval == 0 or epoch == args.epochs:
+                val = flatten(task.evaluate(model, 'val'))
+                record.update(flatten(val, 'val_'))
+                candidates.append(('model', val, model))
+                if ema is not None:
+                    ema_val = flatten(task.evaluate(ema.module, 'val (EMA)'))
+                    record.update(flatten(ema_val, 'ema_val_'))
+                    candidates.append(('ema', ema_val, ema.module))
+            record['epoch_time'] = time.time() - t0
+            improved = None
+            if candidates:
+                improved = max(candidates, key=lambda c: c[1][task.score])  # the model wins ties
+                if best['metrics'] is not None and improved[1][task.score] <= best['metrics'][task.score]:
+                    improved = None
+                else:
+                    best = dict(epoch=epoch, weights=improved[0], metrics=_jsonable(improved[1]))
+            if is_main:
+                if epoch == start_epoch + 1:
+                    start_record()
+                if improved is not None:
+                    save_safetensors(improved[2].state_dict(), os.path.join(out, BEST_FILE),
+                                     dict(task.meta, epoch=epoch, weights=improved[0]))
+                save_safetensors(model.state_dict(), os.path.join(out, LAST_FILE),
+                                 dict(task.meta, epoch=epoch, weights='model'))
+                atomic_torch_save(dict(
+                    epoch=epoch, num_updates=num_updates, best=best, args=_jsonable(vars(args)),
+                    run_info=_jsonable(run_info or {}),
+                    weights_file=LAST_FILE, optimizer=optimizer.state_dict(),
+                    scaler=loss_scaler.state_dict() if loss_scaler is not None else None,
+                    ema=ema.module.state_dict() if ema is not None else None,
+                    train_time_s=train_time + time.time() - session_start, last=_jsonable(record),
+                ), os.path.join(out, TRAIN_STATE))
+                with open(metrics_path, 'a', encoding='utf-8') as f:
+                    f.write(json.dumps(_jsonable(record)) + '\n')
+                losses = ', '.join(f'{k[6:]} {v:.4f}' for k, v in record.items() if k.startswith('train_loss'))
+                msg = f'epoch {epoch}/{args.epochs}: {losses}'
+                if candidates:
+                    msg += f', {task.describe(candidates[0][1])}'
+                    if ema is not None:
+                        msg += f', EMA {task.describe(candidates[1][1])}'
+                if skipped or record.get('val_skipped'):
+                    msg += f', skipped {int(skipped)} train / {record.get("val_skipped", 0)} val unreadable images'
+                tqdm.write(msg + f' ({record["epoch_time"]:.1f}s)')
+            last = record
+            barrier(dist_info)
+    except DataDirError as e:  # raised in a loader worker: its message, not the worker's traceback
+        raise DataDirError(_one_line(e)) from None
+    except (KeyboardInterrupt, _Terminated):
+        if is_main:
+            tqdm.write(f'Interrupted. Completed epochs are saved in {out}; continue with --resume.')
+        raise SystemExit(130)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+    summary = dict(
+        task.summary, epochs=end_epoch, epochs_planned=args.epochs, completed=end_epoch >= args.epochs,
+        best_epoch=best['epoch'], best_weights=best['weights'],
+        **flatten(best['metrics'] or {}, 'val_'),
+        last=last, world_size=dist_info.world_size, global_batch_size=args.batch_size * dist_info.world_size,
+        lr=lr, best_checkpoint=os.path.join(out, BEST_FILE), last_checkpoint=os.path.join(out, LAST_FILE),
+        train_time_s=train_time + time.time() - session_start,
+    )
+    summary = _jsonable(summary)
+    if is_main:
+        write_json(summary, os.path.join(out, SUMMARY_FILE))
+        if best['metrics'] is not None:
+            tqdm.write(f'Best: epoch {best["epoch"]} ({best["weights"]} weights), '
+                       f'{task.describe(best["metrics"])}: {os.path.join(out, BEST_FILE)}')
+    barrier(dist_info)
+    return summary
+
+
+def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, task: Task,
+                  run_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """ ``--eval-only``: evaluate ``model`` once; ``args.json`` and ``summary.json`` (the metrics) in ``--output-dir``. """
+    metrics = flatten(task.evaluate(model, 'eval'))
+    summary = _jsonable(dict(task.summary, epochs=0, **flatten(metrics, 'val_')))
+    os.makedirs(args.output_dir, exist_ok=True)
+    write_json(dict(vars(args), **(run_info or {})), os.path.join(args.output_dir, ARGS_FILE))
+    write_json(summary, os.path.join(args.output_dir, SUMMARY_FILE))
+    tqdm.write(f'eval: {task.describe(metrics)}')
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# the dense scripts' model flags (detection, segmentation)
+
+
+def add_dense_args(parser: argparse.ArgumentParser, frozen_bn: bool) -> argparse._ArgumentGroup:
+    """ The backbone and whole-model flags of the dense training scripts; returns the model group. """
     model = parser.add_argument_group('model')
     model.add_argument('--backbone', default='dgmn2_tiny', help='timm model name (tags, hf-hub:, local-dir: allowed)')
-    model.add_argument('--pretrained', action='store_true', help='ImageNet weights for the backbone (timm)')
+    model.add_argument('--pretrained', nargs='?', const=True, default=None, metavar='TAG',
+                       help='ImageNet weights for the backbone (the default tag, or the one given)')
     model.add_argument('--pretrained-file', default=None, metavar='FILE',
                        help='local ImageNet weights file for the backbone')
     model.add_argument('--backbone-checkpoint', default=None, metavar='FILE',
                        help="detection / segmentation checkpoint whose 'backbone.' weights initialise the backbone")
     model.add_argument('--checkpoint', default=None, metavar='FILE',
-                       help='weights of the whole model (a last.safetensors of this script)')
-    add_alias(model, '--weights', '--checkpoint', 'checkpoint')
+                       help='weights of the whole model (a last.safetensors or best.safetensors of this script)')
     model.add_argument('--frozen-stages', type=int, default=-1,
                        help='-1: none, 0: the stem, n: the stem and the first n stages')
-    train = parser.add_argument_group('training')
-    train.add_argument('--epochs', type=int, help='training epochs')
-    train.add_argument('--batch-size', type=int, help='images per step')
-    train.add_argument('--opt', choices=('adamw', 'sgd'), help='optimiser (sgd: with --momentum)')
-    train.add_argument('--lr', type=float, help='peak learning rate')
-    train.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    train.add_argument('--weight-decay', type=float, help='weight decay (all parameters)')
-    train.add_argument('--clip-grad', type=float, default=0.0, help='max gradient norm (0: off)')
-    train.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 on CPU, float16 with loss '
-                                                          'scaling on GPU)')
-    train.add_argument('--eval-interval', type=int, default=1, help='evaluate every n epochs (and after the last)')
-    train.add_argument('--eval-only', action='store_true', help='only evaluate (use with --checkpoint)')
-    return dict(model=model, train=train)
+    model.add_argument('--frozen-bn', action=argparse.BooleanOptionalAction, default=frozen_bn,
+                       help='freeze the backbone BatchNorm layers')
+    model.add_argument('--eval-only', action='store_true', help='only evaluate (use with --checkpoint)')
+    return model
 
 
-def check_dense_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict[str, Any]]]:
-    """ The checks of ``add_dense_args``' options and the run folder, before anything is built.
-
-    Returns:
-        the files of a previous run in ``--output-dir`` (for ``clear_run_files`` with ``--overwrite``)
-        and, with ``--resume``, the training state to continue from (for ``train_dense``).
-    """
-    check_positive(args, 'epochs', 'batch_size', 'eval_interval', 'threads')
-    check_positive(args, 'workers', allow_zero=('workers',))
+def check_dense_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict[str, Any]], Optional[Dict[str, torch.Tensor]]]:
+    """ The checks of ``add_dense_args``' / ``add_train_args``' options and the run folder, before anything
+    is built: returns the previous run's files, the ``--resume`` state and the ``--checkpoint`` weights. """
     check_model_name(args.backbone)
+    if args.pretrained and (args.pretrained_file or args.checkpoint):
+        raise UsageError('give one of --pretrained, --pretrained-file and --checkpoint')
     for flag in ('pretrained_file', 'backbone_checkpoint'):
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise UsageError(f'--{flag.replace("_", "-")} {path} does not exist')
     if args.eval_only:
-        if args.resume or args.overwrite:
-            raise UsageError('--eval-only writes only metrics.json; it takes no --resume or --overwrite')
-        return check_run_folder(args.output_dir, ['metrics.json']), None
-    previous = check_run_folder(args.output_dir, DENSE_FILES, args.resume, args.overwrite)
-    state = None
-    if args.resume:
-        path = os.path.join(args.output_dir, TRAIN_STATE) if args.resume == 'auto' else args.resume
-        state = load_train_state(path)
-        state['path'] = path
-    return previous, state
+        if args.resume:
+            raise UsageError('--eval-only writes args.json and summary.json; it takes no --resume')
+        check_positive(args, 'batch_size', 'threads')
+        previous, state = check_run_folder(args.output_dir, RUN_FILES, None, args.overwrite), None
+    else:
+        previous, state = check_train_args(args)
+    weights = None
+    if args.checkpoint and state is None:
+        weights = read_model_weights(args.checkpoint)
+    if state is None and not args.checkpoint:
+        check_pretrained(args.backbone, args.pretrained)
+    return previous, state, weights
 
 
-def _optimizer(params: List[torch.nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
-    if args.opt == 'sgd':
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-
-
-def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, loss_scaler, device, amp_dtype, epoch, args
-                     ) -> Dict[str, float]:
-    model.train()
-    totals: Dict[str, float] = {}
-    count = 0
-    bar = tqdm(loader, desc=f'epoch {epoch}/{args.epochs}', disable=args.no_progress, dynamic_ncols=True)
-    for batch in bar:
-        with autocast(device, amp_dtype):
-            parts = loss_fn(model, batch, device)
-        loss = sum(parts.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f'Loss is {loss.item()} at epoch {epoch} ({", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())})'
-                f'; lower --lr or use --clip-grad')
-        backward_step(loss, optimizer, loss_scaler, [p for p in model.parameters() if p.requires_grad],
-                      args.clip_grad)
-        scheduler.step()
-        count += 1
-        totals['loss'] = totals.get('loss', 0.0) + loss.item()
-        for k, v in parts.items():
-            if k != 'loss':
-                totals[k] = totals.get(k, 0.0) + v.item()
-        bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
-    return {k: v / max(1, count) for k, v in totals.items()}
-
-
-def train_dense(
-        args: argparse.Namespace,
-        model: torch.nn.Module,
-        train_loader: torch.utils.data.DataLoader,
-        loss_fn: Callable[[torch.nn.Module, Any, torch.device], Dict[str, torch.Tensor]],
-        evaluate: Callable[[torch.nn.Module], Dict[str, Any]],
-        lr_factor: Callable[[int, int], float],
-        describe: Callable[[Dict[str, Any]], str],
-        history: Dict[str, Any],
-        meta: Dict[str, Any],
-        state: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """ The epoch loop of a dense training script.
-
-    Args:
-        args: parsed ``add_dense_args`` / ``add_run_args`` options.
-        model: the model on its device (``--checkpoint`` already loaded).
-        train_loader: batches for ``loss_fn``; its shuffle order is re-seeded every epoch.
-        loss_fn: (model, batch, device) -> named losses; the training loss is their sum.
-        evaluate: model -> metrics dict (kept in ``metrics.json``).
-        lr_factor: (iteration, iterations per epoch) -> factor of ``--lr`` (a LambdaLR, stepped per iteration).
-        describe: evaluation metrics -> the text that ends the epoch line (e.g. 'mIoU 0.7512').
-        history: what ``metrics.json`` holds besides ``epochs`` / ``eval`` (the arguments, data sizes).
-        meta: metadata of ``last.safetensors`` (the epoch is added).
-        state: the training state to continue from (``check_dense_args`` reads it for ``--resume``).
-
-    Writes ``metrics.json``, ``last.safetensors`` and ``train_state.pt`` to ``--output-dir`` after every
-    epoch; ``--resume`` continues from the last state. Returns the history.
-    """
-    out = args.output_dir
-    device = next(model.parameters()).device
-    history = dict(history, args=vars(args), epochs=[], eval=None)
-    metrics_path = os.path.join(out, 'metrics.json')
-    if args.eval_only:
-        os.makedirs(out, exist_ok=True)
-        history['eval'] = evaluate(model)
-        write_json(history, metrics_path)
-        return history
-
-    ckpt_path, state_path = os.path.join(out, 'last.safetensors'), os.path.join(out, TRAIN_STATE)
-    amp_dtype = resolve_amp_dtype(device) if args.amp else None
-    loss_scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None
-    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], args)
-    iters_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters_per_epoch))
-    start_epoch = 0
-    if state is not None:
-        weights = os.path.join(os.path.dirname(state['path']), state['weights_file'])
-        load_model_weights(model, read_model_weights(weights), weights)
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if loss_scaler is not None and state.get('scaler'):
-            loss_scaler.load_state_dict(state['scaler'])
-        start_epoch, history['epochs'], history['eval'] = state['epoch'], state['epochs'], state['eval']
-        tqdm.write(f'Resumed from {state["path"]}: {start_epoch} of {args.epochs} epochs done')
-    os.makedirs(out, exist_ok=True)
-
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        start = time.time()
-        random_seed(args.seed + 10007 * epoch)  # augmentation in the main process; order via the generator
-        if train_loader.generator is not None:
-            train_loader.generator.manual_seed(args.seed + epoch)
-        record: Dict[str, Any] = {'epoch': epoch}
-        record.update(_train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, loss_scaler, device,
-                                       amp_dtype, epoch, args))
-        record['lr'] = optimizer.param_groups[0]['lr']
-        record['time_s'] = time.time() - start
-        save_safetensors(model.state_dict(), ckpt_path, dict(meta, epoch=epoch))
-        if epoch % args.eval_interval == 0 or epoch == args.epochs:
-            record['eval'] = history['eval'] = evaluate(model)
-        history['epochs'].append(record)
-        write_json(history, metrics_path)
-        atomic_torch_save(dict(
-            epoch=epoch, weights_file='last.safetensors', optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=loss_scaler.state_dict() if loss_scaler is not None else None,
-            epochs=json.loads(json.dumps(history['epochs'])), eval=json.loads(json.dumps(history['eval']))),
-            state_path)
-        losses = ', '.join(f'{k} {v:.4f}' for k, v in record.items() if k == 'loss' or k.startswith('loss_'))
-        tqdm.write(f'epoch {epoch}/{args.epochs}: {losses}' + (f', {describe(record["eval"])}' if 'eval' in record
-                                                                 else '') + f' ({record["time_s"]:.1f}s)')
-    history['checkpoint'] = ckpt_path
-    write_json(history, metrics_path)
-    return history
+def check_checkpoint_classes(path: Optional[str], num_classes: int):
+    """ ``UsageError`` if a script's safetensors weights name another ``num_classes`` in their metadata. """
+    if not path or not path.endswith('.safetensors'):
+        return
+    from safetensors import safe_open
+    try:
+        with safe_open(path, 'pt') as f:
+            value = (f.metadata() or {}).get('num_classes')
+    except Exception:  # read_model_weights has read the file: no usable metadata
+        return
+    if value is not None and int(value) != num_classes:
+        raise UsageError(f'--checkpoint {path} was trained for {value} classes, the data has {num_classes}')

@@ -2,18 +2,19 @@
 """ Train and evaluate a DGMN2 detector (RetinaNet, Faster R-CNN, Mask R-CNN) on a COCO-format dataset.
 
 The defaults are the paper's 1x schedule (mmdetection style): AdamW lr 1e-4, weight decay 1e-4,
-12 epochs with the lr divided by 10 after epochs 8 and 11, 500 linear warm-up iterations,
-images resized to shorter side 800 / longer side <= 1333, random horizontal flips, batch 16
+12 epochs with the lr divided by 10 after epochs 8 and 11, 500 linear warm-up iterations from
+1e-3 x lr, weight decay on every parameter (timm's multistep schedule and create_optimizer_v2 with
+filter_bias_and_bn=False, in the training loop of dgmn_timm.tools.engine), images resized to shorter side 800 / longer side <= 1333, random horizontal flips, batch 16
 (set --batch-size / --lr for your hardware; the lr is not rescaled automatically).
 
     python scripts/train_detection.py --model maskrcnn --backbone dgmn2_tiny --pretrained \\
         --train-images coco/train2017 --train-ann coco/annotations/instances_train2017.json \\
         --val-images coco/val2017 --val-ann coco/annotations/instances_val2017.json \\
-        --output-dir runs/maskrcnn_dgmn2_tiny
+        --output-dir output/maskrcnn_dgmn2_tiny
 
-Writes to --output-dir: last.safetensors (model weights, with the epoch and the category ids in
-its metadata), metrics.json (per-epoch losses, COCO box / mask AP from pycocotools) and
-train_state.pt (for --resume). A folder that holds a previous run is refused unless --resume or
+Writes to --output-dir: args.json, metrics.jsonl (one line per epoch: losses, COCO box / mask AP
+from pycocotools), last.safetensors / best.safetensors (model weights; best by box AP; the epoch
+and the category ids in their metadata), train_state.pt (for --resume) and summary.json. A folder that holds a previous run is refused unless --resume or
 --overwrite is given.
 Categories are mapped to contiguous labels 1..K (0 is background); predictions are mapped back
 to the dataset's category ids for evaluation.
@@ -39,24 +40,26 @@ from timm.utils import random_seed
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.tools.data import DataDirError
 from dgmn_timm.tasks.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
-from dgmn_timm.tools.cli import HelpFormatter, add_run_args, clear_run_files, run_cli, set_threads
-from dgmn_timm.tools.engine import add_dense_args, check_dense_args, load_model_weights, make_loader, read_model_weights, resolve_device, train_dense
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads
+from dgmn_timm.tools.engine import (
+    DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args, check_input_size,
+    evaluate_only, load_model_weights, make_loader, pretrained_errors, pretrained_name, resolve_device, train,
+)
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     data = p.add_argument_group('data')
     data.add_argument('--train-images', required=True, help='folder of training images')
     data.add_argument('--train-ann', required=True, help='COCO-format annotation JSON of the training images')
     data.add_argument('--val-images', default=None, help='folder of validation images (default: the training folder)')
     data.add_argument('--val-ann', default=None, help='validation annotations (default: the training annotations)')
-    groups = add_dense_args(p)
-    model = groups['model']
+    model = add_dense_args(p, frozen_bn=True)
     model.add_argument('--model', choices=sorted(BUILDERS), default='retinanet', help='detector')
-    model.add_argument('--no-frozen-bn', action='store_true', help='train the backbone BatchNorm layers')
     model.add_argument('--drop-path', type=float, default=0.0, help='backbone stochastic depth rate')
     model.add_argument('--min-size', type=int, default=800, help='resize: shorter image side')
     model.add_argument('--max-size', type=int, default=1333, help='resize: longest image side cap')
@@ -65,13 +68,13 @@ def get_parser() -> argparse.ArgumentParser:
     model.add_argument('--detector-kwargs', type=json.loads, default={},
                        help='JSON dict of extra torchvision detector kwargs, e.g. '
                             '\'{"rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 256}\'')
-    train = groups['train']
+    train = add_train_args(p, epochs=12, batch_size=2, opt='adamw', lr=1e-4, weight_decay=1e-4,
+                           decay_bias_norm=True)
     train.add_argument('--lr-steps', type=int, nargs='*', default=[8, 11], help='epochs after which lr *= 0.1')
     train.add_argument('--warmup-iters', type=int, default=500, help='linear warm-up iterations')
     train.add_argument('--warmup-ratio', type=float, default=1e-3, help='lr factor at the first iteration')
     train.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
-    add_run_args(p, output_dir='runs/detection', workers=2)
-    p.set_defaults(epochs=12, batch_size=2, opt='adamw', lr=1e-4, weight_decay=1e-4)
+    add_run_args(p, output_dir='output/train_detection')
     return p
 
 
@@ -113,7 +116,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_dir, info['file_name'])
-        image = pil_to_tensor(Image.open(path).convert('RGB')).float().div_(255)
+        try:
+            with Image.open(path) as im:
+                image = pil_to_tensor(im.convert('RGB')).float().div_(255)
+        except (OSError, ValueError) as e:  # stops the run: one line naming the file
+            raise DataDirError(f'cannot read image {path}: {e}') from None
         h, w = image.shape[-2:]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if self._usable(a)]
         boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -141,20 +148,18 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
-def lr_factor(it: int, iters_per_epoch: int, args: argparse.Namespace) -> float:
-    """ Step schedule (x0.1 after each of --lr-steps epochs) with linear warm-up. """
-    epoch = it // max(1, iters_per_epoch)
-    factor = 0.1 ** sum(epoch >= s for s in args.lr_steps)
-    if it < args.warmup_iters:
-        factor *= args.warmup_ratio + (1 - args.warmup_ratio) * it / args.warmup_iters
-    return factor
+def lr_schedule(args: argparse.Namespace) -> Dict[str, Any]:
+    """ The paper's schedule as ``engine.create_scheduler`` options: --warmup-iters linear warm-up from
+    --warmup-ratio x lr, then x0.1 after each of --lr-steps epochs (timm's multistep, stepped per update). """
+    return dict(sched='multistep', decay_milestones=args.lr_steps, decay_rate=0.1,
+                warmup_steps=args.warmup_iters, warmup_lr=args.lr * args.warmup_ratio)
 
 
 def describe(metrics: Dict[str, Any]) -> str:
     """ The AP part of the epoch line: box AP, and mask AP for Mask R-CNN. """
-    text = f'box AP {metrics["bbox"]["AP"]:.4f}'
-    if 'segm' in metrics:
-        text += f', mask AP {metrics["segm"]["AP"]:.4f}'
+    text = f'box AP {metrics["bbox_AP"]:.4f}'
+    if 'segm_AP' in metrics:
+        text += f', mask AP {metrics["segm_AP"]:.4f}'
     return text
 
 
@@ -217,55 +222,62 @@ def _dataset(image_dir: str, ann_file: str, what: str, **kwargs) -> CocoDetectio
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    # every check before anything is built
-    previous, state = check_dense_args(args)
-    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
+    # every check before anything is built or written
+    check_input_size(args.backbone, '--min-size', args.min_size)
+    if args.max_size < args.min_size:
+        raise UsageError(f'--max-size {args.max_size} is below --min-size {args.min_size}')
+    previous, state, weights = check_dense_args(args)
     with_masks = args.model == 'maskrcnn'
     train_set = _dataset(args.train_images, args.train_ann, 'training', with_masks=with_masks, train=True,
                          hflip=args.hflip)
     val_set = _dataset(args.val_images or args.train_images, args.val_ann or args.train_ann, 'validation',
                        with_masks=with_masks, cat_ids=train_set.cat_ids)
+    num_classes = len(train_set.cat_ids) + 1
+    check_checkpoint_classes(args.checkpoint, num_classes)
     device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
     random_seed(args.seed)  # the model's initialisation
-    if args.overwrite:
-        clear_run_files(args.output_dir, previous)
-    num_classes = len(train_set.cat_ids) + 1
-
-    model = BUILDERS[args.model](
-        backbone=args.backbone,
-        num_classes=num_classes,
-        pretrained=args.pretrained,
-        pretrained_file=args.pretrained_file,
-        backbone_checkpoint=args.backbone_checkpoint,
-        frozen_bn=not args.no_frozen_bn,
-        frozen_stages=args.frozen_stages,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
-        **({'score_thresh': args.score_thresh} if args.model == 'retinanet' else {'box_score_thresh': args.score_thresh}),
-        **({'detections_per_img': args.detections_per_img} if args.model == 'retinanet'
-           else {'box_detections_per_img': args.detections_per_img}),
-        **args.detector_kwargs,
-    )
+    backbone = pretrained_name(args.backbone, args.pretrained)
+    with pretrained_errors(backbone):
+        model = BUILDERS[args.model](
+            backbone=backbone,
+            num_classes=num_classes,
+            pretrained=bool(args.pretrained),
+            pretrained_file=args.pretrained_file,
+            backbone_checkpoint=args.backbone_checkpoint,
+            frozen_bn=args.frozen_bn,
+            frozen_stages=args.frozen_stages,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
+            **({'score_thresh': args.score_thresh} if args.model == 'retinanet'
+               else {'box_score_thresh': args.score_thresh}),
+            **({'detections_per_img': args.detections_per_img} if args.model == 'retinanet'
+               else {'box_detections_per_img': args.detections_per_img}),
+            **args.detector_kwargs,
+        )
     if weights is not None:
         load_model_weights(model, weights, args.checkpoint)
+    if args.overwrite:
+        clear_run_files(args.output_dir, previous)
     model.to(device)
     train_loader = make_loader(train_set, args.batch_size, args.workers, shuffle=True, seed=args.seed,
                                collate_fn=collate)
     val_loader = make_loader(val_set, args.batch_size, args.workers, collate_fn=collate)
 
-    def loss_fn(model, batch, device):
+    def forward(model, batch):
         images, targets = batch
-        return model([im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
+        parts = model([im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}, len(images), []
 
-    return train_dense(
-        args, model, train_loader, loss_fn, lambda m: evaluate(m, val_set, val_loader, device, args),
-        lambda it, n: lr_factor(it, n, args), describe,
-        history={'num_classes': num_classes, 'cat_ids': train_set.cat_ids, 'train_images': len(train_set),
-                 'val_images': len(val_set)},
-        state=state, meta={'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes,
-              'cat_ids': train_set.cat_ids})
+    meta = {'model': args.model, 'backbone': args.backbone, 'num_classes': num_classes, 'cat_ids': train_set.cat_ids}
+    task = Task(forward=forward, evaluate=lambda m, desc: evaluate(m, val_set, val_loader, device, args),
+                score='bbox_AP', describe=describe, meta=meta,
+                summary=dict(meta, train_images=len(train_set), val_images=len(val_set)))
+    run_info = dict(num_classes=num_classes, cat_ids=train_set.cat_ids)
+    if args.eval_only:
+        return evaluate_only(args, model, task, run_info)
+    return train(args, model, train_loader, task, lr_schedule(args), DistInfo(device), state=state, run_info=run_info)
 
 
 if __name__ == '__main__':

@@ -7,8 +7,9 @@ Data: a folder of images and a folder of masks (single-channel PNGs of class ind
 folders are searched recursively (Cityscapes: --image-suffix _leftImg8bit
 --mask-suffix _gtFine_labelTrainIds).
 
-Defaults follow the paper's Semantic FPN recipe: AdamW lr 1e-4, weight decay 1e-4, poly lr
-decay (power 0.9) over all iterations, random rescaling 0.5-2.0, random crop (512x1024 for
+Defaults follow the paper's Semantic FPN recipe: AdamW lr 1e-4, weight decay 1e-4 on every
+parameter, poly lr decay (power 0.9) over all iterations (timm's poly schedule stepped per update,
+in the training loop of dgmn_timm.tools.engine), random rescaling 0.5-2.0, random crop (512x1024 for
 Cityscapes), horizontal flips; evaluation on whole images. A head may bring its own recipe
 (``dgmn_timm.tasks.segmentation.HEAD_DEFAULTS``): its values replace these defaults for every option
 not given on the command line (listed at the end of --help).
@@ -17,10 +18,11 @@ not given on the command line (listed at the end of --help).
         --train-images cityscapes/leftImg8bit/train --train-masks cityscapes/gtFine/train \\
         --val-images cityscapes/leftImg8bit/val --val-masks cityscapes/gtFine/val \\
         --image-suffix _leftImg8bit --mask-suffix _gtFine_labelTrainIds \\
-        --crop-size 512 1024 --batch-size 8 --epochs 107 --output-dir runs/semfpn_dgmn2_tiny
+        --crop-size 512 1024 --batch-size 8 --epochs 107 --output-dir output/semfpn_dgmn2_tiny
 
-Writes to --output-dir: last.safetensors (model weights), metrics.json (per-epoch losses,
-mIoU, pixel accuracy, per-class IoU) and train_state.pt (for --resume). A folder that holds a
+Writes to --output-dir: args.json, metrics.jsonl (one line per epoch: losses, mIoU, pixel
+accuracy, per-class IoU), last.safetensors / best.safetensors (model weights; best by mIoU),
+train_state.pt (for --resume) and summary.json. A folder that holds a
 previous run is refused unless --resume or --overwrite is given.
 """
 import argparse
@@ -40,14 +42,17 @@ from tqdm import tqdm
 from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.tools.data import find_pairs
+from dgmn_timm.tools.data import DataDirError, find_pairs
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads
-from dgmn_timm.tools.engine import add_dense_args, check_dense_args, load_model_weights, make_loader, read_model_weights, resolve_device, train_dense
+from dgmn_timm.tools.engine import (
+    DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args, check_input_size,
+    evaluate_only, load_model_weights, make_loader, pretrained_errors, pretrained_name, resolve_device, train,
+)
 from dgmn_timm.tasks.segmentation import HEAD_DEFAULTS, HEADS
 
 # defaults of the options a head's recipe (HEAD_DEFAULTS) may replace
 RECIPE = dict(epochs=10, batch_size=8, opt='adamw', lr=1e-4, momentum=0.9, weight_decay=1e-4, poly_power=0.9,
-              min_lr=0.0, clip_grad=0.0, crop_size=[512, 1024], scale_range=[0.5, 2.0], hflip=0.5, drop_path=0.1,
+              min_lr=0.0, clip_grad=None, crop_size=[512, 1024], scale_range=[0.5, 2.0], hflip=0.5, drop_path=0.1,
               output_stride=None)
 
 
@@ -65,7 +70,7 @@ def _recipes_epilog() -> str:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter, allow_abbrev=False,
                                 epilog=_recipes_epilog())
     data = p.add_argument_group('data')
     data.add_argument('--train-images', required=True, help='folder of training images (searched recursively)')
@@ -76,15 +81,13 @@ def get_parser() -> argparse.ArgumentParser:
     data.add_argument('--mask-suffix', default='', help='suffix of mask names before .png')
     data.add_argument('--num-classes', type=int, required=True, help='number of classes (labels 0..N-1)')
     data.add_argument('--ignore-index', type=int, default=255, help='mask value of unlabelled pixels')
-    groups = add_dense_args(p)
-    model = groups['model']
+    model = add_dense_args(p, frozen_bn=False)
     model.add_argument('--head', choices=sorted(HEADS), default='fpn', help='segmentation head')
     model.add_argument('--output-stride', type=int, help='backbone output stride (default: the head\'s: fpn 32, fcn 8)')
-    model.add_argument('--frozen-bn', action='store_true', help='freeze the backbone BatchNorm layers')
     model.add_argument('--drop-path', type=float, help='backbone stochastic depth rate (default: recipe)')
-    train = groups['train']
+    train = add_train_args(p, decay_bias_norm=True)
     train.add_argument('--poly-power', type=float, help='power of the poly lr decay (default: recipe)')
-    train.add_argument('--min-lr', type=float, help='floor of the poly lr decay (default: recipe)')
+    train.add_argument('--min-lr', type=float, help='lr the poly decay ends at (default: recipe)')
     train.add_argument('--crop-size', type=int, nargs=2, metavar=('H', 'W'), help='training crop (default: recipe)')
     train.add_argument('--scale-range', type=float, nargs=2, metavar=('MIN', 'MAX'),
                        help='random rescaling of training images (default: recipe)')
@@ -93,7 +96,7 @@ def get_parser() -> argparse.ArgumentParser:
     train.add_argument('--hflip', type=float, help='horizontal flip probability (default: recipe)')
     train.add_argument('--eval-size', type=int, nargs=2, default=None, metavar=('H', 'W'),
                        help='resize images to this size for evaluation (default: as they are; IoU at mask size)')
-    add_run_args(p, output_dir='runs/segmentation', workers=2)
+    add_run_args(p, output_dir='output/train_segmentation')
     p.set_defaults(**{k: None for k in RECIPE})
     return p
 
@@ -124,18 +127,23 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def _load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        image = torch.from_numpy(np.asarray(Image.open(image_path).convert('RGB'), dtype=np.float32) / 255.)
-        mask = np.asarray(Image.open(mask_path))
+        try:
+            with Image.open(image_path) as im:
+                image = torch.from_numpy(np.asarray(im.convert('RGB'), dtype=np.float32) / 255.)
+            with Image.open(mask_path) as im:
+                mask = np.asarray(im)
+        except (OSError, ValueError) as e:  # stops the run: one line naming the file
+            raise DataDirError(f'cannot read {image_path} or its mask {mask_path}: {e}') from None
         if mask.ndim != 2:
-            raise ValueError(f'{mask_path}: masks must be single-channel class-index images, got shape {mask.shape}')
+            raise DataDirError(f'{mask_path}: masks must be single-channel class-index images, got shape {mask.shape}')
         image = (image.permute(2, 0, 1) - self.mean) / self.std
         mask = torch.from_numpy(mask.astype(np.int64))
         labelled = mask[mask != self.args.ignore_index]
         if labelled.numel() and (labelled.min() < 0 or labelled.max() >= self.args.num_classes):
-            raise ValueError(f'{mask_path} has labels outside 0..{self.args.num_classes - 1} '
+            raise DataDirError(f'{mask_path} has labels outside 0..{self.args.num_classes - 1} '
                              f'(and the ignore index {self.args.ignore_index}); check --num-classes')
         if image.shape[-2:] != mask.shape:
-            raise ValueError(f'{image_path} is {tuple(image.shape[-2:])} but its mask is {tuple(mask.shape)}')
+            raise DataDirError(f'{image_path} is {tuple(image.shape[-2:])} but its mask is {tuple(mask.shape)}')
         return image, mask
 
     @staticmethod
@@ -208,13 +216,22 @@ def evaluate(model, loader, device, args) -> Dict[str, Any]:
     return segmentation_metrics(conf)
 
 
+def lr_schedule(args: argparse.Namespace) -> Dict[str, Any]:
+    """ The recipe's poly decay over all iterations as ``engine.create_scheduler`` options (timm's poly,
+    stepped per update). """
+    return dict(sched='poly', decay_rate=args.poly_power, min_lr=args.min_lr)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    # every check before anything is built
+    # every check before anything is built or written
     if args.num_classes < 1:
         raise UsageError(f'--num-classes must be at least 1, got {args.num_classes}')
-    previous, state = check_dense_args(args)
-    weights = read_model_weights(args.checkpoint) if args.checkpoint else None
+    check_input_size(args.backbone, '--crop-size', *args.crop_size)
+    if args.eval_size:
+        check_input_size(args.backbone, '--eval-size', *args.eval_size)
+    previous, state, weights = check_dense_args(args)
+    check_checkpoint_classes(args.checkpoint, args.num_classes)
     train_pairs, unmatched = find_pairs(args.train_images, args.train_masks, args.image_suffix, args.mask_suffix)
     if unmatched:
         tqdm.write(f'warning: {unmatched} images in {args.train_images} have no mask, skipped')
@@ -223,23 +240,24 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
     random_seed(args.seed)  # the model's initialisation
-    if args.overwrite:
-        clear_run_files(args.output_dir, previous)
-
-    model = HEADS[args.head](
-        args.backbone,
-        num_classes=args.num_classes,
-        output_stride=args.output_stride,
-        pretrained=args.pretrained,
-        pretrained_file=args.pretrained_file,
-        backbone_checkpoint=args.backbone_checkpoint,
-        frozen_bn=args.frozen_bn,
-        frozen_stages=args.frozen_stages,
-        backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
-        **args.head_kwargs,
-    )
+    backbone = pretrained_name(args.backbone, args.pretrained)
+    with pretrained_errors(backbone):
+        model = HEADS[args.head](
+            backbone,
+            num_classes=args.num_classes,
+            output_stride=args.output_stride,
+            pretrained=bool(args.pretrained),
+            pretrained_file=args.pretrained_file,
+            backbone_checkpoint=args.backbone_checkpoint,
+            frozen_bn=args.frozen_bn,
+            frozen_stages=args.frozen_stages,
+            backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
+            **args.head_kwargs,
+        )
     if weights is not None:
         load_model_weights(model, weights, args.checkpoint)
+    if args.overwrite:
+        clear_run_files(args.output_dir, previous)
     model.to(device)
     cfg = model.pretrained_cfg
     mean, std = cfg.get('mean', (0.485, 0.456, 0.406)), cfg.get('std', (0.229, 0.224, 0.225))
@@ -249,20 +267,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                drop_last=len(train_set) > args.batch_size)
     val_loader = make_loader(val_set, 1, args.workers)  # whole images of different sizes: one at a time
 
-    def loss_fn(model, batch, device):
+    def forward(model, batch):
         images, masks = batch
-        return {'loss': model.training_loss(images.to(device), masks.to(device), ignore_index=args.ignore_index)}
+        loss = model.training_loss(images.to(device), masks.to(device), ignore_index=args.ignore_index)
+        return loss, {}, images.shape[0], []
 
-    def lr_factor(it: int, iters_per_epoch: int) -> float:
-        total = max(1, args.epochs * iters_per_epoch)
-        min_factor = args.min_lr / args.lr if args.lr > 0 else 0.0
-        return max((1 - min(it, total) / total) ** args.poly_power, min_factor)
-
-    return train_dense(
-        args, model, train_loader, loss_fn, lambda m: evaluate(m, val_loader, device, args), lr_factor,
-        describe=lambda ev: f'mIoU {ev["mIoU"]:.4f}, aAcc {ev["aAcc"]:.4f}',
-        history={'train_images': len(train_set), 'val_images': len(val_set)},
-        state=state, meta={'head': args.head, 'backbone': args.backbone, 'num_classes': args.num_classes})
+    meta = {'head': args.head, 'backbone': args.backbone, 'num_classes': args.num_classes}
+    task = Task(forward=forward, evaluate=lambda m, desc: evaluate(m, val_loader, device, args), score='mIoU',
+                describe=lambda ev: f'mIoU {ev["mIoU"]:.4f}, aAcc {ev["aAcc"]:.4f}', meta=meta,
+                summary=dict(meta, train_images=len(train_set), val_images=len(val_set)))
+    if args.eval_only:
+        return evaluate_only(args, model, task)
+    return train(args, model, train_loader, task, lr_schedule(args), DistInfo(device), state=state)
 
 
 if __name__ == '__main__':
