@@ -331,7 +331,7 @@ def test_pretrained_without_network_is_one_line(tmp_path, monkeypatch, capsys):
                                           '--pretrained']) == 2
     assert time.monotonic() - start < 15
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith('error: --pretrained: the weights of dgmn2_tiny are not in the local cache'), line
+    assert line.startswith('error: No pretrained weights for dgmn2_tiny') and 'HF_HUB_OFFLINE is set' in line, line
     assert not (tmp_path / 'out').exists()
 
 

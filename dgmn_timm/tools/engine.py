@@ -80,11 +80,9 @@ def create_model(
     """
     if pretrained and checkpoint:
         raise UsageError('give --pretrained or --checkpoint, not both')
-    name = model_name
-    if isinstance(pretrained, str) and pretrained.lower() not in ('', 'true', 'default'):
-        name = f'{model_name.split(".")[0]}.{pretrained}'
+    name = pretrained_name(model_name, pretrained)
     if pretrained:
-        checkpoint = pretrained_file(name)
+        checkpoint = pretrained_weights(model_name, pretrained)
     if checkpoint:
         return create_with_weights(name, checkpoint, num_classes=num_classes, **kwargs)
     if num_classes is not None:
@@ -283,68 +281,26 @@ def pretrained_name(model_name: str, pretrained: Any) -> str:
     return model_name
 
 
-def check_pretrained(model_name: str, pretrained: Any, flag: str = '--pretrained'):
-    """ ``UsageError`` unless the pretrained weights of ``model_name`` are cached or their host answers.
+def pretrained_weights(model_name: str, pretrained: Any, flag: str = '--pretrained') -> Optional[str]:
+    """ The local weights file of ``--pretrained [TAG]`` for ``model_name`` (None without the flag), found before
+    any work: from the local Hugging Face cache, else one Hub request (``weights.hub.pretrained_file``).
 
-    Without a network, timm's download retries for about a minute and ends in a long traceback; this
-    looks in the Hugging Face / torch hub caches, then tries one connection (5 s) to the host.
+    Raises:
+        UsageError: the model has no such tag.
+        CheckpointNotFoundError: the weights are not cached and the Hub cannot give them (one line, within one
+            request; at once with HF_HUB_OFFLINE=1).
     """
     if not pretrained:
-        return
-    import socket
-    from urllib.parse import urlparse
-    import huggingface_hub
+        return None
     name = pretrained_name(model_name, pretrained)
-    if name.startswith('local-dir:'):
-        return
-    if name.startswith('hf-hub:'):
-        hub_id, url, filename = name[len('hf-hub:'):], None, None
-    else:
-        try:
-            cfg = timm.models.get_pretrained_cfg(name)
-        except RuntimeError:  # an unknown tag
-            cfg = None
-        if cfg is None:
-            tags = [m.split('.', 1)[1] for m in timm.list_pretrained(f'{name.split(".")[0]}.*')]
-            raise UsageError(f'{flag}: {name} has no pretrained weights'
-                             + (f'; tags: {", ".join(tags)}' if tags else ''))
-        if cfg.file:
-            return
-        hub_id, url, filename = cfg.hf_hub_id, cfg.url, cfg.hf_hub_filename
-    if hub_id:
-        repo, _, revision = hub_id.partition('@')
-        names = [filename] if filename else ['model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin']
-        if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, n, revision=revision or None), str)
-               for n in names):
-            return
-        host = urlparse(huggingface_hub.constants.ENDPOINT)
-    elif url:
-        if os.path.isfile(os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urlparse(url).path))):
-            return
-        host = urlparse(url)
-    else:
-        raise UsageError(f'{flag}: {name} has no pretrained weights to download')
-    where = f'the weights of {name} are not in the local cache'
-    if huggingface_hub.constants.HF_HUB_OFFLINE and hub_id:
-        raise UsageError(f'{flag}: {where} and HF_HUB_OFFLINE is set; download them once online, or give '
-                         f'--checkpoint FILE')
     try:
-        socket.create_connection((host.hostname, host.port or 443), timeout=5).close()
-    except OSError as e:
-        raise UsageError(f'{flag}: {where} and {host.hostname} cannot be reached ({e}); connect, or give '
-                         f'--checkpoint FILE') from None
-
-
-@contextlib.contextmanager
-def pretrained_errors(name: str):
-    """ A download of pretrained weights that fails after ``check_pretrained`` passed: one line, not a traceback. """
-    import huggingface_hub
-    try:
-        yield
-    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError,
-            ConnectionError, TimeoutError) as e:
-        raise UsageError(f'--pretrained: cannot download the weights of {name} ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else ""})') from None
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag
+        cfg = None
+    if cfg is None and '.' in name:
+        tags = [m.split('.', 1)[1] for m in timm.list_pretrained(f'{name.split(".")[0]}.*')]
+        raise UsageError(f'{flag}: {name} has no pretrained weights' + (f'; tags: {", ".join(tags)}' if tags else ''))
+    return pretrained_file(name)
 
 
 def min_input_size(model_name: str) -> int:
@@ -799,8 +755,6 @@ def check_dense_args(args: argparse.Namespace) -> Tuple[List[str], Optional[Dict
     weights = None
     if args.checkpoint and state is None:
         weights = read_model_weights(args.checkpoint)
-    if state is None and not args.checkpoint:
-        check_pretrained(args.backbone, args.pretrained)
     return previous, state, weights
 
 

@@ -37,8 +37,8 @@ from dgmn_timm.tools.cli import (
     HelpFormatter, UsageError, add_run_args, check_model_name, check_positive, clear_run_files, run_cli, set_threads,
 )
 from dgmn_timm.tools.engine import (
-    Task, add_train_args, all_reduce_sum, autocast, check_input_size, check_pretrained, check_train_args, create_model,
-    init_distributed, pretrained_errors, pretrained_name, resolve_amp_dtype, train,
+    Task, add_train_args, all_reduce_sum, autocast, check_input_size, check_train_args, create_model,
+    init_distributed, pretrained_name, pretrained_weights, resolve_amp_dtype, train,
 )
 
 
@@ -185,8 +185,7 @@ def main(argv=None) -> dict:
         raise UsageError(f'{state["path"]} was trained on classes {trained_on}, the data has {classes}')
     if state is None and args.checkpoint:
         read_state_dict(args.checkpoint)  # a bad file fails here, with the checkpoint module's message
-    if state is None:
-        check_pretrained(args.model, args.pretrained)
+    pretrained = pretrained_weights(args.model, args.pretrained) if state is None else None
 
     dist_info = init_distributed(args.device)
     if dist_info.distributed and data.get('iterable'):  # its readers split the shards by rank when built
@@ -203,8 +202,8 @@ def main(argv=None) -> dict:
     if state is not None:  # the run's weights are loaded by the training loop
         model = create_model(args.model, **build)
     else:
-        with pretrained_errors(pretrained_name(args.model, args.pretrained)):
-            model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **build)
+        model = create_model(pretrained_name(args.model, args.pretrained), checkpoint=args.checkpoint or pretrained,
+                             **build)
     if is_main and previous and args.overwrite:
         clear_run_files(args.output_dir, previous)
     if args.grad_checkpointing:

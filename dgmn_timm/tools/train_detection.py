@@ -43,7 +43,7 @@ from dgmn_timm.tasks.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinane
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import (
     DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args, check_input_size,
-    evaluate_only, load_model_weights, make_loader, pretrained_errors, pretrained_name, resolve_device, train,
+    evaluate_only, load_model_weights, make_loader, pretrained_name, pretrained_weights, resolve_device, train,
 )
 
 BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskrcnn': maskrcnn_dgmn2}
@@ -227,6 +227,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.max_size < args.min_size:
         raise UsageError(f'--max-size {args.max_size} is below --min-size {args.min_size}')
     previous, state, weights = check_dense_args(args)
+    pretrained = pretrained_weights(args.backbone, args.pretrained) if state is None else None
     with_masks = args.model == 'maskrcnn'
     train_set = _dataset(args.train_images, args.train_ann, 'training', with_masks=with_masks, train=True,
                          hflip=args.hflip)
@@ -237,25 +238,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
     random_seed(args.seed)  # the model's initialisation
-    backbone = pretrained_name(args.backbone, args.pretrained)
-    with pretrained_errors(backbone):
-        model = BUILDERS[args.model](
-            backbone=backbone,
-            num_classes=num_classes,
-            pretrained=bool(args.pretrained),
-            pretrained_file=args.pretrained_file,
-            backbone_checkpoint=args.backbone_checkpoint,
-            frozen_bn=args.frozen_bn,
-            frozen_stages=args.frozen_stages,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
-            **({'score_thresh': args.score_thresh} if args.model == 'retinanet'
-               else {'box_score_thresh': args.score_thresh}),
-            **({'detections_per_img': args.detections_per_img} if args.model == 'retinanet'
-               else {'box_detections_per_img': args.detections_per_img}),
-            **args.detector_kwargs,
-        )
+    model = BUILDERS[args.model](
+        backbone=pretrained_name(args.backbone, args.pretrained),
+        num_classes=num_classes,
+        pretrained_file=args.pretrained_file or pretrained,
+        backbone_checkpoint=args.backbone_checkpoint,
+        frozen_bn=args.frozen_bn,
+        frozen_stages=args.frozen_stages,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
+        **({'score_thresh': args.score_thresh} if args.model == 'retinanet'
+           else {'box_score_thresh': args.score_thresh}),
+        **({'detections_per_img': args.detections_per_img} if args.model == 'retinanet'
+           else {'box_detections_per_img': args.detections_per_img}),
+        **args.detector_kwargs,
+    )
     if weights is not None:
         load_model_weights(model, weights, args.checkpoint)
     if args.overwrite:

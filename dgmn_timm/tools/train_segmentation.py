@@ -46,7 +46,7 @@ from dgmn_timm.tools.data import DataDirError, find_pairs
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import (
     DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args, check_input_size,
-    evaluate_only, load_model_weights, make_loader, pretrained_errors, pretrained_name, resolve_device, train,
+    evaluate_only, load_model_weights, make_loader, pretrained_name, pretrained_weights, resolve_device, train,
 )
 from dgmn_timm.tasks.segmentation import HEAD_DEFAULTS, HEADS
 
@@ -231,6 +231,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.eval_size:
         check_input_size(args.backbone, '--eval-size', *args.eval_size)
     previous, state, weights = check_dense_args(args)
+    pretrained = pretrained_weights(args.backbone, args.pretrained) if state is None else None
     check_checkpoint_classes(args.checkpoint, args.num_classes)
     train_pairs, unmatched = find_pairs(args.train_images, args.train_masks, args.image_suffix, args.mask_suffix)
     if unmatched:
@@ -240,20 +241,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = resolve_device(args.device)
     set_threads(args.threads, args.workers)
     random_seed(args.seed)  # the model's initialisation
-    backbone = pretrained_name(args.backbone, args.pretrained)
-    with pretrained_errors(backbone):
-        model = HEADS[args.head](
-            backbone,
-            num_classes=args.num_classes,
-            output_stride=args.output_stride,
-            pretrained=bool(args.pretrained),
-            pretrained_file=args.pretrained_file,
-            backbone_checkpoint=args.backbone_checkpoint,
-            frozen_bn=args.frozen_bn,
-            frozen_stages=args.frozen_stages,
-            backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
-            **args.head_kwargs,
-        )
+    model = HEADS[args.head](
+        pretrained_name(args.backbone, args.pretrained),
+        num_classes=args.num_classes,
+        output_stride=args.output_stride,
+        pretrained_file=args.pretrained_file or pretrained,
+        backbone_checkpoint=args.backbone_checkpoint,
+        frozen_bn=args.frozen_bn,
+        frozen_stages=args.frozen_stages,
+        backbone_kwargs=dict(drop_path_rate=args.drop_path) if args.drop_path else None,
+        **args.head_kwargs,
+    )
     if weights is not None:
         load_model_weights(model, weights, args.checkpoint)
     if args.overwrite:
