@@ -262,7 +262,7 @@ def test_all_images_unreadable(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), '--data-dir', str(tmp_path / 'nope'), '--output',
+    proc = subprocess.run([sys.executable, str(SCRIPT), '--data-dir', str(tmp_path / 'nope'), '--output-dir',
                            str(tmp_path / 'out')], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 2

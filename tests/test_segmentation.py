@@ -148,13 +148,12 @@ def test_train_segmentation_script(tmp_path):
         '--train-images', str(images), '--train-masks', str(masks), '--num-classes', '3',
         '--backbone', 'dgmn2_tiny', '--crop-size', '64', '64', '--scale-range', '0.75', '1.25',
         '--epochs', '2', '--batch-size', '2', '--lr', '1e-3', '--workers', '0', '--device', 'cpu',
-        '--eval-interval', '2', '--num-threads', '1', '--output-dir', str(out), '--opt', 'sgd', '--momentum', '0.9',
+        '--eval-interval', '2', '--threads', '1', '--output-dir', str(out), '--opt', 'sgd', '--momentum', '0.9',
     ]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'epoch 2/2' in proc.stderr  # tqdm progress bar
-    assert '--num-threads is deprecated' in proc.stderr  # the old spelling still works, for one release
     assert 'epoch 2/2: loss' in proc.stdout and 'mIoU' in proc.stdout
     metrics = json.loads((out / 'metrics.json').read_text())
     assert [e['epoch'] for e in metrics['epochs']] == [1, 2]

@@ -537,30 +537,6 @@ def test_quick_start_argument_errors(argv, message, bad_inputs, monkeypatch, cap
     assert line.startswith('error: ') and message in line
 
 
-def test_every_option_has_help_and_one_default():
-    from dgmn_timm.__main__ import get_parser as quick_start_parser
-    parsers = {name: s.get_parser() for name, s in SCRIPTS.items()}
-    parsers['python -m dgmn_timm'] = quick_start_parser()
-    for name, parser in parsers.items():
-        formatter = parser._get_formatter()
-        for action in parser._actions:
-            if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == 'help':
-                continue
-            text = formatter._get_help_string(action).replace('%(default)s', 'X')
-            assert action.help and action.help.strip(), (name, action.option_strings)
-            assert text.count('default') <= 1, (name, action.option_strings, text)
-
-
-def test_deprecated_spellings_still_work(capsys):
-    args = SCRIPTS['finetune'].get_parser().parse_args(['--data-dir', 'd', '--output', 'o', '--num-threads', '3'])
-    assert (args.output_dir, args.threads) == ('o', 3)
-    err = capsys.readouterr().err
-    assert '--output is deprecated' in err and 'use --output-dir' in err and '--num-threads is deprecated' in err
-    args = SCRIPTS['train_segmentation'].parse_args(['--train-images', 'i', '--train-masks', 'm', '--num-classes',
-                                                     '3', '--weights', 'w.safetensors'])
-    assert args.checkpoint == 'w.safetensors'
-
-
 def test_segmentation_recipe_follows_the_head(monkeypatch):
     """ HEAD_DEFAULTS of the chosen head fill every option not given on the command line. """
     from dgmn_timm import segmentation

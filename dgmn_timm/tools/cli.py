@@ -79,7 +79,6 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = No
     g = parser.add_argument_group('run')
     if output_dir is not None:
         g.add_argument('--output-dir', default=output_dir, metavar='DIR', help='folder for the run\'s files')
-        add_alias(g, '--output', '--output-dir', 'output_dir')
     g.add_argument('--overwrite', action='store_true', help='replace the files of a previous run (deleted first)')
     if resume:
         g.add_argument('--resume', nargs='?', const='auto', default=None, metavar='STATE',
@@ -89,7 +88,6 @@ def add_run_args(parser: argparse.ArgumentParser, output_dir: Optional[str] = No
     g.add_argument('--threads', type=int, default=None,
                    help='intra-op CPU threads of the main process (default: OMP_NUM_THREADS if set, else the cores '
                         'left after one per loader worker, at least 1)')
-    add_alias(g, '--num-threads', '--threads', 'threads', type=int)
     g.add_argument('--workers', type=int, default=default_workers() if workers is None else workers,
                    help='data-loading processes (one thread each; 0 loads in the main process)')
     if seed is not None:
@@ -117,6 +115,23 @@ def check_model_name(name: str) -> str:
         hint = f'; did you mean {", ".join(close)}?' if close else "; see timm.list_models('dgmn*')"
         raise UsageError(f'unknown model {name!r}{hint}')
     return name
+
+
+def check_img_size(model_name: str, img_size: Optional[int], option: str = '--img-size'):
+    """ ``UsageError`` if ``img_size`` is below 1 or below the ``min_input_size`` of the model's pretrained
+    config (DGMN2: 32), read from timm's registry before any model is built. """
+    if img_size is None:
+        return
+    low = 1
+    if ':' not in model_name.split('.')[0]:  # a hf-hub: / local-dir: source has its config in the source
+        try:
+            cfg = timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(model_name)[0])
+        except (RuntimeError, ValueError):
+            cfg = None
+        if cfg is not None and cfg.min_input_size:
+            low = max(low, *cfg.min_input_size[1:])
+    if img_size < low:
+        raise UsageError(f'{option} {img_size}: {model_name} takes inputs of at least {low} pixels')
 
 
 def read_rgb_image(path: str):
