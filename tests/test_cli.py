@@ -199,3 +199,72 @@ def test_scripts_folder_holds_one_line_aliases():
         src = path.read_text(encoding='utf-8')
         (target,) = re.findall(r"runpy\.run_module\('([\w.]+)', run_name='__main__', alter_sys=True\)", src)
         assert importlib.util.find_spec(target) is not None, (path.name, target)
+
+
+# ------------------------------------------------------------------------------------------
+# the tools travel with the package
+
+_RUN_EVERY_TOOL = r'''
+import sys, importlib.metadata as md
+import dgmn_timm
+assert dgmn_timm.__file__.startswith(sys.prefix), dgmn_timm.__file__  # the installed wheel, not a checkout
+scripts = [e for e in md.distribution('dgmn-timm').entry_points if e.group == 'console_scripts']
+for e in scripts:
+    sys.argv = [e.name, '--help']
+    try:
+        e.load()()
+    except SystemExit as x:
+        assert x.code in (0, None), (e.name, x.code)
+    else:
+        raise AssertionError(f'{e.name} --help did not exit')
+print('ran', ' '.join(sorted(e.name for e in scripts)))
+'''
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_license_and_every_tool(tmp_path):
+    """ The built wheel, installed alone in a fresh virtualenv (torch and the rest reused from this
+    environment through a .pth file), runs every tool's ``--help`` outside the checkout. """
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    env['OMP_NUM_THREADS'] = '1'
+    build = [sys.executable, '-m', 'pip', 'wheel', str(ROOT), '--no-deps', '-q', '-w', str(tmp_path / 'dist')]
+    try:
+        import setuptools
+        if int(setuptools.__version__.split('.')[0]) >= 77:
+            build.append('--no-build-isolation')  # else pip fetches setuptools>=77 from PyPI
+    except ImportError:
+        pass
+    r = subprocess.run(build, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = (tmp_path / 'dist').glob('dgmn_timm-*.whl')
+    names = zipfile.ZipFile(wheel).namelist()
+    license_file = next(n for n in names if n.endswith('.dist-info/licenses/LICENSE'))
+    assert zipfile.ZipFile(wheel).read(license_file) == (ROOT / 'LICENSE').read_bytes()
+    assert all(n.startswith('dgmn_timm') for n in names), [n for n in names if not n.startswith('dgmn_timm')]
+
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True, timeout=300)
+    python = venv / 'bin' / 'python'
+    site = Path(subprocess.run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    host = {sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']}
+    (site / 'host_packages.pth').write_text('\n'.join(sorted(host)) + '\n')
+    r = subprocess.run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index',
+                        '-q', str(wheel)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scripts = read_console_scripts()
+    assert all((venv / 'bin' / name).exists() for name in scripts), sorted(os.listdir(venv / 'bin'))
+    outside = tmp_path / 'elsewhere'
+    outside.mkdir()
+    r = subprocess.run([str(venv / 'bin' / 'dgmn-extract-features'), '--help'], capture_output=True, text=True,
+                       env=env, cwd=str(outside), timeout=600)
+    assert r.returncode == 0 and '--output FILE' in r.stdout, r.stderr[-3000:]
+    r = subprocess.run([str(python), '-c', _RUN_EVERY_TOOL], capture_output=True, text=True, env=env,
+                       cwd=str(outside), timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.stdout.splitlines()[-1].split()[1:] == sorted(scripts), r.stdout[-3000:]
