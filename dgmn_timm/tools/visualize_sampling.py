@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--stages', default=None, help='DGMN2: stages to draw, 1-based, e.g. 3,4 (default: all)')
     p.add_argument('--layer', type=int, default=None, metavar='N',
                    help='RepGraph: which RepGraph layer to draw, 1-based in network order (default: the last)')
-    p.add_argument('--output', default=os.path.join('output', 'visualize_sampling', 'sampling.png'), metavar='FILE',
+    p.add_argument('--output', default='output/visualize_sampling/sampling.png', metavar='FILE',
                    help='PNG file to write')
     p.add_argument('--save-points', default=None, metavar='JSON', help='also write the points and weights as JSON')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --output / --save-points file')
