@@ -426,11 +426,11 @@ def test_wds_shards(tmp_path):
 
 
 def test_lr_scaling_follows_timm():
-    args = finetune.get_parser().parse_args(['--data-dir', 'x', '--batch-size', '64'])
+    args = finetune.build_parser().parse_args(['--data-dir', 'x', '--batch-size', '64'])
     assert finetune.resolve_lr(args, 1) == pytest.approx(1e-3 * (64 / 1024) ** 0.5)  # sqrt for AdamW
-    args = finetune.get_parser().parse_args(['--data-dir', 'x', '--batch-size', '64', '--opt', 'sgd'])
+    args = finetune.build_parser().parse_args(['--data-dir', 'x', '--batch-size', '64', '--opt', 'sgd'])
     assert finetune.resolve_lr(args, 4) == pytest.approx(1e-3 * 256 / 1024)  # linear otherwise
-    args = finetune.get_parser().parse_args(['--data-dir', 'x', '--lr', '0.01'])
+    args = finetune.build_parser().parse_args(['--data-dir', 'x', '--lr', '0.01'])
     assert finetune.resolve_lr(args, 8) == 0.01
 
 

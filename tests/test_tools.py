@@ -345,6 +345,21 @@ def test_visualize_script_errors(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['photo.png']  # nothing written
 
 
+def test_visualize_script_replaces_files_only_with_overwrite(tmp_path):
+    png, js = tmp_path / 'v.png', tmp_path / 'v.json'
+    args = ['--img-size', '32', '--output', str(png), '--save-points', str(js), '--threads', '1']
+    visualize_script.main(args)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for existing in ([], ['--output', str(tmp_path / 'other.png')]):  # either file blocks the run
+        with pytest.raises(UsageError, match='already exist.*--overwrite'):
+            visualize_script.main(args + existing)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    report = visualize_script.main(args + ['--overwrite', '--point', '10,10'])
+    assert report['points'][0]['point'] == [10.0, 10.0]
+    assert json.loads(js.read_text())['points'][0]['point'] == [10.0, 10.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['v.json', 'v.png']
+
+
 def test_visualize_script_repgraph_layers_match_the_models():
     """ The script's table of RepGraph ResNets and their layers is the registered models' (built on meta). """
     from dgmn_timm.layers import RepGraph
@@ -462,6 +477,8 @@ def _cases():
         (ex + ['--checkpoint', '{r}/bad.pth'], 'bad.pth is not a weights file'),
         (ex + ['--levels', 'a,b'], 'comma-separated integers'),
         (ex + ['--resume'], 'no unfinished extraction'),
+        (ex + ['--img-size', '8'], '--img-size 8: dgmn2_tiny takes inputs of at least 32 pixels'),
+        (ex + ['--crop-pct', '1.5'], r'--crop-pct must be in \(0, 1\]'),
         (seg + ['--num-classes', '0'], '--num-classes must be at least 1'),
         (seg + ['--batch-size', '0'], '--batch-size must be at least 1'),
         (seg[:4] + ['{r}/nothing'] + seg[5:], 'mask folder .*nothing does not exist'),
@@ -487,6 +504,13 @@ def _cases():
         (['visualize_sampling', '--model', 'resnet50_repgraph', '--stages', '3', '--output', '{out}/v.png'],
          '--stages is for DGMN2 models'),
         (['visualize_sampling', '--layer', '1', '--output', '{out}/v.png'], '--layer is for RepGraph models'),
+        (['visualize_sampling', '--img-size', '8', '--output', '{out}/v.png'],
+         '--img-size 8: dgmn2_tiny takes inputs of at least 32 pixels'),
+        (['visualize_sampling', '--output', '{r}/coco/1.png'], r'1.png already exist.*--overwrite'),
+        (['visualize_sampling', '--output', '{out}/v.png', '--save-points', '{r}/coco/ann.json'],
+         r'ann.json already exist.*--overwrite'),
+        (['visualize_sampling', '--output', '{out}/v.jpg'], '--output must end in .png'),
+        (['visualize_sampling', '--output', '{out}/v.png', '--threads', '0'], '--threads must be at least 1'),
     ]
 
 
@@ -538,8 +562,8 @@ def test_quick_start_argument_errors(argv, message, bad_inputs, monkeypatch, cap
 
 
 def test_every_option_has_help_and_one_default():
-    from dgmn_timm.__main__ import get_parser as quick_start_parser
-    parsers = {name: s.get_parser() for name, s in SCRIPTS.items()}
+    from dgmn_timm.__main__ import build_parser as quick_start_parser
+    parsers = {name: s.build_parser() for name, s in SCRIPTS.items()}
     parsers['python -m dgmn_timm'] = quick_start_parser()
     for name, parser in parsers.items():
         formatter = parser._get_formatter()
@@ -559,13 +583,13 @@ def test_every_option_has_help_and_one_default():
 def test_no_alias_spellings(name, argv, capsys):
     """ One spelling per option: the former aliases are unknown options. """
     with pytest.raises(SystemExit) as e:
-        SCRIPTS[name].get_parser().parse_args(argv)
+        SCRIPTS[name].build_parser().parse_args(argv)
     assert e.value.code == 2 and 'unrecognized arguments' in capsys.readouterr().err
 
 
 def test_segmentation_recipe_follows_the_head(monkeypatch):
     """ HEAD_DEFAULTS of the chosen head fill every option not given on the command line. """
-    from dgmn_timm import segmentation
+    from dgmn_timm.tasks import segmentation
     seg = SCRIPTS['train_segmentation']
     monkeypatch.setitem(segmentation.HEADS, 'toy', segmentation.HEADS['fcn'])
     monkeypatch.setitem(segmentation.HEAD_DEFAULTS, 'toy', dict(opt='sgd', lr=0.01, momentum=0.8, output_stride=16,
@@ -619,6 +643,24 @@ def test_default_threads_leave_room_for_workers(monkeypatch):
     assert (engine.default_workers(), engine.default_threads(4)) == (4, 12)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', '4')  # torchrun: 4 processes share the cores
     assert (engine.default_workers(), engine.default_threads(2)) == (2, 2)
+
+
+def test_extract_failing_before_its_first_chunk_leaves_nothing(image_folder, weights, tmp_path, monkeypatch):
+    """ A run that stops before its first chunk is saved leaves no OUTPUT.parts/ to block the corrected command. """
+    ckpt, _ = weights
+    out = tmp_path / 'feats.safetensors'
+    args = [image_folder, '--output', str(out), '--checkpoint', ckpt] + FAST
+
+    def fail(*a, **kw):
+        raise RuntimeError('out of memory')
+
+    monkeypatch.setattr(extract, 'compute_features', fail)
+    with pytest.raises(RuntimeError, match='out of memory'):
+        extract.main(args)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    extract.main(args)
+    assert out.exists() and not (tmp_path / 'feats.safetensors.parts').exists()
 
 
 def test_extract_overwrite_replaces_only_with_the_flag(image_folder, weights, tmp_path):

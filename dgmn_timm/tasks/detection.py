@@ -16,6 +16,10 @@ The recipe defaults follow the paper's 1x schedule models (mmdetection style):
   octave base scale 4 with 3 scales per octave and ratios 0.5, 1, 2.
 - Faster / Mask R-CNN: FPN over C2-C5 (strides 4-32) plus a max-pooled P6 for the RPN,
   one anchor size of 8 x stride per level, ratios 0.5, 1, 2.
+- The levels are found by stride in the backbone's ``feature_info`` (for a ResNet C2-C5 are
+  ``layer1``-``layer4``, for DGMN2 its four stages); where levels share a stride (a dilated
+  backbone) the deepest is taken. A backbone with graph modules (DGMN, DGMN2 attention,
+  RepGraph, non-local) is refused if the levels would leave all of them out.
 - Images resized to a shorter side of 800 and a longer side of at most 1333.
 - BatchNorm layers of the backbone (the DGMN2 stem and patch embeddings) frozen
   (``FrozenBatchNorm2d`` with the running statistics copied), all stages trained.
@@ -28,7 +32,7 @@ and loads them into the model before timm wraps it as a feature pyramid.
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -40,10 +44,12 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..layers import DGMN, NonLocal2d, RepGraph
+from ..models.dgmn2 import DynamicGraphAttention
 from ..weights.checkpoints import create_with_weights
 
 __all__ = [
-    'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'timm_fpn_backbone',
+    'FeatureBackbone', 'TimmBackboneWithFPN', 'create_feature_backbone', 'feature_levels', 'timm_fpn_backbone',
     'freeze_batch_norm',
     'retinanet_dgmn2', 'fasterrcnn_dgmn2', 'maskrcnn_dgmn2',
 ]
@@ -53,6 +59,9 @@ _logger = logging.getLogger(__name__)
 # The paper's 1x-schedule image size (mmdetection's (1333, 800)).
 DEFAULT_MIN_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
+
+# the modules a backbone is chosen for: a feature selection must keep at least one of them
+GRAPH_MODULES = (DGMN, DynamicGraphAttention, RepGraph, NonLocal2d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,9 +177,59 @@ class FeatureBackbone(nn.Module):
         return list(self.body(x))
 
 
+def feature_levels(
+        model_name: str,
+        out_indices: Optional[Sequence[int]] = None,
+        strides: Sequence[int] = (4, 8, 16, 32),
+        **kwargs,
+) -> Tuple[int, ...]:
+    """ The feature levels (``out_indices``) of a timm model, read from its ``feature_info``.
+
+    The model is built on the meta device (no memory, no weights) with ``kwargs`` (``output_stride``
+    changes the strides). Without ``out_indices``, each of ``strides`` gives the deepest level of that
+    stride; a stride above the model's largest (a dilated backbone) is its largest.
+
+    Raises:
+        ValueError: a stride the model has no level of, or levels that leave out every graph module
+            (``GRAPH_MODULES``) of a model that has some.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k != 'pretrained_cfg_overlay'}
+    with torch.device('meta'):
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    info = list(model.feature_info)
+    have = [f['reduction'] for f in info]
+    if out_indices is None:
+        picked = []
+        for stride in strides:
+            stride = min(stride, max(have))
+            if stride not in have:
+                raise ValueError(f'{model_name} has no feature level of stride {stride} (its strides: '
+                                 f'{", ".join(map(str, sorted(set(have))))}); give out_indices')
+            level = max(i for i, r in enumerate(have) if r == stride)
+            if level not in picked:
+                picked.append(level)
+        out_indices = picked
+    out_indices = tuple(i % len(info) if -len(info) <= i < 0 else i for i in out_indices)
+    if any(not 0 <= i < len(info) for i in out_indices):
+        raise ValueError(f'{model_name} has feature levels 0..{len(info) - 1}, got out_indices={out_indices}')
+    names = [n for n, _ in model.named_modules()]
+    graph = [n for n, m in model.named_modules() if isinstance(m, GRAPH_MODULES)]
+    last = info[max(out_indices)]['module']
+    # a features model computes the modules up to and including the last level's, in definition order
+    kept = [g for g in graph if names.index(g) <= names.index(last) or g.startswith(last + '.')]
+    if graph and not kept:
+        where = [f['module'] for f in info if any(g.startswith(f['module'] + '.') for g in graph)] or graph[:1]
+        raise ValueError(
+            f'the feature levels {", ".join(info[i]["module"] for i in out_indices)} of {model_name} leave out all '
+            f'its graph modules ({type(model.get_submodule(graph[0])).__name__} in {", ".join(where)}); '
+            f'give out_indices that reach {where[0]}')
+    return out_indices
+
+
 def create_feature_backbone(
         model_name: str = 'dgmn2_tiny',
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
+        strides: Sequence[int] = (4, 8, 16, 32),
         pretrained: bool = False,
         pretrained_file: Optional[Union[str, os.PathLike]] = None,
         backbone_checkpoint: Optional[Union[str, os.PathLike]] = None,
@@ -183,7 +242,9 @@ def create_feature_backbone(
     Args:
         model_name: any timm model name, with a pretrained tag (``'dgmn2_tiny.in1k'``) or a source
             prefix (``'hf-hub:...'``, ``'local-dir:/path'``) if wanted.
-        out_indices: feature levels to return (0 is the stride-4 level of DGMN2).
+        out_indices: feature levels to return (0 is the stride-4 level of DGMN2, the stride-2 level of
+            a ResNet); default: the levels of ``strides`` (see ``feature_levels``).
+        strides: the strides of the default levels.
         pretrained: load timm pretrained weights (the tag / source of ``model_name``, timm's route).
         pretrained_file: a weights file for the whole model (ImageNet weights: a timm or DeiT-style
             checkpoint, the authors' release, a converted folder).
@@ -199,12 +260,12 @@ def create_feature_backbone(
     weights = [w for w in (pretrained_file, backbone_checkpoint) if w is not None]
     if len(weights) > 1 or (weights and pretrained):
         raise ValueError('give one of pretrained, pretrained_file and backbone_checkpoint')
+    out_indices = feature_levels(model_name, out_indices, strides, **kwargs)
     if weights:
-        body = create_with_weights(
-            model_name, weights[0], features_only=True, out_indices=tuple(out_indices), **kwargs)
+        body = create_with_weights(model_name, weights[0], features_only=True, out_indices=out_indices, **kwargs)
     else:
-        body = timm.create_model(
-            model_name, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **kwargs)
+        body = timm.create_model(model_name, pretrained=pretrained, features_only=True, out_indices=out_indices,
+                                 **kwargs)
     if frozen_bn:
         body = freeze_batch_norm(body)
     return FeatureBackbone(body, frozen_stages=frozen_stages)
@@ -253,7 +314,7 @@ class TimmBackboneWithFPN(nn.Module):
 
 def timm_fpn_backbone(
         model_name: str = 'dgmn2_tiny',
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         fpn_channels: int = 256,
         extra_blocks: Union[str, ExtraFPNBlock, None] = 'pool',
         fpn_norm_layer: Optional[Callable[..., nn.Module]] = None,
@@ -263,7 +324,7 @@ def timm_fpn_backbone(
 
     Args:
         model_name: timm model name (see ``create_feature_backbone``).
-        out_indices: the feature levels that feed the FPN.
+        out_indices: the feature levels that feed the FPN (default: strides 4-32, or ``strides`` in kwargs).
         fpn_channels: FPN width (``out_channels`` of the result).
         extra_blocks: ``'pool'`` (max-pooled P6, R-CNNs), ``'p6p7'`` (P6/P7 convs from the last
             backbone level, RetinaNet), ``'p6p7_from_p5'`` (P6/P7 from the FPN output),
@@ -298,13 +359,14 @@ def _image_norm(backbone: TimmBackboneWithFPN, kwargs: Dict[str, Any]):
 
 def _backbone_for(
         backbone: str,
-        out_indices: Sequence[int],
+        out_indices: Optional[Sequence[int]],
+        strides: Sequence[int],
         extra_blocks: str,
         backbone_kwargs: Optional[Dict[str, Any]],
         **options,
 ) -> TimmBackboneWithFPN:
     options.update(backbone_kwargs or {})
-    return timm_fpn_backbone(backbone, out_indices=out_indices, extra_blocks=extra_blocks, **options)
+    return timm_fpn_backbone(backbone, out_indices=out_indices, strides=strides, extra_blocks=extra_blocks, **options)
 
 
 def retinanet_dgmn2(
@@ -315,7 +377,7 @@ def retinanet_dgmn2(
         backbone_checkpoint: Optional[str] = None,
         frozen_bn: bool = True,
         frozen_stages: int = -1,
-        out_indices: Sequence[int] = (1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         min_size: int = DEFAULT_MIN_SIZE,
         max_size: int = DEFAULT_MAX_SIZE,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
@@ -333,15 +395,17 @@ def retinanet_dgmn2(
         backbone_checkpoint: a released detection checkpoint; its ``'backbone.'`` weights are loaded.
         frozen_bn: freeze the backbone's BatchNorm layers (FrozenBatchNorm2d).
         frozen_stages: -1 none, 0 the stem, n the stem and the first n stages.
-        out_indices: backbone levels feeding the FPN.
+        out_indices: backbone levels feeding the FPN (default: the levels of strides 8, 16, 32; for the
+            R-CNNs 4-32; see ``feature_levels``).
         min_size, max_size: torchvision's image resize (shorter side / longer-side cap).
         backbone_kwargs: extra ``timm.create_model`` kwargs (e.g. ``drop_path_rate``).
         **kwargs: passed to ``torchvision.models.detection.RetinaNet`` (``score_thresh``,
             ``detections_per_img``, ``anchor_generator``, ``head``, ...).
     """
     body = _backbone_for(
-        backbone, out_indices, 'p6p7', backbone_kwargs, pretrained=pretrained, pretrained_file=pretrained_file,
-        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages)
+        backbone, out_indices, (8, 16, 32), 'p6p7', backbone_kwargs, pretrained=pretrained,
+        pretrained_file=pretrained_file, backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn,
+        frozen_stages=frozen_stages)
     if 'anchor_generator' not in kwargs:
         sizes = tuple(tuple(4 * s * 2 ** (k / 3) for k in range(3)) for s in body.strides)
         kwargs['anchor_generator'] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
@@ -369,7 +433,7 @@ def fasterrcnn_dgmn2(
         backbone_checkpoint: Optional[str] = None,
         frozen_bn: bool = True,
         frozen_stages: int = -1,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         min_size: int = DEFAULT_MIN_SIZE,
         max_size: int = DEFAULT_MAX_SIZE,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
@@ -381,8 +445,9 @@ def fasterrcnn_dgmn2(
     as ``retinanet_dgmn2``; ``**kwargs`` go to ``torchvision.models.detection.FasterRCNN``.
     """
     body = _backbone_for(
-        backbone, out_indices, 'pool', backbone_kwargs, pretrained=pretrained, pretrained_file=pretrained_file,
-        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages)
+        backbone, out_indices, (4, 8, 16, 32), 'pool', backbone_kwargs, pretrained=pretrained,
+        pretrained_file=pretrained_file, backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn,
+        frozen_stages=frozen_stages)
     _rcnn_kwargs(body, False, kwargs)
     return FasterRCNN(body, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
@@ -395,7 +460,7 @@ def maskrcnn_dgmn2(
         backbone_checkpoint: Optional[str] = None,
         frozen_bn: bool = True,
         frozen_stages: int = -1,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        out_indices: Optional[Sequence[int]] = None,
         min_size: int = DEFAULT_MIN_SIZE,
         max_size: int = DEFAULT_MAX_SIZE,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
@@ -407,7 +472,8 @@ def maskrcnn_dgmn2(
     Arguments as ``retinanet_dgmn2``; ``**kwargs`` go to ``torchvision.models.detection.MaskRCNN``.
     """
     body = _backbone_for(
-        backbone, out_indices, 'pool', backbone_kwargs, pretrained=pretrained, pretrained_file=pretrained_file,
-        backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages)
+        backbone, out_indices, (4, 8, 16, 32), 'pool', backbone_kwargs, pretrained=pretrained,
+        pretrained_file=pretrained_file, backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn,
+        frozen_stages=frozen_stages)
     _rcnn_kwargs(body, True, kwargs)
     return MaskRCNN(body, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)

@@ -251,7 +251,9 @@ def create_segmentation_model(
         num_classes: output classes (19 for Cityscapes).
         head: ``'fpn'`` (Semantic FPN over all levels) or ``'fcn'`` (single level).
         output_stride: backbone output stride; default 32 for ``'fpn'``, 8 for ``'fcn'``.
-        out_indices: backbone levels; default all four for ``'fpn'``, the last for ``'fcn'``.
+        out_indices: backbone levels; default for ``'fpn'`` the levels of strides 4-32, for ``'fcn'``
+            the deepest level (by stride in the backbone's ``feature_info``, the deepest where levels
+            share a stride; see ``dgmn_timm.tasks.detection.feature_levels``).
         pretrained, pretrained_file, backbone_checkpoint, frozen_bn, frozen_stages: see
             ``dgmn_timm.tasks.detection.create_feature_backbone``.
         backbone_kwargs: extra ``timm.create_model`` kwargs (e.g. ``drop_path_rate``).
@@ -266,13 +268,12 @@ def create_segmentation_model(
         raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
     if output_stride is None:
         output_stride = 32 if head == 'fpn' else 8
-    if out_indices is None:
-        out_indices = (0, 1, 2, 3) if head == 'fpn' else (3,)
+    strides = (4, 8, 16, 32) if head == 'fpn' else (output_stride,)
     kwargs = dict(backbone_kwargs or {})
     if output_stride != 32:
         kwargs['output_stride'] = output_stride
     body = create_feature_backbone(
-        backbone, out_indices=out_indices, pretrained=pretrained, pretrained_file=pretrained_file,
+        backbone, out_indices=out_indices, strides=strides, pretrained=pretrained, pretrained_file=pretrained_file,
         backbone_checkpoint=backbone_checkpoint, frozen_bn=frozen_bn, frozen_stages=frozen_stages, **kwargs)
     if head == 'fpn':
         seg_head = SemanticFPNHead(body.channels, num_classes, in_strides=body.reductions, **head_kwargs)

@@ -101,6 +101,23 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def check_img_size(model_name: str, img_size: Optional[int], option: str = '--img-size'):
+    """ ``UsageError`` if ``img_size`` is below 1 or below the ``min_input_size`` of the model's pretrained
+    config (DGMN2: 32), read from timm's registry before any model is built. """
+    if img_size is None:
+        return
+    low = 1
+    if ':' not in model_name.split('.')[0]:  # a hf-hub: / local-dir: source has its config in the source
+        try:
+            cfg = timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(model_name)[0])
+        except (RuntimeError, ValueError):
+            cfg = None
+        if cfg is not None and cfg.min_input_size:
+            low = max(low, *cfg.min_input_size[1:])
+    if img_size < low:
+        raise UsageError(f'{option} {img_size}: {model_name} takes inputs of at least {low} pixels')
+
+
 def read_rgb_image(path: str):
     """ An image file as an RGB PIL image; ``UsageError`` if it is missing or not an image Pillow decodes. """
     from PIL import Image

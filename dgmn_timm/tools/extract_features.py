@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """ Extract per-image features with any registered timm model (DGMN2 included).
 
-    python scripts/extract_features.py IMAGES/ --model dgmn2_small --pretrained --output feats.safetensors
-    python scripts/extract_features.py list.txt --checkpoint OUT/best.safetensors --levels 0,1,2,3 --output pyr.npy
-    torchrun --nproc_per_node 4 scripts/extract_features.py IMAGES/ --pretrained --output feats.safetensors
+    dgmn-extract-features IMAGES/ --model dgmn2_small --pretrained --output feats.safetensors
+    python -m dgmn_timm.extract_features list.txt --checkpoint OUT/best.safetensors --levels 0,1,2,3 --output pyr.npy
+    torchrun --nproc_per_node 4 -m dgmn_timm.extract_features IMAGES/ --pretrained --output feats.safetensors
 
 INPUT is a folder (searched recursively, natural order) or a list file (one image path a line,
 relative to the list file). By default each image gives its pooled embedding,
@@ -35,7 +35,8 @@ from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.tools.data import DataDirError, SafeImageDataset, collate_skip, list_images
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_model_name, check_positive, clear_run_files, run_cli, set_threads
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_img_size, check_model_name, \
+    check_positive, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import atomic_path, atomic_write_text, autocast, barrier, create_model, init_distributed, resolve_amp_dtype
 
 _logger = logging.getLogger('extract_features')
@@ -43,7 +44,7 @@ _logger = logging.getLogger('extract_features')
 FORMATS = ('.safetensors', '.npy')
 
 
-def get_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument('input', help='folder of images (recursive) or a list file with one image path per line')
     p.add_argument('--output', required=True, metavar='FILE', help='output file, .safetensors or .npy')
@@ -134,7 +135,7 @@ def _fingerprint(args, paths: List[str], levels, data_config) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     # every check before anything is built or written
     if args.pretrained and args.checkpoint:
@@ -142,6 +143,9 @@ def main(argv=None) -> dict:
     check_positive(args, 'batch_size', 'chunk_size', 'threads')
     check_positive(args, 'workers', allow_zero=('workers',))
     check_model_name(args.model)
+    check_img_size(args.model, args.img_size)
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise UsageError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     levels = parse_levels(args.levels)
     files = output_files(args.output, levels)
     stem, ext = os.path.splitext(args.output)
@@ -167,6 +171,7 @@ def main(argv=None) -> dict:
     transform = create_transform(**data_config, is_training=False)
 
     fingerprint = _fingerprint(args, paths, levels, data_config)
+    fresh = False
     if info.is_main:
         clear_run_files('', previous)
         config_path = os.path.join(parts_dir, 'config.json')
@@ -179,6 +184,7 @@ def main(argv=None) -> dict:
             if not same:
                 raise UsageError(f'{parts_dir} holds chunks of another extraction (other images, model, weights or '
                                  f'options); start over with --overwrite')
+        fresh = not os.path.isdir(parts_dir)
         os.makedirs(parts_dir, exist_ok=True)
         atomic_write_text(json.dumps(fingerprint), config_path)
     barrier(info)
@@ -200,27 +206,33 @@ def main(argv=None) -> dict:
     if done and info.is_main:
         tqdm.write(f'Continuing: {len(done)} of {len(my_chunks)} chunks already extracted in {parts_dir}.')
     from safetensors.torch import save_file
-    for c in my_chunks:
-        if c in done:
-            continue
-        loader = DataLoader(torch.utils.data.Subset(dataset, list(chunk_range(c))), batch_size=args.batch_size,
-                            num_workers=args.workers, collate_fn=collate_skip, pin_memory=device.type == 'cuda')
-        outs: Dict[str, List[torch.Tensor]] = {}
-        kept: List[int] = []
-        with torch.no_grad():
-            for images, _, indices, num_skipped in loader:
-                if images is not None:
-                    with autocast(device, amp_dtype):
-                        feats = compute_features(model, images.to(device, non_blocking=True), levels, args.maps)
-                    for k, v in feats.items():
-                        outs.setdefault(k, []).append(v.float().cpu())
-                    kept.extend(indices.tolist())
-                bar.update(len(indices) if indices is not None else 0)
-                bar.update(len(num_skipped))
-        tensors = {k: torch.cat(v).contiguous() for k, v in outs.items()}
-        skipped = sorted(set(chunk_range(c)) - set(kept))
-        with atomic_path(chunk_file(c)) as tmp:
-            save_file(tensors, tmp, metadata=dict(kept=json.dumps(kept), skipped=json.dumps(skipped)))
+    try:
+        for c in my_chunks:
+            if c in done:
+                continue
+            loader = DataLoader(torch.utils.data.Subset(dataset, list(chunk_range(c))), batch_size=args.batch_size,
+                                num_workers=args.workers, collate_fn=collate_skip, pin_memory=device.type == 'cuda')
+            outs: Dict[str, List[torch.Tensor]] = {}
+            kept: List[int] = []
+            with torch.no_grad():
+                for images, _, indices, num_skipped in loader:
+                    if images is not None:
+                        with autocast(device, amp_dtype):
+                            feats = compute_features(model, images.to(device, non_blocking=True), levels, args.maps)
+                        for k, v in feats.items():
+                            outs.setdefault(k, []).append(v.float().cpu())
+                        kept.extend(indices.tolist())
+                    bar.update(len(indices) if indices is not None else 0)
+                    bar.update(len(num_skipped))
+            tensors = {k: torch.cat(v).contiguous() for k, v in outs.items()}
+            skipped = sorted(set(chunk_range(c)) - set(kept))
+            with atomic_path(chunk_file(c)) as tmp:
+                save_file(tensors, tmp, metadata=dict(kept=json.dumps(kept), skipped=json.dumps(skipped)))
+    except BaseException:
+        # a run that fails before its first chunk leaves nothing that blocks the corrected command
+        if fresh and not any(n.startswith('chunk_') for n in os.listdir(parts_dir)):
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        raise
     bar.close()
     barrier(info)
 

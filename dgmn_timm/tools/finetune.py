@@ -42,7 +42,7 @@ from dgmn_timm.tools.engine import (
 )
 
 
-def get_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.strip().splitlines()[0],
         formatter_class=HelpFormatter, allow_abbrev=False)
@@ -166,7 +166,7 @@ def evaluate(model, loader, device, amp_dtype, dist_info, num_classes, desc='val
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # every check before anything is built or written
     if args.pretrained and args.checkpoint:
         raise UsageError('give --pretrained or --checkpoint, not both')

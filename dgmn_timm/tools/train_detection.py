@@ -50,7 +50,7 @@ BUILDERS = {'retinanet': retinanet_dgmn2, 'fasterrcnn': fasterrcnn_dgmn2, 'maskr
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
-def get_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter,
                                 allow_abbrev=False)
     data = p.add_argument_group('data')
@@ -79,7 +79,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    return get_parser().parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 class CocoDetectionDataset(torch.utils.data.Dataset):

@@ -69,7 +69,7 @@ def _recipes_epilog() -> str:
     return '\n'.join(lines)
 
 
-def get_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=HelpFormatter, allow_abbrev=False,
                                 epilog=_recipes_epilog())
     data = p.add_argument_group('data')
@@ -103,7 +103,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """ The options, with the head's recipe (then ``RECIPE``) for every one not given. """
-    args = get_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     recipe = dict(RECIPE, **HEAD_DEFAULTS.get(args.head, {}))
     args.head_kwargs = {k: v for k, v in recipe.items() if k not in RECIPE and not hasattr(args, k)}
     for k, v in recipe.items():

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """ Draw the nodes a query samples: DGMN2 (last block of each stage, paper Fig. 11 style) or RepGraph (Fig. 6).
 
-    python scripts/visualize_sampling.py --image cat.jpg --point 120,200 --pretrained --output sampling.png
-    python scripts/visualize_sampling.py --grid 4 --checkpoint OUT/best.safetensors --output grid.png
-    python scripts/visualize_sampling.py --model resnet50_repgraph_3l --layer 2 --grid 3 --output nodes.png
+    dgmn-visualize-sampling --image cat.jpg --point 120,200 --pretrained --output sampling.png
+    python -m dgmn_timm.visualize_sampling --grid 4 --checkpoint OUT/best.safetensors --output grid.png
+    python -m dgmn_timm.visualize_sampling --model resnet50_repgraph_3l --layer 2 --grid 3 --output nodes.png
 
 DGMN2 models: one panel per stage; every head's K = 9 nodes are drawn at their image positions,
 coloured (and sized) by attention weight; the cross marks the query. RepGraph ResNets: one panel
@@ -12,6 +12,7 @@ the weight, one colour per query. The image is resized so that its shorter side 
 (no crop), and --point is given in the original image's pixels. Any weights work, random included
 (random DGMN2 weights start with zero offsets, so their nodes form the plain 3x3 neighbourhood of
 the query; a random RepGraph layer's offsets are small, so its nodes sit near the query).
+An existing --output or --save-points file is replaced only with --overwrite.
 """
 import argparse
 import json
@@ -29,7 +30,8 @@ from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.layers import RepGraph
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_model_name, read_rgb_image, run_cli
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_img_size, check_model_name, check_positive, \
+    read_rgb_image, run_cli, set_threads
 from dgmn_timm.tools.engine import atomic_path, atomic_write_text, create_model, resolve_device
 from dgmn_timm.tools.visualize import grid_points, plot_repgraph_nodes, plot_sampling, repgraph_nodes, sampling_points_many
 
@@ -43,7 +45,7 @@ REPGRAPH_LAYERS = {
 }
 
 
-def get_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument('--image', default=None, help='image file (default: the bundled sample image)')
     q = p.add_mutually_exclusive_group()
@@ -59,10 +61,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument('--stages', default=None, help='DGMN2: stages to draw, 1-based, e.g. 3,4 (default: all)')
     p.add_argument('--layer', type=int, default=None, metavar='N',
                    help='RepGraph: which RepGraph layer to draw, 1-based in network order (default: the last)')
-    p.add_argument('--output', default='sampling.png', help='PNG file to write')
+    p.add_argument('--output', default='output/visualize_sampling/sampling.png', metavar='FILE',
+                   help='PNG file to write')
     p.add_argument('--save-points', default=None, metavar='JSON', help='also write the points and weights as JSON')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --output / --save-points file')
     p.add_argument('--seed', type=int, default=0, help='seed for random weights')
     p.add_argument('--device', default='auto', help='cpu, cuda, cuda:N, or auto (cuda if available)')
+    p.add_argument('--threads', type=int, default=None,
+                   help='intra-op CPU threads (default: OMP_NUM_THREADS if set, else all cores)')
     return p
 
 
@@ -85,11 +91,24 @@ def parse_stages(text: str, num_stages: int = 4):
 
 
 def main(argv=None) -> dict:
-    args = get_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # every check before the model is built
     if args.pretrained and args.checkpoint:
         raise UsageError('give --pretrained or --checkpoint, not both')
+    check_positive(args, 'threads')
     check_model_name(args.model)
+    check_img_size(args.model, args.img_size)
+    outputs = [f for f in (args.output, args.save_points) if f]
+    if not args.output.lower().endswith('.png'):
+        raise UsageError(f'--output must end in .png, got {args.output}')
+    if args.save_points and os.path.abspath(args.save_points) == os.path.abspath(args.output):
+        raise UsageError('--save-points must name another file than --output')
+    for f in outputs:
+        if os.path.isdir(f):
+            raise UsageError(f'{f} is a folder; give a file name')
+    existing = [f for f in outputs if os.path.lexists(f)]
+    if existing and not args.overwrite:
+        raise UsageError(f'{", ".join(existing)} already exist(s); replace with --overwrite or give another --output')
     arch = timm.models.split_model_name_tag(args.model)[0]
     dgmn2 = timm.list_models('dgmn2*')
     if arch not in dgmn2 and arch not in REPGRAPH_LAYERS:
@@ -122,6 +141,7 @@ def main(argv=None) -> dict:
         if not (-0.5 <= py <= H - 0.5 and -0.5 <= px <= W - 0.5):
             raise UsageError(f'point ({py:g}, {px:g}) is outside the {H}x{W} image')
     device = resolve_device(args.device)
+    set_threads(args.threads, 0)
 
     random_seed(args.seed)
     model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=0)
