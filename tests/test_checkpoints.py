@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 import dgmn_timm  # noqa: F401
-from dgmn_timm.models.dgmn2 import checkpoint_filter_fn, to_released_layout
+from dgmn_timm.models.dgmn2 import checkpoint_filter_fn
+from utils import to_released_layout
 from utils import randomise
 
 

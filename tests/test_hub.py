@@ -19,7 +19,7 @@ import dgmn_timm  # noqa: F401  (registers the models)
 import dgmn_timm.weights.hub as hub
 from dgmn_timm.weights.checkpoints import read_checkpoint
 from dgmn_timm.weights.convert import convert_checkpoint
-from dgmn_timm.models.dgmn2 import to_released_layout
+from utils import to_released_layout
 from utils import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,8 +171,8 @@ def test_folder_layout(converted):
     assert pcfg['first_conv'] == 'stem.conv1' and pcfg['classifier'] == 'head'
     weights = load_file(str(folder / 'model.safetensors'))
     assert set(weights) == set(converted.model.state_dict())
-    assert torch.equal(weights['stages.2.blocks.1.attn.offset.weight'],
-                       converted.model.state_dict()['stages.2.blocks.1.attn.offset.weight'])
+    assert torch.equal(weights['stages.2.blocks.1.attn.walk.weight'],
+                       converted.model.state_dict()['stages.2.blocks.1.attn.walk.weight'])
 
 
 def test_model_card(converted):

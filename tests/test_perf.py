@@ -138,8 +138,8 @@ def test_rel_pos_logits_match_reference(H, W, nh, released):
 def _module(dim, nh, table, dtype=torch.float64, released=True, seed=0):
     torch.manual_seed(seed)
     m = DynamicGraphAttention(dim, nh, table_size=table, rel_pos_released=released).to(dtype)
-    torch.nn.init.normal_(m.offset.weight, std=0.5)
-    torch.nn.init.normal_(m.offset.bias, std=1.0)
+    torch.nn.init.normal_(m.walk.weight, std=0.5)
+    torch.nn.init.normal_(m.walk.bias, std=1.0)
     return m
 
 

@@ -16,6 +16,8 @@ channel 2k + 1 holds dx_k (columns).
 ``sample_nodes`` is the fast path used by the models. ``sample_nodes_reference`` is a
 slow float64 oracle written with explicit corner gathers; tests compare the two.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,14 @@ __all__ = ['sample_nodes', 'sample_nodes_reference', 'node_grid', 'pixel_grid', 
 
 KERNEL_SIZE = 3
 NUM_NODES = KERNEL_SIZE * KERNEL_SIZE
+
+
+def node_displacements(
+        dilation: int = 1, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ (K, 2) displacement (dy, dx) of node k = 3i + j of the 3x3 grid from its query: ((i - 1) d, (j - 1) d). """
+    k = torch.arange(9, device=device)  # literals: TorchScript cannot close over NUM_NODES / KERNEL_SIZE
+    return torch.stack((k // 3 - 1, k % 3 - 1), dim=1).to(dtype) * dilation
 
 
 def pixel_grid(py: torch.Tensor, px: torch.Tensor, height: int, width: int) -> torch.Tensor:
