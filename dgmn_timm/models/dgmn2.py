@@ -123,7 +123,7 @@ class DynamicGraphAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
         # on (B * H * W, heads, head_dim): torch.export proves these reshapes for named size ranges
         walks = self.walk(x.reshape(B * H * W, self.num_heads, self.head_dim))
-        walks = walks.reshape(B, H, W, self.num_heads, 2 * NUM_NODES)
+        walks = walks.reshape(B, H, W, self.num_heads, self.walk.out_features)
         offset = walks + node_displacements(1, x.device, walks.dtype).reshape(-1)
         return qkv, offset, rel_pos_windows(self.rel_height, H), rel_pos_windows(self.rel_width, W)
 
