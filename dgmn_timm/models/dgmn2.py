@@ -534,16 +534,8 @@ _RELEASED_MARKERS = ('patch_embed1.conv1.weight', 'stem.conv1.weight')
 
 def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """ Keep only the backbone of a wrapped state dict ('backbone.', 'module.', ...), prefix removed. """
-    prefix = None
-    for k in state_dict:
-        for marker in _RELEASED_MARKERS:
-            if k.endswith(marker):
-                prefix = k[:len(k) - len(marker)]
-                break
-        if prefix is not None:
-            break
-    if not prefix:
-        return dict(state_dict)
+    prefixes = [k[:len(k) - len(marker)] for k in state_dict for marker in _RELEASED_MARKERS if k.endswith(marker)]
+    prefix = prefixes[0] if prefixes else ''
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
