@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import use_fused_sampled_attention
@@ -502,6 +502,22 @@ class DGMN2(nn.Module):
         x = self.forward_head(x)
         return x
 
+    @torch.jit.ignore
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """ Load our own, the authors' released or a detector's ('backbone.'-prefixed) state dict.
+
+        Raises a RuntimeError naming the variant the weights are for, or the offending keys, if they
+        do not fit this model.
+        """
+        state_dict = checkpoint_filter_fn(state_dict, self)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        mismatched = shape_mismatches(state_dict, own)
+        if mismatched or (strict and (missing or unexpected)):
+            raise mismatch_error(f'The weights do not fit {_model_name(self)}:', missing, unexpected, mismatched)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
 
 def _depths_in(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
     """ Blocks per stage of a state dict in our layout (or a feature wrapper's 'stages_i.'), None without blocks. """
@@ -555,7 +571,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
     Takes a state dict (``dgmn_timm.weights.checkpoints.read_state_dict`` takes it out of a training
     checkpoint): the released layout, ours (unchanged), or a detector's backbone with a prefix such as
     'backbone.'. With ``model`` (the model or its feature wrapper) weights of another variant are
-    refused, naming it. timm's ``load_pretrained`` adapts the first conv to another ``in_chans`` after this.
+    refused, naming it, and the first conv is adapted to another number of input channels.
     """
     out = {}
     for k, v in _strip_prefix(state_dict).items():
@@ -573,6 +589,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
         raise CheckpointMismatchError(
             f'The weights are for {_variant_for_depths(ckpt_depths)} (blocks per stage {ckpt_depths}) '
             f'but the model is {_model_name(model)} (blocks per stage {own_depths}).')
+    w = out.get('stem.conv1.weight')
+    in_chans = model.stem.conv1.weight.shape[1]
+    if isinstance(w, torch.Tensor) and w.ndim == 4 and w.shape[1] != in_chans:
+        out['stem.conv1.weight'] = adapt_input_conv(in_chans, w)
     return out
 
 
