@@ -101,7 +101,7 @@ def ref_module(m: DynamicGraphAttention, x):
     B, H, W, C = x.shape
     nh, c = m.num_heads, m.head_dim
     qkv = (x @ m.qkv.weight.double().t() + m.qkv.bias.double()).view(B, H, W, 3, nh, c)
-    offset = x.view(B, H, W, nh, c) @ m.offset.weight.double().t() + m.offset.bias.double()
+    offset = x.view(B, H, W, nh, c) @ m.walk.weight.double().t() + m.walk.bias.double()
     rel = ref_rel_pos(qkv[:, :, :, 0], m.rel_height, m.rel_width, m.rel_pos_released)
     out = ref_attention(qkv, offset, rel, m.scale).reshape(B, H, W, C)
     return out @ m.proj.weight.double().t() + m.proj.bias.double()
