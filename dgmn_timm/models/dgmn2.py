@@ -198,7 +198,7 @@ class Block(nn.Module):
         return x
 
 
-class Stem(nn.Module):
+class ConvBnReluStem(nn.Module):
     """ Stage-1 patch embedding: three 3x3 Conv-BN-ReLU, strides 2, 1, 2 (output stride 4). """
 
     def __init__(self, in_chans: int = 3, hidden_dim: int = 32, embed_dim: int = 64, device=None, dtype=None):
@@ -355,7 +355,7 @@ class DGMN2(nn.Module):
         self.output_stride = output_stride
         self.feature_info = []
 
-        self.stem = Stem(in_chans, stem_dim, embed_dims[0], **dd)
+        self.stem = ConvBnReluStem(in_chans, stem_dim, embed_dims[0], **dd)
 
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
