@@ -24,7 +24,7 @@ from dgmn_timm.errors import CheckpointError, CheckpointMismatchError, Checkpoin
 from dgmn_timm.weights.checkpoints import create_with_weights, load_weights
 from dgmn_timm.weights.convert import convert_checkpoint
 from dgmn_timm.tasks.detection import create_feature_backbone
-from dgmn_timm.models.dgmn2 import to_released_layout
+from utils import to_released_layout
 from utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 import dgmn_timm  # noqa: F401
 from dgmn_timm.errors import CheckpointError, CheckpointMismatchError
-from dgmn_timm.models.dgmn2 import checkpoint_filter_fn, to_released_layout
+from dgmn_timm.models.dgmn2 import checkpoint_filter_fn
+from utils import to_released_layout
 from dgmn_timm.weights.checkpoints import create_with_weights, load_state_dict_into, load_weights, read_state_dict
 from utils import randomise
 

@@ -14,7 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import timm
 import dgmn_timm  # noqa: F401
-from dgmn_timm.models.dgmn2 import to_released_layout
+from utils import to_released_layout
 from dgmn_timm.weights.checkpoints import read_checkpoint
 from utils import load_script
 from dgmn_timm.errors import CheckpointMismatchError, CheckpointNotFoundError
@@ -89,7 +89,7 @@ def test_detector_train_step_and_predictions(kind):
     # gradients reach the stem (through frozen BN) and the last stage's attention
     assert _grad_norm(body.stem.conv1.weight) > 0
     assert _grad_norm(body.stages_3.blocks[-1].attn.qkv.weight) > 0
-    assert _grad_norm(body.stages_3.blocks[-1].attn.offset.weight) > 0
+    assert _grad_norm(body.stages_3.blocks[-1].attn.walk.weight) > 0
 
     model.eval()
     with torch.no_grad():

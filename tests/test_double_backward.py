@@ -62,7 +62,7 @@ def test_unfused_model_supports_gradient_penalty():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
     plain.zero_grad()
     _penalty(plain, x).backward()
-    walks = [m.offset.weight.grad for m in _attn_layers(plain)]
+    walks = [m.walk.weight.grad for m in _attn_layers(plain)]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in walks)
 
 

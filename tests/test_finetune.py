@@ -142,7 +142,7 @@ def test_checkpoint_start_keeps_or_resizes_head(mechanics_run):
     assert torch.equal(same.head.weight, sd['head.weight'])  # same classes: the trained head is kept
     other = create_model('dgmn2_tiny', checkpoint=best, num_classes=3)
     assert other.head.weight.shape == (3, 512)  # new classes: fresh head, same backbone
-    assert torch.equal(other.stages[3].blocks[1].attn.offset.weight, sd['stages.3.blocks.1.attn.offset.weight'])
+    assert torch.equal(other.stages[3].blocks[1].attn.walk.weight, sd['stages.3.blocks.1.attn.walk.weight'])
     with pytest.raises(ValueError, match='not both'):
         create_model('dgmn2_tiny', pretrained=True, checkpoint=best)
 

@@ -7,7 +7,7 @@ import torch
 import timm
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.models.dgmn2 import Mlp, PatchEmbed
+from dgmn_timm.models.dgmn2 import ConvBnRelu, Mlp
 
 
 def _record(store):
@@ -30,7 +30,7 @@ def test_gradient_passed_to_backward_is_not_modified(what):
         model = timm.create_model('dgmn2_tiny', num_classes=0)
         out = model.stem(torch.randn(2, 3, 64, 64))
     elif what == 'patch_embed':
-        out = PatchEmbed(8, 16)(torch.randn(2, 8, 10, 12, requires_grad=True))
+        out = ConvBnRelu(8, 16)(torch.randn(2, 8, 10, 12, requires_grad=True))
     elif what == 'mlp':
         out = Mlp(8, 32)(torch.randn(2, 5, 8, requires_grad=True))
     else:

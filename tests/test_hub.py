@@ -22,7 +22,7 @@ import dgmn_timm.weights.hub as hub
 from dgmn_timm.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 from dgmn_timm.weights.checkpoints import create_with_weights, load_weights, read_checkpoint
 from dgmn_timm.weights.convert import convert_checkpoint
-from dgmn_timm.models.dgmn2 import to_released_layout
+from utils import to_released_layout
 from utils import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +174,8 @@ def test_folder_layout(converted):
     assert pcfg['first_conv'] == 'stem.conv1' and pcfg['classifier'] == 'head'
     weights = load_file(str(folder / 'model.safetensors'))
     assert set(weights) == set(converted.model.state_dict())
-    assert torch.equal(weights['stages.2.blocks.1.attn.offset.weight'],
-                       converted.model.state_dict()['stages.2.blocks.1.attn.offset.weight'])
+    assert torch.equal(weights['stages.2.blocks.1.attn.walk.weight'],
+                       converted.model.state_dict()['stages.2.blocks.1.attn.walk.weight'])
 
 
 def test_model_card(converted):

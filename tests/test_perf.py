@@ -30,7 +30,7 @@ def ref_module(m: DynamicGraphAttention, x):
     B, H, W, C = x.shape
     nh, c = m.num_heads, m.head_dim
     qkv = (x @ m.qkv.weight.double().t() + m.qkv.bias.double()).view(B, H, W, 3, nh, c)
-    offset = x.view(B, H, W, nh, c) @ m.offset.weight.double().t() + m.offset.bias.double()
+    offset = x.view(B, H, W, nh, c) @ m.walk.weight.double().t() + m.walk.bias.double()
     rel = rel_pos_reference(qkv[:, :, :, 0], m.rel_height, m.rel_width, m.rel_pos_released)
     offset = offset + node_displacements(dtype=torch.float64).reshape(2 * K)
     out = sampled_attention_reference(qkv, offset, rel, m.scale).reshape(B, H, W, C)
@@ -68,8 +68,8 @@ def test_rel_pos_logits_match_reference(H, W, nh, released):
 def _module(dim, nh, table, dtype=torch.float64, released=True, seed=0):
     torch.manual_seed(seed)
     m = DynamicGraphAttention(dim, nh, table_size=table, rel_pos_released=released).to(dtype)
-    torch.nn.init.normal_(m.offset.weight, std=0.5)
-    torch.nn.init.normal_(m.offset.bias, std=1.0)
+    torch.nn.init.normal_(m.walk.weight, std=0.5)
+    torch.nn.init.normal_(m.walk.bias, std=1.0)
     return m
 
 

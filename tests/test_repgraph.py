@@ -435,7 +435,7 @@ def test_layer_portable_path_exports_to_onnx():
     torch.manual_seed(0)
     with set_layer_config(exportable=True):
         layer = _perturbed(RepGraph(16, 8, num_nodes=5, grid=2, groups=2))
-    assert layer.portable and not RepGraph(16, 8).portable
+    assert not layer.fused_attn and RepGraph(16, 8).fused_attn
     f = io.BytesIO()
     torch.onnx.export(layer, (torch.randn(2, 16, 9, 7),), f, opset_version=17, dynamo=False, input_names=['x'],
                       dynamic_axes={'x': {0: 'b', 2: 'h', 3: 'w'}})

@@ -38,8 +38,8 @@ def weights(tmp_path_factory):
     model = timm.create_model('dgmn2_tiny', num_classes=7).eval()
     with torch.no_grad():
         for m in model.modules():
-            if hasattr(m, 'offset') and isinstance(m.offset, torch.nn.Linear):
-                m.offset.weight.normal_(0, 0.05)
+            if hasattr(m, 'walk') and isinstance(m.walk, torch.nn.Linear):
+                m.walk.weight.normal_(0, 0.05)
     path = str(tmp_path_factory.mktemp('weights') / 'random.safetensors')
     save_safetensors(model.state_dict(), path)
     return path, model
@@ -261,8 +261,8 @@ def test_sampling_points_follow_the_offsets():
     before = sampling_points_many(model, x, points)
     attn = model.stages[1].blocks[-1].attn
     with torch.no_grad():
-        attn.offset.bias[0::2] = 1.0  # every node walks one stage-2 pixel down
-        attn.offset.bias[1::2] = -0.5  # and half a pixel left
+        attn.walk.bias[0::2] = 1.0  # every node walks one stage-2 pixel down
+        attn.walk.bias[1::2] = -0.5  # and half a pixel left
     after = sampling_points_many(model, x, points)
     for b, a in zip(before, after):
         np.testing.assert_allclose(a[1]['positions'][..., 0], b[1]['positions'][..., 0] + 8, atol=1e-5)
@@ -271,7 +271,7 @@ def test_sampling_points_follow_the_offsets():
             np.testing.assert_allclose(a[s]['positions'], b[s]['positions'], atol=1e-5)
         assert not np.allclose(a[1]['weights'], b[1]['weights'])
     with torch.no_grad():
-        model.stages[3].blocks[-1].attn.offset.weight.normal_(0, 0.5)  # input-dependent walks
+        model.stages[3].blocks[-1].attn.walk.weight.normal_(0, 0.5)  # input-dependent walks
     moved = sampling_points(model, x[0], points[0])[3]['positions']
     assert np.abs(moved - after[0][3]['positions']).max() > 0.5
 
@@ -296,7 +296,7 @@ def test_visualize_script_writes_png_that_follows_offsets(weights, tmp_path):
     # perturb the offsets: the drawn points move, the PNG changes
     with torch.no_grad():
         for stage in model.stages:
-            stage.blocks[-1].attn.offset.bias.add_(torch.linspace(-2, 2, 18))
+            stage.blocks[-1].attn.walk.bias.add_(torch.linspace(-2, 2, 18))
     moved_ckpt = str(tmp_path / 'moved.safetensors')
     save_safetensors(model.state_dict(), moved_ckpt)
     b_png, b_json = str(tmp_path / 'b.png'), str(tmp_path / 'b.json')

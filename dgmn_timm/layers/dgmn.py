@@ -44,7 +44,6 @@ DGMN_MODES: Dict[str, Tuple[bool, bool]] = {
     'DA+DW': (True, False),  # + dynamic filters, regular dilated grid
     'full': (True, True),  # + walks (the paper's DA+DW+DS)
 }
-_MODE_ALIASES = {'da': 'DA', 'da+dw': 'DA+DW', 'full': 'full', 'da+dw+ds': 'full'}
 DGMN_FUSIONS = ('sum', 'concat')
 
 
@@ -117,9 +116,8 @@ class DGMN(nn.Module):
         rates = tuple(int(r) for r in rates)
         if not rates or any(r < 1 for r in rates):
             raise ValueError(f'rates must be one or more positive integers, got {rates}')
-        if mode.lower() not in _MODE_ALIASES:
+        if mode not in DGMN_MODES:
             raise ValueError(f"mode must be one of {tuple(DGMN_MODES)}, got '{mode}'")
-        mode = _MODE_ALIASES[mode.lower()]
         if fusion not in DGMN_FUSIONS:
             raise ValueError(f"fusion must be one of {DGMN_FUSIONS}, got '{fusion}'")
         use_filters, use_walks = DGMN_MODES[mode]

@@ -34,9 +34,9 @@ last BN's weight (bottleneck) or W_y (simple); 'concat' starts its fuse conv as 
 nodes get identical gradients and never separate.
 
 The sampling and attention are ``dgmn_timm.ops.sampled_attention`` (the package's one
-bilinear sampler and its fast kernels); ``sampled_attention_portable`` is used when the
-layer is built for TorchScript or export (timm's ``set_layer_config`` /
-``create_model(scriptable=True, exportable=True)``) or with timm's fused attention off.
+bilinear sampler and its fast kernels), or ``sampled_attention_portable``: ``fused_attn``,
+decided at construction by ``use_fused_sampled_attention`` as in DGMN2 (timm's
+``set_fused_attn`` and ``set_layer_config(exportable=..., scriptable=...)`` switches).
 
 ``NonLocal2d`` is the embedded-Gaussian non-local block (Wang et al., CVPR 2018) with the
 same inner width: the baseline the paper compares against.
@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import is_exportable, is_scriptable, use_fused_attn
+from timm.layers import use_fused_attn
 
 try:
     from timm.layers import register_notrace_function
@@ -63,6 +63,7 @@ except ImportError:  # pragma: no cover - very old timm
         return fn
 
 from .dgmn import identity_fuse_
+from .fused import use_fused_sampled_attention
 from ..ops import attention_weights, sampled_attention, sampled_attention_portable
 
 __all__ = ['RepGraph', 'NonLocal2d', 'grid_displacement', 'REPGRAPH_STRUCTURES', 'REPGRAPH_FUSIONS']
@@ -156,7 +157,7 @@ class RepGraph(nn.Module):
         self.fusion = fusion
         self.grid = grid
         self.groups = groups
-        self.portable = is_scriptable() or is_exportable() or not use_fused_attn()
+        self.fused_attn = use_fused_sampled_attention()
 
         if structure == 'bottleneck':
             self.reduce = nn.Conv2d(dim, inner_dim, 1, bias=False, **dd)
@@ -206,10 +207,10 @@ class RepGraph(nn.Module):
         qkv = self.qkv(z).reshape(B, 3, nh, hd, H, W).permute(0, 4, 5, 1, 2, 3)  # (B, H, W, 3, nh, hd)
         # shared by the G groups as an expanded, stride-0 view (the ops take any strides)
         offset = self._displacements(z).unsqueeze(3).expand(B, H, W, nh, 2 * self.num_nodes)
-        if self.portable:
-            y = sampled_attention_portable(qkv, offset, None, 1.0)
-        else:
+        if self.fused_attn:
             y = sampled_attention(qkv, offset, None, 1.0)
+        else:
+            y = sampled_attention_portable(qkv, offset, None, 1.0)
         return y.permute(0, 3, 4, 1, 2).reshape(B, self.inner_dim, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

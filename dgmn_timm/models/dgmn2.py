@@ -18,23 +18,23 @@ the authors' released checkpoints, which ``checkpoint_filter_fn`` maps to ours.
 """
 import math
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, is_exportable, is_scriptable, trunc_normal_, \
-    use_fused_attn
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..layers import use_fused_sampled_attention
 from ..ops import attention_weights, position_logits, sampled_attention, sampled_attention_portable
 from ..ops.sampling import NUM_NODES, node_displacements
 from ..errors import CheckpointMismatchError
 
-__all__ = ['DGMN2', 'checkpoint_filter_fn', 'to_released_layout', 'rel_pos_logits', 'MIN_INPUT_SIZE']
+__all__ = ['DGMN2', 'checkpoint_filter_fn', 'rel_pos_logits', 'MIN_INPUT_SIZE']
 
 MIN_INPUT_SIZE = 32
 
@@ -75,10 +75,10 @@ def rel_pos_logits(
 class DynamicGraphAttention(nn.Module):
     """ Attention of every token over K = 9 nodes sampled at its 3x3 neighbourhood plus learned walks.
 
-    Channels-last maps (B, H, W, C). The fused op (``dgmn_timm.ops.sampled_attention``) is
-    used unless, at construction, timm's switches ask for the portable ``grid_sample`` path
-    (``set_fused_attn(False)``, ``set_layer_config(exportable=True)`` or ``scriptable=True``,
-    ``create_model(..., exportable=True)``) or attention dropout is configured.
+    Channels-last maps (B, H, W, C). ``walk``, a Linear on each head's slice (weights shared by
+    the heads), predicts the walks (dy, dx) of the K nodes; added to the 3x3 grid they are the
+    op's ``offset``. ``fused_attn`` (``dgmn_timm.layers.use_fused_sampled_attention``, decided at
+    construction) selects the fused op or the portable ``grid_sample`` path.
     """
     fused_attn: torch.jit.Final[bool]
 
@@ -101,30 +101,29 @@ class DynamicGraphAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.rel_pos_released = rel_pos_released
-        # the fused op has no attention dropout and no ONNX export; exportable / scriptable builds take
-        # the portable path, as timm's own models do (a scripted default model keeps the op)
-        self.fused_attn = use_fused_attn() and not (is_exportable() or is_scriptable()) and attn_drop == 0.
+        self.fused_attn = use_fused_sampled_attention(attn_drop)
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        # walks (dy, dx) of the K nodes, predicted per head slice, weights shared by all heads
-        self.offset = nn.Linear(self.head_dim, 2 * NUM_NODES, **dd)
+        self.walk = nn.Linear(self.head_dim, 2 * NUM_NODES, **dd)
         self.rel_height = nn.Parameter(torch.randn(table_size[0] + NUM_NODES - 1, self.head_dim, **dd) * self.scale)
         self.rel_width = nn.Parameter(torch.randn(table_size[1] + NUM_NODES - 1, self.head_dim, **dd) * self.scale)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def reset_offsets(self):
+    def reset_walks(self):
         """ Start from the plain 3x3 neighbourhood (zero walks). """
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
+        nn.init.zeros_(self.walk.weight)
+        nn.init.zeros_(self.walk.bias)
 
     def attention_inputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """ qkv (B, H, W, 3, nh, hd), node displacements (B, H, W, nh, 2K) and the position tables
         of this map's rows (H, K, hd) and columns (W, K, hd). """
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim)
-        walks = self.offset(x.reshape(B, H, W, self.num_heads, self.head_dim))
+        # on (B * H * W, heads, head_dim): torch.export proves these reshapes for named size ranges
+        walks = self.walk(x.reshape(B * H * W, self.num_heads, self.head_dim))
+        walks = walks.reshape(B, H, W, self.num_heads, self.walk.out_features)
         offset = walks + node_displacements(1, x.device, walks.dtype).reshape(-1)
         return qkv, offset, rel_pos_windows(self.rel_height, H), rel_pos_windows(self.rel_width, W)
 
@@ -172,7 +171,6 @@ class Block(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             rel_pos_released: bool = True,
-            mlp_layer: Type[nn.Module] = Mlp,
             device=None,
             dtype=None,
     ):
@@ -191,7 +189,7 @@ class Block(nn.Module):
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, **dd)
-        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=proj_drop, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +198,7 @@ class Block(nn.Module):
         return x
 
 
-class Stem(nn.Module):
+class ConvBnReluStem(nn.Module):
     """ Stage-1 patch embedding: three 3x3 Conv-BN-ReLU, strides 2, 1, 2 (output stride 4). """
 
     def __init__(self, in_chans: int = 3, hidden_dim: int = 32, embed_dim: int = 64, device=None, dtype=None):
@@ -231,7 +229,7 @@ class Stem(nn.Module):
         return x
 
 
-class PatchEmbed(nn.Module):
+class ConvBnRelu(nn.Module):
     """ Stage 2-4 patch embedding: 3x3 Conv-BN-ReLU, stride 2 (1 for reduced output stride). """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 2, device=None, dtype=None):
@@ -267,7 +265,6 @@ class DGMN2Stage(nn.Module):
             attn_drop: float = 0.,
             drop_path: Union[List[float], float] = 0.,
             rel_pos_released: bool = True,
-            mlp_layer: Type[nn.Module] = Mlp,
             device=None,
             dtype=None,
     ):
@@ -275,7 +272,7 @@ class DGMN2Stage(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = PatchEmbed(dim, dim_out, stride=stride, **dd)
+            self.downsample = ConvBnRelu(dim, dim_out, stride=stride, **dd)
         else:
             assert dim == dim_out
             self.downsample = nn.Identity()
@@ -289,7 +286,6 @@ class DGMN2Stage(nn.Module):
             attn_drop=attn_drop,
             drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
             rel_pos_released=rel_pos_released,
-            mlp_layer=mlp_layer,
             **dd,
         ) for i in range(depth)])
 
@@ -324,7 +320,6 @@ class DGMN2(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             rel_pos_released: bool = True,
-            mlp_layer: Type[nn.Module] = Mlp,
             device=None,
             dtype=None,
     ):
@@ -344,8 +339,6 @@ class DGMN2(nn.Module):
             drop_path_rate: stochastic depth, rising linearly over all blocks.
             rel_pos_released: the height position term exactly as the released checkpoints
                 were trained (default); False gives the clean transposition.
-            mlp_layer: the blocks' MLP, timm's ``Mlp`` by default; any module with its arguments
-                and key names (fc1, fc2).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -362,7 +355,7 @@ class DGMN2(nn.Module):
         self.output_stride = output_stride
         self.feature_info = []
 
-        self.stem = Stem(in_chans, stem_dim, embed_dims[0], **dd)
+        self.stem = ConvBnReluStem(in_chans, stem_dim, embed_dims[0], **dd)
 
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
@@ -386,7 +379,6 @@ class DGMN2(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[i],
                 rel_pos_released=rel_pos_released,
-                mlp_layer=mlp_layer,
                 **dd,
             ))
             prev_dim = embed_dims[i]
@@ -400,7 +392,7 @@ class DGMN2(nn.Module):
         self.apply(self._init_weights)
         for m in self.modules():
             if isinstance(m, DynamicGraphAttention):
-                m.reset_offsets()
+                m.reset_walks()
 
     def _init_weights(self, m: nn.Module):
         if isinstance(m, nn.Linear):
@@ -510,14 +502,6 @@ class DGMN2(nn.Module):
         x = self.forward_head(x)
         return x
 
-    @torch.jit.ignore
-    def variant_name(self) -> str:
-        cfg = getattr(self, 'pretrained_cfg', None) or {}
-        name = cfg.get('architecture')
-        if name:
-            return name
-        return _variant_for_depths(self.depths)
-
 
 def _depths_in(state_dict: Mapping[str, Any]) -> Optional[Tuple[int, ...]]:
     """ Blocks per stage of a state dict in our layout (or a feature wrapper's 'stages_i.'), None without blocks. """
@@ -550,22 +534,14 @@ _RELEASED_MARKERS = ('patch_embed1.conv1.weight', 'stem.conv1.weight')
 
 def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """ Keep only the backbone of a wrapped state dict ('backbone.', 'module.', ...), prefix removed. """
-    prefix = None
-    for k in state_dict:
-        for marker in _RELEASED_MARKERS:
-            if k.endswith(marker):
-                prefix = k[:len(k) - len(marker)]
-                break
-        if prefix is not None:
-            break
-    if not prefix:
-        return dict(state_dict)
+    prefixes = [k[:len(k) - len(marker)] for k in state_dict for marker in _RELEASED_MARKERS if k.endswith(marker)]
+    prefix = prefixes[0] if prefixes else ''
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-# attention parameters: (the authors' released name, ours); used in both directions
+# attention parameters: (the authors' released name, ours)
 _ATTN_RENAMES = (
-    ('.attn.conv_offset.', '.attn.offset.'),
+    ('.attn.conv_offset.', '.attn.walk.'),
     ('.attn.pos_emb.rel_height', '.attn.rel_height'),
     ('.attn.pos_emb.rel_width', '.attn.rel_width'),
 )
@@ -597,23 +573,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: Optional[nn.Modul
         raise CheckpointMismatchError(
             f'The weights are for {_variant_for_depths(ckpt_depths)} (blocks per stage {ckpt_depths}) '
             f'but the model is {_model_name(model)} (blocks per stage {own_depths}).')
-    return out
-
-
-def to_released_layout(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """ Our key names -> the authors' released layout (the inverse of ``checkpoint_filter_fn``).
-
-    Useful to hand weights back to the authors' code, and to test the loader.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('stem.'):
-            k = 'patch_embed1.' + k[len('stem.'):]
-        k = re.sub(r'^stages\.(\d+)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', k)
-        k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', k)
-        for released, ours in _ATTN_RENAMES:
-            k = k.replace(ours, released)
-        out[k] = v
     return out
 
 

@@ -6,7 +6,7 @@ Paper: `Dynamic Graph Message Passing Networks` - Li Zhang, Dan Xu, Anurag Arnab
 A DGMN module (``dgmn_timm.layers.DGMN``, COCO form: rates (1, 4, 8, 12), 4 groups,
 'sum' fusion) follows every 3x3 conv (conv2 -> bn2 -> act, before conv3) of every block
 of res5 ('c5') or of res4 and res5 ('c4c5'). The models are timm's ``ResNet`` with those
-blocks swapped for ``DGMNBottleneck``, so timm's whole model API works unchanged.
+blocks swapped for ``GraphBottleneck`` (``block.dgmn``), so timm's whole model API works unchanged.
 
 Weights: NO DGMN weights exist (the authors never released any). ``pretrained=True``
 loads timm's ImageNet weights of the matching plain ResNet into the ResNet part; the
@@ -18,16 +18,15 @@ import logging
 from typing import Any, Dict, List, Mapping, Sequence, Type
 
 import torch
-import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.dgmn import DGMN
 from ..errors import mismatch_error, shape_mismatches
-from ._resnet_cfgs import RSB_CFG, resnet_weights_cfg
+from ._resnet import GraphBottleneck, RSB_CFG, resnet_weights_cfg
 
-__all__ = ['ResNetDGMN', 'DGMNBottleneck', 'checkpoint_filter_fn']
+__all__ = ['ResNetDGMN', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
 
@@ -35,37 +34,6 @@ DGMN_NOT_PRETRAINED = (
     'The DGMN modules are NOT pretrained (no DGMN weights were ever released): only the plain '
     'ResNet part loads ImageNet weights, the DGMN parameters keep their initialisation.'
 )
-
-
-class DGMNBottleneck(Bottleneck):
-    """ timm's Bottleneck with ``self.dgmn`` applied after conv2 -> bn2 -> act (-> aa), before conv3.
-
-    Built with an ``nn.Identity`` placeholder; ``ResNetDGMN`` puts the DGMN module in.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.dgmn = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.conv2(x)
-        x = self.bn2(x)
-        x = self.drop_block(x)
-        x = self.act2(x)
-        x = self.aa(x)
-        x = self.dgmn(x)
-        x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x = x + shortcut
-        return self.act3(x)
 
 
 class ResNetDGMN(ResNet):
@@ -94,7 +62,7 @@ class ResNetDGMN(ResNet):
         dgmn_stages = tuple(sorted(set(int(s) for s in dgmn_stages)))
         if any(s < 1 or s > num_stages for s in dgmn_stages):
             raise ValueError(f'dgmn_stages must be in 1..{num_stages}, got {dgmn_stages}')
-        blocks = tuple(DGMNBottleneck if i + 1 in dgmn_stages else Bottleneck for i in range(num_stages))
+        blocks = tuple(GraphBottleneck if i + 1 in dgmn_stages else Bottleneck for i in range(num_stages))
         super().__init__(block=blocks, layers=layers, **kwargs)
         self.dgmn_stages = dgmn_stages
         dd = dict(device=kwargs.get('device'), dtype=kwargs.get('dtype'))

@@ -14,7 +14,7 @@ stage of L blocks, the non-local paper's spacing). Registered settings:
 - ``*_repgraph_5l``: 1 in res3, 2 in res4, 2 in res5;
 - ``*_nonlocal``: a non-local block where ``*_repgraph`` has its RepGraph.
 
-The models are timm's ``ResNet`` with those blocks swapped for ``ContextBottleneck`` (the layer
+The models are timm's ``ResNet`` with those blocks swapped for ``GraphBottleneck`` (the layer
 runs first, as ``block.context``), so the ResNet keys are unchanged and timm's whole model API
 works as for a plain ResNet.
 
@@ -25,18 +25,17 @@ unchanged until it is trained. Their keys are logged. Any other missing or unexp
 is an error.
 """
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+from typing import Any, Dict, List, Mapping, Sequence, Type
 
 import torch
-import torch.nn as nn
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers.repgraph import NonLocal2d, RepGraph
-from ._resnet_cfgs import RSB_CFG, resnet_weights_cfg
+from ._resnet import GraphBottleneck, RSB_CFG, resnet_weights_cfg
 
-__all__ = ['ResNetRepGraph', 'ContextBottleneck', 'checkpoint_filter_fn']
+__all__ = ['ResNetRepGraph', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
 
@@ -44,34 +43,6 @@ NOT_PRETRAINED = (
     'The RepGraph / non-local layers are NOT pretrained (no such weights were ever released): only the '
     'plain ResNet part loads ImageNet weights; the context layers start as the identity.'
 )
-
-
-class ContextBottleneck(Bottleneck):
-    """ timm's Bottleneck with ``self.context`` (a RepGraph or non-local layer) applied to its input. """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.context = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.context(x)
-        shortcut = x
-
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.conv2(x)
-        x = self.bn2(x)
-        x = self.drop_block(x)
-        x = self.act2(x)
-        x = self.aa(x)
-        x = self.bn3(self.conv3(x))
-        if self.se is not None:
-            x = self.se(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x = x + shortcut
-        return self.act3(x)
 
 
 def context_block_indices(num_blocks: int, num_layers: int) -> List[int]:
@@ -113,7 +84,7 @@ class ResNetRepGraph(ResNet):
         if len(context_layers) != len(layers):
             raise ValueError(f'context_layers needs one count per stage ({len(layers)}), got {context_layers}')
         where = [context_block_indices(nb, n) for nb, n in zip(layers, context_layers)]
-        blocks = tuple(ContextBottleneck if w else Bottleneck for w in where)
+        blocks = tuple(GraphBottleneck if w else Bottleneck for w in where)
         super().__init__(block=blocks, layers=layers, **kwargs)
         self.context_layers = context_layers
         self.context_type = context_type
