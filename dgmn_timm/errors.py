@@ -1,14 +1,15 @@
-""" The errors of weights that cannot be used: the bottom floor, importable by every module (models included).
+""" The errors a user gets for weights or data that cannot be used: the bottom floor, importable by every
+module (models included).
 
-A file that cannot be used raises ``CheckpointError`` (a ``ValueError``) or a subclass, with one line that
-names the file, says what is wrong with it and what to do.
+A weights file that cannot be used raises ``CheckpointError`` (a ``ValueError``) or a subclass, with one line
+that names the file, says what is wrong with it and what to do; a data folder, ``DataDirError``.
 """
 from typing import Any, Collection, List, Mapping, Sequence
 
 import torch
 
 __all__ = [
-    'CheckpointError', 'CheckpointNotFoundError', 'CheckpointMismatchError',
+    'CheckpointError', 'CheckpointNotFoundError', 'CheckpointMismatchError', 'DataDirError',
     'abbrev', 'shape_mismatches', 'mismatch_error', 'mismatch',
 ]
 
@@ -26,6 +27,10 @@ class CheckpointMismatchError(CheckpointError, RuntimeError):
 
     Also a RuntimeError, as ``nn.Module.load_state_dict`` raises for the same mistakes.
     """
+
+
+class DataDirError(ValueError):
+    """ A data folder or file is missing, empty, unreadable or not laid out as the tool needs. """
 
 
 def abbrev(items: Sequence[str], n: int = 8) -> str:

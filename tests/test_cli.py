@@ -48,35 +48,8 @@ REQUIRED = {
 # Tools whose parser is not yet built by ``build_parser()`` or whose vocabulary still differs; the merge
 # empties this list. strict: a tool that passes must leave it.
 NOT_YET = {
-    'benchmark': {'writes', 'runs'},
-    'count_macs': set(),  # counts on the CPU with timm's FLOP counter
-    'convert': {'writes'},
-    'push_to_hub': set(),  # uploads a folder, writes nothing here
-    'data': {'writes'},
-    'check': {'runs'},
-}
-
-REQUIRED = {
-    'writes': [('--output-dir', '--output'), '--overwrite'],
-    'trains': ['--resume', '--seed'],
-    'runs': ['--device', '--threads'],
-    'loads': ['--batch-size', '--workers'],
-}
-
-# Tools whose parser is not yet built by ``build_parser()`` or whose vocabulary still differs; the merge
-# empties this list. strict: a tool that passes must leave it.
-NOT_YET = {
-    'finetune': 'train helper: build_parser(); --seed defaults to 42',
-    'train_detection': 'train helper: build_parser(); --pretrained [TAG]; --weights alias; output/train_detection; '
-                       'automatic --workers; --no-frozen-bn against --frozen-bn',
-    'train_segmentation': 'train helper: build_parser(); --pretrained [TAG]; --weights alias; '
-                          'output/train_segmentation; automatic --workers',
     'benchmark': 'portable helper: build_parser(); --device auto; --threads default automatic; output/benchmark; '
                  '--overwrite',
-    'count_macs': 'build_parser() and main(argv)',
-    'convert': 'weights helper: build_parser()',
-    'push_to_hub': 'weights helper: build_parser()',
-    'data': 'build_parser(); --output-dir and --overwrite instead of the ROOT positional',
     'check': 'floors helper: dgmn_timm/check.py entry module (CODE or build_parser) and its console script',
 }
 

@@ -18,7 +18,8 @@ import torch
 import timm
 import dgmn_timm  # noqa: F401
 from utils import load_script
-from dgmn_timm.tools.data import DataDirError, scan_image_folder_tree, write_digits_imagefolder
+from dgmn_timm.errors import DataDirError
+from dgmn_timm.tools.data import scan_image_folder_tree, write_digits_imagefolder
 from dgmn_timm.tools.cli import UsageError
 from dgmn_timm.tools.engine import create_model
 
@@ -259,16 +260,19 @@ def test_malformed_data_dir(tmp_path, spec, message):
 
 
 def test_digits_command(tmp_path, capsys):
-    """ The README's `python -m dgmn_timm.data digits`: an ImageFolder tree; an existing one is refused. """
+    """ The README's `python -m dgmn_timm.data --output-dir digits`: an ImageFolder tree; an existing one is
+    refused unless --overwrite. """
+    from dgmn_timm.tools.cli import run_cli
     from dgmn_timm.tools.data import main as data_main
     root = str(tmp_path / 'digits')
-    data_main([root, '--per-class', '5', '--img-size', '16'])
+    assert run_cli(data_main, ['--output-dir', root, '--per-class', '5', '--img-size', '16']) == 0
     assert 'wrote 40 train and 10 val images' in capsys.readouterr().out
     data = scan_image_folder_tree(root)
     assert data['classes'] == [str(d) for d in range(10)] and len(data['train']) == 40
-    with pytest.raises(SystemExit):
-        data_main([root])
-    assert 'already holds train/' in capsys.readouterr().err
+    assert run_cli(data_main, ['--output-dir', root]) == 2
+    assert 'already holds train/ and val/' in capsys.readouterr().err
+    assert run_cli(data_main, ['--output-dir', root, '--per-class', '2', '--overwrite']) == 0
+    assert len(scan_image_folder_tree(root)['train']) == 10
 
 
 def test_nested_class_folders_and_validation_alias(tmp_path):

@@ -16,7 +16,8 @@ from timm.data import create_transform, resolve_data_config
 import dgmn_timm  # noqa: F401
 from utils import load_script
 from timm.utils import random_seed as seed_everything
-from dgmn_timm.tools.data import DataDirError, list_images
+from dgmn_timm.errors import DataDirError
+from dgmn_timm.tools.data import list_images
 from dgmn_timm.weights.checkpoints import CheckpointError
 from dgmn_timm.tools.cli import UsageError
 from dgmn_timm.tools.engine import save_safetensors

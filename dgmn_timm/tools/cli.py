@@ -19,8 +19,7 @@ import torch
 
 import timm
 
-from ..weights.checkpoints import CheckpointError
-from .data import DataDirError
+from ..errors import CheckpointError, DataDirError
 
 
 # --------------------------------------------------------------------------------------------

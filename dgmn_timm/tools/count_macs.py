@@ -22,11 +22,15 @@ PAPER = {  # params (M), GMACs @224, ImageNet-1k top-1, as the paper reports the
 }
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument('--models', default=','.join(PAPER), help='comma-separated model names')
     parser.add_argument('--img-size', type=int, nargs='+', default=[224], help='H [W]')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     h = args.img_size[0]
     w = args.img_size[-1]
     print('| model | params | GMACs @%dx%d | paper GMACs @224 | diff |' % (h, w))

@@ -9,8 +9,11 @@
 - ``write_digits_imagefolder``: scikit-learn's bundled 8x8 digits as a small ImageFolder tree
   (``python -m dgmn_timm.data digits`` writes it to ``./digits``).
 """
+import argparse
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -24,6 +27,9 @@ from timm.data import ImageDataset
 from timm.data.readers.reader import Reader
 from timm.utils import natural_key
 
+from ..errors import DataDirError
+from .cli import UsageError, run_cli
+
 __all__ = [
     'DataDirError', 'IMAGE_EXTENSIONS', 'scan_class_folder', 'scan_image_folder_tree', 'list_images', 'find_pairs',
     'FolderReader', 'SafeImageDataset', 'open_image_dataset', 'collate_pairs', 'Skipped', 'collate_skip', 'ShardSampler', 'patch_timm_posterize',
@@ -33,10 +39,6 @@ __all__ = [
 # timm's image extensions (.png, .jpg, .jpeg) and the other common ones Pillow reads
 IMAGE_EXTENSIONS = tuple(sorted(set(timm.data.get_img_extensions(as_set=True)) | {'.bmp', '.webp', '.tif', '.tiff'}))
 VAL_SPLIT_NAMES = ('val', 'validation')
-
-
-class DataDirError(ValueError):
-    """ The data directory is missing, empty or not laid out as an ImageFolder tree. """
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,24 +451,32 @@ def write_digits_imagefolder(
     return counts
 
 
-def main(argv=None):
-    """ ``python -m dgmn_timm.data ROOT``: write the digits set under ROOT. """
-    import argparse
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python -m dgmn_timm.data',
-        description='Write scikit-learn\'s 8x8 digits as an ImageFolder tree (ROOT/train/<digit>/*.png, '
-                    'ROOT/val/<digit>/*.png).',
+        description='Write scikit-learn\'s 8x8 digits as an ImageFolder tree (DIR/train/<digit>/*.png, '
+                    'DIR/val/<digit>/*.png).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('root', help='output folder')
+    parser.add_argument('--output-dir', default='output/data', metavar='DIR', help='folder to write')
+    parser.add_argument('--overwrite', action='store_true', help='replace the train/ and val/ folders already there')
     parser.add_argument('--img-size', type=int, default=32, help='side of the written images')
     parser.add_argument('--val-fraction', type=float, default=0.2, help='share of each class written to val/')
     parser.add_argument('--per-class', type=int, default=None, help='at most this many images per class (all: ~180)')
-    args = parser.parse_args(argv)
-    if os.path.isdir(os.path.join(args.root, 'train')) or os.path.isdir(os.path.join(args.root, 'val')):
-        parser.error(f'{args.root} already holds train/ or val/; give a new folder')
-    counts = write_digits_imagefolder(args.root, args.img_size, args.val_fraction, args.per_class)
-    print(f'wrote {counts["train"]} train and {counts["val"]} val images under {args.root}')
+    return parser
+
+
+def main(argv=None):
+    """ ``python -m dgmn_timm.data --output-dir DIR``: write the digits set under DIR. """
+    args = build_parser().parse_args(argv)
+    found = [d for d in ('train', 'val') if os.path.isdir(os.path.join(args.output_dir, d))]
+    if found and not args.overwrite:
+        raise UsageError(f'{args.output_dir} already holds {" and ".join(d + "/" for d in found)}; replace them with '
+                         f'--overwrite, or give another --output-dir')
+    for d in found:
+        shutil.rmtree(os.path.join(args.output_dir, d))
+    counts = write_digits_imagefolder(args.output_dir, args.img_size, args.val_fraction, args.per_class)
+    print(f'wrote {counts["train"]} train and {counts["val"]} val images under {args.output_dir}')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_cli(main))

@@ -41,11 +41,10 @@ import timm
 from timm.utils import NativeScaler, dispatch_clip_grad, random_seed
 from timm.utils.distributed import init_distributed_device_so
 
-from ..errors import CheckpointError, mismatch
+from ..errors import CheckpointError, DataDirError, mismatch
 from ..weights.checkpoints import create_with_weights, read_checkpoint, unwrap_state_dict
 from ..weights.hub import pretrained_file
 from .cli import UsageError, check_model_name, check_positive, check_run_folder
-from .data import DataDirError
 
 
 TRAIN_STATE = 'train_state.pt'

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.tools.data import DataDirError, SafeImageDataset, collate_skip, list_images
+from dgmn_timm.errors import DataDirError
+from dgmn_timm.tools.data import SafeImageDataset, collate_skip, list_images
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_img_size, check_model_name, \
     check_positive, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import atomic_path, atomic_write_text, autocast, barrier, create_model, init_distributed, resolve_amp_dtype

@@ -42,7 +42,8 @@ from tqdm import tqdm
 from timm.utils import random_seed
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.tools.data import DataDirError, find_pairs
+from dgmn_timm.errors import DataDirError
+from dgmn_timm.tools.data import find_pairs
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import (
     DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args, check_input_size,

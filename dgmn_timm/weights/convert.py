@@ -328,7 +328,7 @@ def _summary(checkpoint_path: Path, result: ConversionResult, num_released: int)
     return '\n'.join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     doc = __doc__.strip().splitlines()
     parser = argparse.ArgumentParser(
         prog='python -m dgmn_timm.convert', description=doc[0],
@@ -347,7 +347,11 @@ def main(argv=None) -> int:
                                                         "model's registered hf_hub_id)")
     parser.add_argument('--cache-dir', default=None, help='Hugging Face cache (default: HF_HUB_CACHE / HF_HOME)')
     parser.add_argument('--overwrite', action='store_true', help='replace the files of an existing output folder')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         convert_checkpoint(
             args.checkpoint, args.model, args.output_dir, tag=args.tag, use_ema=args.use_ema,

@@ -16,10 +16,12 @@ cards (``generate_readme``); this module adds what it lacks for weights that are
 
 Conversion of checkpoints lives in ``dgmn_timm.weights.convert`` (``python -m dgmn_timm.convert``).
 """
+import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -604,10 +606,7 @@ def hub_entrypoint(model_name: str) -> Callable[..., nn.Module]:
     return entry
 
 
-def main(argv=None) -> int:
-    """ ``python -m dgmn_timm.push_to_hub FOLDER --repo-id ORG/NAME [--dry-run]``: upload a converted folder. """
-    import argparse
-    import sys
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='python -m dgmn_timm.push_to_hub',
         description='Upload a converted folder (python -m dgmn_timm.convert) to a Hugging Face Hub model repo. The '
@@ -620,7 +619,12 @@ def main(argv=None) -> int:
     parser.add_argument('--commit-message', default=None, help='commit message (default: names the architecture)')
     parser.add_argument('--dry-run', action='store_true', help='print what would be uploaded; no network')
     parser.add_argument('--no-verify', action='store_true', help='skip loading the folder before the upload')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """ ``python -m dgmn_timm.push_to_hub FOLDER --repo-id ORG/NAME [--dry-run]``: upload a converted folder. """
+    args = build_parser().parse_args(argv)
     try:
         push_folder(args.folder, args.repo_id, private=args.private, revision=args.revision,
                     commit_message=args.commit_message, dry_run=args.dry_run, verify=not args.no_verify)
