@@ -197,7 +197,7 @@ def test_model_card(converted):
 def test_converter_cli_to_cache(released, hf_cache, tmp_path, capsys):
     """ The script: convert + --to-cache, then the pretrained tag loads offline from that cache. """
     out = tmp_path / 'dgmn2_tiny.in1k'
-    rc = load_script('convert_official').main(
+    rc = load_script('convert').main(
         [str(released['cls']), '--model', 'dgmn2_tiny.in1k', '--output-dir', str(out), '--to-cache',
          '--check-size', str(SIZE)])
     assert rc == 0
@@ -208,7 +208,7 @@ def test_converter_cli_to_cache(released, hf_cache, tmp_path, capsys):
     model = timm.create_model('dgmn2_tiny.in1k', pretrained=True)
     torch.testing.assert_close(run(model, released['x']), released['logits'], rtol=0, atol=0)
     # errors go to stderr with a non-zero exit status
-    rc = load_script('convert_official').main([str(released['cls']), '--model', 'dgmn2_tiny', '--output-dir', str(out)])
+    rc = load_script('convert').main([str(released['cls']), '--model', 'dgmn2_tiny', '--output-dir', str(out)])
     assert rc == 2 and 'not empty' in capsys.readouterr().err
 
 

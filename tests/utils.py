@@ -12,7 +12,7 @@ from dgmn_timm.layers import DGMN
 from dgmn_timm.models.dgmn2 import DynamicGraphAttention
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL_MODULES = {'convert_official': 'dgmn_timm.weights.convert', 'push_to_hub': 'dgmn_timm.weights.hub'}
+TOOL_MODULES = {'convert': 'dgmn_timm.weights.convert', 'push_to_hub': 'dgmn_timm.weights.hub'}
 
 
 def load_script(name: str) -> ModuleType:
