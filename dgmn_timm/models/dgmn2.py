@@ -82,7 +82,7 @@ class DynamicGraphAttention(nn.Module):
     """ Attention of every token over K = 9 nodes sampled at its 3x3 neighbourhood plus learned walks.
 
     Channels-last maps (B, H, W, C). The fused op (``dgmn_timm.ops.sampled_attention``) is
-    used unless, at construction, timm's switches ask for the portable ``grid_sample`` path
+    used unless, at construction, timm's switches ask for the portable path (``sampled_attention_portable``)
     (``set_fused_attn(False)``, ``set_layer_config(exportable=True)`` or ``scriptable=True``,
     ``create_model(..., exportable=True)``) or attention dropout is configured.
     """

@@ -2,8 +2,8 @@
 
 - :func:`sampled_attention`: ``torch.ops.dgmn_timm.sampled_attention``, attention over K bilinearly
   sampled key/value nodes per query (gather kernel on CPU, Triton kernel on CUDA).
-  :func:`sampled_attention_portable` is the same function as ``grid_sample`` plus plain ops
-  (TorchScript, ONNX, double backward, attention dropout); :func:`sampled_attention_reference`
+  :func:`sampled_attention_portable` is the same function as corner gathers and batched products in
+  plain ops (TorchScript, FX, ONNX, double backward, attention dropout); :func:`sampled_attention_reference`
   the float64 oracle; :func:`attention_weights` the softmax weights of the nodes;
   :func:`position_logits` the op's optional position term with plain ops.
 """
