@@ -94,7 +94,7 @@ def get_parser() -> argparse.ArgumentParser:
     m.add_argument('--onnx', action='store_true',
                    help='also time each model exported with exportable=True in ONNX Runtime (CPU, inference)')
     m.add_argument('--onnx-profile', type=int, default=0, metavar='N',
-                   help='with --onnx: print the N operator types that take most of ONNX Runtime\'s kernel time')
+                   help='also --onnx, and print the N operator types that take most of ONNX Runtime\'s kernel time')
     m.add_argument('--sweep', default='', help='comma-separated input sizes for a time / memory sweep, e.g. 224,512,1024')
     m.add_argument('--sweep-batch-size', type=int, default=1)
     m.add_argument('--sweep-iters', type=int, default=3)
@@ -147,8 +147,7 @@ def _check_args(args: argparse.Namespace):
             args.reference = args.models[0]
     if (args.onnx or args.onnx_profile) and args.suite != 'models':
         raise UsageError('--onnx measures models; it has no meaning for the layers')
-    if args.onnx_profile and not args.onnx:
-        raise UsageError('--onnx-profile needs --onnx')
+    args.onnx = args.onnx or args.onnx_profile > 0
     if args.plot and not args.sweep:
         raise UsageError('--plot needs --sweep')
     for path in (args.output, args.plot):
