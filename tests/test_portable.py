@@ -145,3 +145,20 @@ def test_onnx_export_uses_standard_operators(tmp_path):
         feed = dict(zip([i.name for i in sess.get_inputs()], (q.numpy(), o.numpy(), b.numpy())))
         out = torch.from_numpy(sess.run(None, feed)[0])
         torch.testing.assert_close(out, sampled_attention_portable(q, o, b, 0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_onnx_route(tmp_path):
+    """ `python -m dgmn_timm.benchmark --onnx`: both models exported with exportable=True and timed in
+    ONNX Runtime, with a ratio against the peer and the operator profile. """
+    pytest.importorskip('onnxruntime')
+    from utils import load_script
+    out = tmp_path / 'onnx.json'
+    result = load_script('benchmark').main([
+        '--models', 'dgmn2_tiny,pvt_v2_b1', '--img-size', '64', '--batch-size', '1', '--modes', 'infer',
+        '--iters', '1', '--warmup', '0', '--onnx-profile', '3', '--no-memory', '--no-progress', '--device', 'cpu',
+        '--output', str(out)])
+    rows = {(r['model'], r['mode']): r for r in result['rows']}
+    assert rows[('pvt_v2_b1', 'onnx')]['ratio_vs_reference'] == 1.0
+    assert rows[('dgmn2_tiny', 'onnx')]['ratio_vs_reference'] > 0
+    assert 'Gather' in result['onnx_profile']['dgmn2_tiny'] and out.stat().st_size > 0
