@@ -356,11 +356,12 @@ def test_cdgcnet_tiny_training_run_with_the_script(tmp_path):
 
 
 def test_benchmark_script_peak_memory_below_the_dense_adjacency(capsys):
-    """ scripts/benchmark_cdgc.py on a small map: the layer's peak stays far below the M x N x N
+    """ `python -m dgmn_timm.benchmark cdgc` on a small map: the layer's peak stays far below the M x N x N
     adjacency the dense form would hold (N = 1,600: 41 MB for M = 4), and flat in M. """
     from utils import load_script
-    script = load_script('benchmark_cdgc')
-    results = script.main(['--size', '40', '40', '--dim', '16', '--classes', '1', '4'])
+    script = load_script('benchmark')
+    results = script.main(['cdgc', '--img-size', '40', '40', '--dim', '16', '--classes', '1', '4', '--device', 'cpu'])
+    results = results['rows']
     assert [r['classes'] for r in results] == [1, 4]
     for r in results:
         assert 0 < r['peak_mb'] < r['dense_adjacency_mb'] / 2
@@ -368,7 +369,8 @@ def test_benchmark_script_peak_memory_below_the_dense_adjacency(capsys):
     assert results[1]['peak_mb'] < 2 * results[0]['peak_mb']
     assert 'peak MB' in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        script.main(['--size', '8', '8', '--dim', '8', '--classes', '2', '--limit-gb', '1e-9'])
+        script.main(['cdgc', '--img-size', '8', '8', '--dim', '8', '--classes', '2', '--limit-gb', '1e-9',
+                     '--device', 'cpu'])
 
 
 def test_readme_cdgcnet_snippet():

@@ -2,7 +2,7 @@
 
 The fused op ``torch.ops.dgmn_timm.sampled_attention`` (CPU gathers, Triton) has a hand-written
 backward, so it refuses double backward with a clear error instead of silently dropping
-second-order terms; timm's ``fused_attn`` switch selects the autograd-native ``grid_sample``
+second-order terms; timm's ``fused_attn`` switch selects the autograd-native portable
 path, which supports it.
 """
 import pytest

@@ -6,6 +6,8 @@ The layer's reference composes the float64 oracles of ``dgmn_timm.ops.reference`
 over nodes and bilinear corners, over (y, x, m) for the position term, explicit resize matrices)
 with the layer's parameters. The op itself is tested in test_sampled_attention.py.
 """
+import json
+import math
 import os
 import subprocess
 import sys
@@ -223,20 +225,27 @@ def test_cuda_model_dispatch_and_autocast():
 # ---------------------------------------------------------------- benchmark script
 
 def test_benchmark_script_tiny(tmp_path):
+    out, plot = tmp_path / 'bench.json', tmp_path / 'sweep.png'
     cmd = [
         sys.executable, str(ROOT / 'scripts' / 'benchmark.py'), '--models', 'dgmn2_tiny,pvt_v2_b1',
         '--img-size', '64', '--batch-size', '1', '--iters', '2', '--warmup', '1', '--sweep', '64,96', '--clock', 'cpu',
-        '--output-dir', str(tmp_path), '--no-progress',
+        '--output', str(out), '--plot', str(plot), '--no-progress', '--device', 'cpu',
     ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'dgmn2_tiny' in r.stdout and 'vs pvt_v2_b1' in r.stdout
     for noise in ('USDT', 'profiler_start', 'gpuGetDeviceCount'):  # the profiler's native chatter stays hidden
         assert noise not in r.stdout + r.stderr
-    for name in ('throughput.csv', 'sweep.csv', 'sweep.png'):
-        assert (tmp_path / name).stat().st_size > 0
-    lines = (tmp_path / 'throughput.csv').read_text().splitlines()
-    assert lines[0].startswith('model,') and len(lines) == 1 + 2 * 2  # 2 models x (infer, train)
+    assert plot.stat().st_size > 0
+    result = json.loads(out.read_text())
+    modes = sorted((row['model'], row['mode']) for row in result['rows'])
+    assert modes == sorted((m, k) for m in ('dgmn2_tiny', 'pvt_v2_b1') for k in ('infer', 'train', 'memory'))
+    assert len(result['sweep']) == 2 * 2
+    # an existing --output is kept unless --overwrite, refused before any work
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'error: {out} exists; give --overwrite to '
+                                                                    'replace it, or another file']
 
 
 def test_benchmarking_helpers():

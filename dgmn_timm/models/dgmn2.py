@@ -78,7 +78,8 @@ class DynamicGraphAttention(nn.Module):
     Channels-last maps (B, H, W, C). ``walk``, a Linear on each head's slice (weights shared by
     the heads), predicts the walks (dy, dx) of the K nodes; added to the 3x3 grid they are the
     op's ``offset``. ``fused_attn`` (``dgmn_timm.layers.use_fused_sampled_attention``, decided at
-    construction) selects the fused op or the portable ``grid_sample`` path.
+    construction) selects the fused op or the portable path
+    (corner gathers and batched products, ``dgmn_timm.ops.sampled_attention_portable``).
     """
     fused_attn: torch.jit.Final[bool]
 

@@ -2,8 +2,8 @@
 
 - :func:`sampled_attention`: ``torch.ops.dgmn_timm.sampled_attention``, attention over K bilinearly
   sampled key/value nodes per query (gather kernel on CPU, Triton kernel on CUDA).
-  :func:`sampled_attention_portable` is the same function as ``grid_sample`` plus plain ops
-  (TorchScript, ONNX, double backward, attention dropout); :func:`attention_weights` the softmax
+  :func:`sampled_attention_portable` is the same function as corner gathers and batched
+  products in plain ops (TorchScript, FX, ONNX, double backward, attention dropout); :func:`attention_weights` the softmax
   weights of the nodes; :func:`position_logits` the op's optional position term with plain ops.
   The op registers its cost with ``torch.utils.flop_counter`` (``FlopCounterMode`` counts it).
 - ``sampling``: the bilinear read's corner indices and weights (``axis_corners``), the 3x3 node

@@ -36,7 +36,7 @@ Entry points:
   backward is ``dgmn_timm::sampled_attention_backward``, which refuses double backward. The
   dispatcher runs the gather kernel below on CPU (and any other device) and the Triton kernel
   (``triton_sampled_attention``) on CUDA when Triton is installed.
-- :func:`sampled_attention_portable`: ``grid_sample`` plus plain tensor ops; autograd-native
+- :func:`sampled_attention_portable`: corner gathers and batched products in plain tensor ops; autograd-native
   (double backward), TorchScript-scriptable, ONNX-exportable, supports attention dropout.
   Layers choose it at construction.
 - ``reference.sampled_attention_reference``: the float64 oracle (explicit corner reads, no
@@ -82,7 +82,7 @@ __all__ = [
 DOUBLE_BACKWARD_MESSAGE = (
     "Double backward (create_graph=True, e.g. a gradient penalty) through DGMN's fused sampled "
     "attention (torch.ops.dgmn_timm.sampled_attention) is not supported: its backward is hand-written. "
-    "Use the autograd-native grid_sample path: create the model after timm.layers.set_fused_attn(False) "
+    "Use the autograd-native portable path: create the model after timm.layers.set_fused_attn(False) "
     "(or with the environment variable TIMM_FUSED_ATTN=0).")
 
 _CORNERS = 4

@@ -46,16 +46,15 @@ def axis_corners(
         i0, i1: indices of pixels floor(p) and floor(p) + 1, clamped into the map (always safe to
             gather; a pixel outside has weight zero).
         w0, w1: their weights 1 - frac(p) and frac(p), zero for a pixel outside the map.
-        in0, in1: whether each pixel is inside the map (for p clamped into [-1, length]); the
-            derivatives of w0 and w1 by p are -in0 and in1 inside [-1, length] (the right
-            derivative at integers) and zero beyond, where both pixels are outside.
+        in0, in1: whether each pixel is inside the map; the
+            derivatives of w0 and w1 by p are -in0 and in1 (the right derivative at integers; zero
+            beyond -1 and length, where both pixels are outside).
     """
-    # beyond -1 / length both pixels are outside: clamping changes no value and zeroes the gradient
-    p = p.clamp(-1., float(length))
+    # beyond -1 / length both pixels are outside: both weights and their gradients are zero there
     lo = torch.floor(p)
     frac = p - lo
     in0 = (lo >= 0.) & (lo <= length - 1)
-    in1 = lo <= length - 2  # lo >= -1
+    in1 = (lo >= -1.) & (lo <= length - 2)
     w0 = (1. - frac) * in0
     w1 = frac * in1
     i0 = lo.to(index_dtype)
