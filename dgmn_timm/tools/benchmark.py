@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--models', default=DEFAULT_MODELS, help='comma-separated timm model names')
     m.add_argument('--reference', default='pvt_v2_b1', help='ratios are taken against this model')
     m.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, --amp-dtype on CUDA)')
-    m.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    m.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'],
+                   help='autocast dtype of --amp on a GPU (bfloat16 on CPU)')
     m.add_argument('--compile', action='store_true', help='torch.compile every model')
     m.add_argument('--exportable', action='store_true',
                    help='build the models with exportable=True (the portable path every graph-level route takes)')
