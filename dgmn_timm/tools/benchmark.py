@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument('--onnx-profile', type=int, default=0, metavar='N',
                    help='also --onnx, and print the N operator types that take most of ONNX Runtime\'s kernel time')
     m.add_argument('--sweep', default='', help='comma-separated input sizes for a time / memory sweep, e.g. 224,512,1024')
-    m.add_argument('--sweep-batch-size', type=int, default=1)
-    m.add_argument('--sweep-iters', type=int, default=3)
+    m.add_argument('--sweep-batch-size', type=int, default=1, help='batch size of the sweep')
+    m.add_argument('--sweep-iters', type=int, default=3, help='measured rounds per size of the sweep')
     m.add_argument('--plot', default=None, metavar='FILE', help='with --sweep: plot time and memory against size (PNG)')
     lay = p.add_argument_group('repgraph, cdgc')
     lay.add_argument('--dim', type=int, default=None, help='feature channels C (default: 2048 repgraph, 512 cdgc)')
