@@ -274,7 +274,7 @@ def test_cdgcnet_resnet101_structure():
     assert tuple(cdgc.merge.weight.shape) == (512, 19 * 512, 1, 1)
     assert model.aux_head.convs[0][0].in_channels == 1024
     assert HEADS['cdgc'] is cdgcnet
-    assert HEAD_DEFAULTS['cdgc'] == dict(opt='sgd', lr=0.01, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
+    assert HEAD_DEFAULTS['cdgc'] == dict(opt='momentum', lr=0.01, momentum=0.9, weight_decay=5e-4, poly_power=0.9,
                                          output_stride=8, drop_path=0.0)
 
 

@@ -16,11 +16,6 @@ def _inputs(B, C, H, W, scale=2.5, seed=0, dtype=torch.float64):
     return x, offset
 
 
-def _to_channels_last(offset):
-    B, K2, H, W = offset.shape
-    return offset.permute(0, 2, 3, 1).reshape(B, H * W, K2)
-
-
 def test_node_displacements():
     for d in (1, 2, 3):
         expected = [[(i - 1) * d, (j - 1) * d] for i in range(3) for j in range(3)]
@@ -94,13 +89,6 @@ def test_out_of_range_offsets():
     assert far.abs().max().item() == 0.
 
 
-def test_channels_last_offsets_equal_nchw():
-    x, offset = _inputs(2, 3, 5, 6)
-    a = sample_nodes(x, offset)
-    b = sample_nodes(x, _to_channels_last(offset), offset_channels_last=True)
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize('dilation', [1, 2, 4])
 def test_zero_offsets_equal_unfold(dilation):
     x, _ = _inputs(2, 3, 7, 5)
@@ -160,7 +148,7 @@ def test_reduced_precision_keeps_float32_coordinates():
 def test_torchscript():
     scripted = torch.jit.script(sample_nodes)
     x, offset = _inputs(1, 2, 4, 6)
-    torch.testing.assert_close(scripted(x, offset, 2, False), sample_nodes(x, offset, 2), atol=0, rtol=0)
+    torch.testing.assert_close(scripted(x, offset, 2), sample_nodes(x, offset, 2), atol=0, rtol=0)
 
 
 def test_fx_symbolic_trace_without_dtype_branch():

@@ -73,18 +73,14 @@ def sample_nodes(
         x: torch.Tensor,
         offset: torch.Tensor,
         dilation: int = 1,
-        offset_channels_last: bool = False,
 ) -> torch.Tensor:
     """ Bilinearly sample the K = 9 nodes of every position of ``x`` (module doc).
 
     Args:
         x: (B, C, H, W) map. To sample keys and values at the same points, concatenate
             them along C and split the result.
-        offset: (B, 2K, H, W) walks (deformable-conv layout, (dy, dx) per node), or
-            (B, H * W, 2K) when ``offset_channels_last`` is True (the layout a Linear
-            over tokens produces).
+        offset: (B, 2K, H, W) walks (deformable-conv layout, (dy, dx) per node).
         dilation: spacing of the base 3x3 neighbourhood.
-        offset_channels_last: layout of ``offset``, see above.
 
     Returns:
         (B, C, K, H * W) sampled nodes, same dtype as ``x``. Coordinates and reads are float32
@@ -96,10 +92,7 @@ def sample_nodes(
     base = node_displacements(dilation, x.device)  # (K, 2) float32
     K = base.shape[0]
     N = H * W
-    if offset_channels_last:
-        off = offset.reshape(B, N, K, 2).permute(0, 2, 1, 3)
-    else:
-        off = offset.reshape(B, K, 2, N).transpose(2, 3)  # (B, K, N, 2)
+    off = offset.reshape(B, K, 2, N).transpose(2, 3)  # (B, K, N, 2)
     ys = torch.arange(H, device=x.device, dtype=torch.float32).view(H, 1).expand(H, W).reshape(1, 1, N)
     xs = torch.arange(W, device=x.device, dtype=torch.float32).view(1, W).expand(H, W).reshape(1, 1, N)
     py = off[..., 0] + (ys + base[:, 0].view(1, K, 1))

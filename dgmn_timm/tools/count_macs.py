@@ -11,7 +11,6 @@ import argparse
 import timm
 import torch
 
-import dgmn_timm  # noqa: F401
 from dgmn_timm.tools.profiling import count_model_macs
 
 PAPER = {  # params (M), GMACs @224, ImageNet-1k top-1, as the paper reports them

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 from timm.data import create_transform, resolve_data_config
 
-import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.errors import DataDirError
 from dgmn_timm.tools.data import SafeImageDataset, collate_skip, list_images
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_img_size, check_model_name, \

@@ -27,7 +27,6 @@ from timm.data import IterableImageDataset, Mixup, create_transform, resolve_dat
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy, random_seed
 
-import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.weights.checkpoints import read_state_dict
 from dgmn_timm.tools.data import (
     DataDirError, SafeImageDataset, ShardSampler, collate_pairs, collate_skip, open_image_dataset,

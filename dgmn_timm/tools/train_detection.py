@@ -37,7 +37,6 @@ from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 from timm.utils import random_seed
 
-import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.errors import DataDirError
 from dgmn_timm.tasks.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads

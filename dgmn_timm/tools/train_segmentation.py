@@ -41,7 +41,6 @@ from PIL import Image
 from tqdm import tqdm
 from timm.utils import random_seed
 
-import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.errors import DataDirError
 from dgmn_timm.tools.data import find_pairs
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads

@@ -28,7 +28,6 @@ from timm.data import resolve_data_config
 from timm.data.transforms import str_to_interp_mode
 from timm.utils import random_seed
 
-import dgmn_timm  # noqa: F401  (registers the models)
 from dgmn_timm.layers import RepGraph
 from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_img_size, check_model_name, check_positive, \
     read_rgb_image, run_cli, set_threads
