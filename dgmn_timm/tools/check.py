@@ -66,7 +66,7 @@ OP_CASES = [
 
 # the timing: dgmn2_tiny against this reference, at 224x224
 TIMED_MODELS = ('dgmn2_tiny', 'pvt_v2_b1')
-TIMING = {'cpu': dict(batch_size=2, iters=3, warmup=1), 'cuda': dict(batch_size=64, iters=10, warmup=3)}
+TIMING = {'cpu': dict(batch_size=1, iters=3, warmup=1), 'cuda': dict(batch_size=64, iters=10, warmup=3)}
 
 
 def build_parser() -> argparse.ArgumentParser:
