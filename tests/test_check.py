@@ -52,11 +52,15 @@ def _scaled_grad(factor):
     return Scale.apply
 
 
-@pytest.mark.parametrize('fault', ['output', 'offset gradient'])
+@pytest.mark.parametrize('fault', ['output', 'offset gradient', 'raises'])
 def test_wrong_op_fails(fault, tmp_path, monkeypatch, capsys):
-    """ An op off by 1 % in its output, or in its offset gradient alone, fails the check: exit 1. """
+    """ An op off by 1 % in its output, or in its offset gradient alone, or one that raises, fails the check:
+    exit 1. """
     op = check.sampled_attention
-    if fault == 'output':
+    if fault == 'raises':
+        def wrong(*args):
+            raise RuntimeError('no kernel image is available for execution on the device')
+    elif fault == 'output':
         def wrong(qkv, offset, *args):
             return op(qkv, offset, *args) * 1.01
     else:
@@ -72,7 +76,9 @@ def test_wrong_op_fails(fault, tmp_path, monkeypatch, capsys):
     assert not report['ok'] and failed
     assert all('fused' in r['check'] for r in failed)  # the portable path is still right
     assert any('DGMN2 layer fused' in r['check'] for r in failed)
-    if fault == 'output':
+    if fault == 'raises':
+        assert all('no kernel image' in r['error'] for r in failed) and len(failed) == 9
+    elif fault == 'output':
         assert all(r['fwd_err'] > r['tol'] for r in failed if 'far offsets' not in r['check'])
     else:  # the forward is right; the op's offset gradient, or the layer's weight gradients, are not
         assert all(r['fwd_err'] <= r['tol'] for r in failed)

@@ -15,7 +15,7 @@ What it checks, on each device:
   a bias, DGMN2's position tables in both conventions (released and clean; a square map too),
   RepGraph's call (permuted qkv, offsets shared by the heads as a stride-0 view, no bias,
   scale 1), another K with offsets far outside a 1-pixel-wide map, a 1x1 map;
-- a DGMN2 attention layer (fused op and portable path, both position conventions) against the
+- a DGMN2 attention layer in float32 (fused op and portable path, both position conventions) against the
   same layer in float64 through the oracle: output and the gradients of its input and weights;
 - a short timing of dgmn2_tiny against timm's pvt_v2_b1 at 224x224 (inference and a train step,
   interleaved, medians; autocast on CUDA) and the peak tensor memory of each.
@@ -227,11 +227,15 @@ def check_op(device: torch.device, dtypes: Sequence[torch.dtype]) -> List[dict]:
             rounded = {k: v.to(dtype).double() for k, v in leaves64.items()}
             ref = _forward_backward('reference', rounded, grad64, dims, layout, scale, released, 'cpu', torch.float64)
             for path in ('fused', 'portable'):
-                got = _forward_backward(path, rounded, grad64, dims, layout, scale, released, device, dtype)
+                record = dict(device=str(device), check=f'op {path}: {name}', dtype=str(dtype)[6:],
+                              tol=_tolerance(ref, dtype))
+                try:
+                    got = _forward_backward(path, rounded, grad64, dims, layout, scale, released, device, dtype)
+                except Exception as e:  # a kernel that fails to run is a failed check, reported with its error
+                    results.append(dict(record, ok=False, error=f'{type(e).__name__}: {e}'[:500]))
+                    continue
                 errs = {('fwd_err' if k == 'out' else f'grad_{k}_err'): _err(got[k], ref[k]) for k in ref}
-                tol = _tolerance(ref, dtype)
-                results.append(dict(device=str(device), check=f'op {path}: {name}', dtype=str(dtype)[6:],
-                                    tol=tol, ok=all(e <= tol for e in errs.values()), **errs))
+                results.append(dict(record, ok=all(e <= record['tol'] for e in errs.values()), **errs))
     return results
 
 
@@ -246,9 +250,10 @@ def _layer_reference(layer: DynamicGraphAttention, x: torch.Tensor) -> torch.Ten
     return layer.proj(y.reshape(B, H, W, C))
 
 
-def check_layer(device: torch.device, dtypes: Sequence[torch.dtype]) -> List[dict]:
+def check_layer(device: torch.device) -> List[dict]:
     """ DynamicGraphAttention (fused and portable, both position conventions) on a 7x5 map from a 7x7
-    table, with random walks, against its float64 twin through the oracle. """
+    table, with random walks, in float32, against its float64 twin through the oracle. """
+    dtypes = (torch.float32,)
     results = []
     for released in (True, False):
         g = torch.Generator().manual_seed(1)
@@ -272,19 +277,22 @@ def check_layer(device: torch.device, dtypes: Sequence[torch.dtype]) -> List[dic
                                [ref_out.detach()] + list(torch.autograd.grad(ref_out, [x, *twin.parameters()], go64))))
                 mod = copy.deepcopy(layer).to(device, dtype)
                 xd = x.detach().to(device, dtype).requires_grad_()
-                out = mod(xd)
-                grads = torch.autograd.grad(out, [xd, *mod.parameters()], go64.to(device, dtype))
+                convention = 'released' if released else 'clean'
+                record = dict(device=str(device), check=f'DGMN2 layer {"portable" if portable else "fused"}: '
+                                                         f'position {convention}, walks, 7x5',
+                              dtype=str(dtype)[6:], tol=_tolerance(ref, dtype))
+                try:
+                    out = mod(xd)
+                    grads = torch.autograd.grad(out, [xd, *mod.parameters()], go64.to(device, dtype))
+                except Exception as e:
+                    results.append(dict(record, ok=False, error=f'{type(e).__name__}: {e}'[:500]))
+                    continue
                 got = dict(zip(['out', 'x'] + [n for n, _ in mod.named_parameters()],
                                [out.detach()] + list(grads)))
                 got = {k: v.double().cpu() for k, v in got.items()}
                 errs = {'fwd_err': _err(got['out'], ref['out']), 'grad_x_err': _err(got['x'], ref['x']),
                         'grad_weights_err': max(_err(got[k], ref[k]) for k in ref if k not in ('out', 'x'))}
-                tol = _tolerance(ref, dtype)
-                convention = 'released' if released else 'clean'
-                results.append(dict(device=str(device),
-                                    check=f'DGMN2 layer {"portable" if portable else "fused"}: position {convention}, '
-                                          'walks, 7x5', dtype=str(dtype)[6:], tol=tol,
-                                    ok=all(e <= tol for e in errs.values()), **errs))
+                results.append(dict(record, ok=all(e <= record['tol'] for e in errs.values()), **errs))
     return results
 
 
@@ -353,6 +361,8 @@ def _devices(spec: str) -> List[torch.device]:
 
 
 def _fmt_errs(r: dict) -> str:
+    if 'error' in r:
+        return r['error']
     return ' '.join(f'{k[:-4]}={v:.1e}' for k, v in r.items() if k.endswith('_err'))
 
 
@@ -364,8 +374,7 @@ def run_checks(devices: Sequence[torch.device], timing: bool = True,
     for device in devices:
         report['devices'][str(device)] = device_info(device)
         dtypes = [torch.float32] + ([torch.bfloat16, torch.float16] if device.type == 'cuda' else [])
-        for fn in (check_op, check_layer):
-            results = fn(device, dtypes)
+        for results in (check_op(device, dtypes), check_layer(device)):
             for r in results:
                 log(f'{"ok  " if r["ok"] else "FAIL"} {r["device"]:6s} {r["dtype"]:8s} {r["check"]:50s} '
                     f'tol {r["tol"]:.0e}  {_fmt_errs(r)}')
@@ -390,7 +399,7 @@ def print_report(report: dict):
     worst: Dict[tuple, dict] = {}
     for r in report['checks']:
         key = (r['device'], r['dtype'])
-        e = max(v for k, v in r.items() if k.endswith('_err'))
+        e = max([v for k, v in r.items() if k.endswith('_err')] + [float('inf') if 'error' in r else 0.])
         if key not in worst or e > worst[key]['e']:
             worst[key] = {'e': e, 'check': r['check']}
     for (dev, dt), w in worst.items():
