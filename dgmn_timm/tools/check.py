@@ -380,7 +380,10 @@ def run_checks(devices: Sequence[torch.device], timing: bool = True,
                     f'tol {r["tol"]:.0e}  {_fmt_errs(r)}')
             report['checks'].extend(results)
         if timing:
-            report['timing'].append(check_timing(device))
+            try:
+                report['timing'].append(check_timing(device))
+            except Exception as e:  # e.g. out of memory: reported, not a failed check
+                report['timing'].append({'device': str(device), 'error': f'{type(e).__name__}: {e}'[:500]})
     report['ok'] = all(r['ok'] for r in report['checks'])
     report['seconds'] = time.perf_counter() - t0
     return report
@@ -408,6 +411,9 @@ def print_report(report: dict):
         print(f'  FAILED {r["device"]} {r["dtype"]} {r["check"]}: tolerance {r["tol"]:.1e}, {_fmt_errs(r)}')
     for t in report['timing']:
         a, b = TIMED_MODELS
+        if 'error' in t:
+            print(f'\ntiming on {t["device"]} failed: {t["error"]}')
+            continue
         print(f'\ntiming on {t["device"]}: batch {t["batch_size"]}, 224x224, median of {t["iters"]} interleaved '
               f'steps, threads {t["threads"]}, autocast {t["amp"] or "off"}')
         print(f'  {"model":12s}{"infer img/s":>13s}{"train img/s":>13s}{"infer peak MB":>15s}{"train peak MB":>15s}')
