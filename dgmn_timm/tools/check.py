@@ -66,7 +66,7 @@ OP_CASES = [
 
 # the timing: dgmn2_tiny against this reference, at 224x224
 TIMED_MODELS = ('dgmn2_tiny', 'pvt_v2_b1')
-TIMING = {'cpu': dict(batch_size=1, iters=3, warmup=1), 'cuda': dict(batch_size=64, iters=10, warmup=3)}
+TIMING = {'cpu': dict(batch_size=1, iters=5, warmup=1), 'cuda': dict(batch_size=64, iters=10, warmup=3)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +322,14 @@ def _steps(name: str, device: torch.device, batch_size: int, amp: bool):
     return infer, train
 
 
+def _load() -> Optional[float]:
+    """ The machine's 1-minute load average (other processes slow the timing down), None where unknown. """
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def check_timing(device: torch.device) -> dict:
     """ dgmn2_tiny against pvt_v2_b1: median seconds per step (interleaved), ratios, peak memory. """
     cfg = TIMING['cuda' if device.type == 'cuda' else 'cpu']
@@ -329,7 +337,7 @@ def check_timing(device: torch.device) -> dict:
     torch.manual_seed(0)
     steps = {name: _steps(name, device, cfg['batch_size'], amp) for name in TIMED_MODELS}
     result = dict(device=str(device), batch_size=cfg['batch_size'], img_size=224, iters=cfg['iters'],
-                  amp='bfloat16' if amp else None, threads=torch.get_num_threads())
+                  amp='bfloat16' if amp else None, threads=torch.get_num_threads(), load_average=_load())
     ref = TIMED_MODELS[1]
     for i, mode in enumerate(('infer', 'train')):
         med = medians(time_interleaved({n: s[i] for n, s in steps.items()}, cfg['iters'], cfg['warmup'], device))
@@ -414,14 +422,15 @@ def print_report(report: dict):
         if 'error' in t:
             print(f'\ntiming on {t["device"]} failed: {t["error"]}')
             continue
+        load = '' if t['load_average'] is None else f', load average {t["load_average"]:.1f}'
         print(f'\ntiming on {t["device"]}: batch {t["batch_size"]}, 224x224, median of {t["iters"]} interleaved '
-              f'steps, threads {t["threads"]}, autocast {t["amp"] or "off"}')
+              f'steps, threads {t["threads"]}, autocast {t["amp"] or "off"}{load}')
         print(f'  {"model":12s}{"infer img/s":>13s}{"train img/s":>13s}{"infer peak MB":>15s}{"train peak MB":>15s}')
         for n in (a, b):
             print(f'  {n:12s}{t[f"{n}_infer_img_per_s"]:13.2f}{t[f"{n}_train_img_per_s"]:13.2f}'
                   f'{t[f"{n}_infer_peak_mb"]:15.1f}{t[f"{n}_train_peak_mb"]:15.1f}')
         print(f'  {a} / {b}: inference {t["infer_ratio"]:.2f}x, train step {t["train_ratio"]:.2f}x '
-              '(docs/PERF.md has the expected ratios; a loaded machine lowers them)')
+              '(docs/PERF.md has the expected ratios; on a busy machine, load above the cores, they are noise)')
     print(f'\n{"all checks passed" if report["ok"] else "SOME CHECKS FAILED"} ({report["seconds"]:.0f} s)')
 
 
