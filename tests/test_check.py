@@ -10,6 +10,7 @@ import torch
 
 from dgmn_timm.models import dgmn2
 from dgmn_timm.tools import check
+from dgmn_timm.tools.cli import run_cli
 
 
 def test_command_writes_json_and_passes(tmp_path):
@@ -89,7 +90,7 @@ def test_wrong_op_fails(fault, tmp_path, monkeypatch, capsys):
 def test_refuses_existing_output(tmp_path, capsys):
     out = tmp_path / 'check.json'
     out.write_text('{}')
-    assert check.cli(['--device', 'cpu', '--output', str(out)]) == 2
+    assert run_cli(check.main, ['--device', 'cpu', '--output', str(out)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith('error: ') and '--overwrite' in line
     assert out.read_text() == '{}'

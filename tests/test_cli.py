@@ -45,13 +45,6 @@ REQUIRED = {
     'loads': ['--batch-size', '--workers'],
 }
 
-# Tools whose parser is not yet built by ``build_parser()`` or whose vocabulary still differs; the merge
-# empties this list. strict: a tool that passes must leave it.
-NOT_YET = {
-    'check': 'floors helper: dgmn_timm/check.py entry module (CODE or build_parser) and its console script',
-}
-
-
 def _default_workers():
     from dgmn_timm.tools.cli import default_workers
     return default_workers()
@@ -104,17 +97,12 @@ def build_parser(tool: str) -> argparse.ArgumentParser:
     return module.build_parser()
 
 
-def _tools(marked=True):
-    return [pytest.param(t, marks=pytest.mark.xfail(reason=NOT_YET[t], strict=True)) if marked and t in NOT_YET
-            else t for t in ROLES]
-
-
 def _options(parser):
     """ option string -> action, hidden ones included. """
     return {o: a for a in parser._actions for o in a.option_strings}
 
 
-@pytest.mark.parametrize('tool', _tools())
+@pytest.mark.parametrize('tool', ROLES)
 def test_vocabulary(tool):
     """ Every shared option is spelled and means the same; each role has its options. """
     options = _options(build_parser(tool))
@@ -140,8 +128,6 @@ def test_no_and_positive_switches_agree():
     ``argparse.BooleanOptionalAction``, spells it both ways everywhere). """
     seen = {}
     for tool in ROLES:
-        if tool in NOT_YET:
-            continue
         for opt in _options(build_parser(tool)):
             seen.setdefault(opt, set()).add(tool)
     clashes = [(o, seen[o], seen['--' + o[5:]]) for o in seen
@@ -149,7 +135,7 @@ def test_no_and_positive_switches_agree():
     assert not clashes, clashes
 
 
-@pytest.mark.parametrize('tool', _tools())
+@pytest.mark.parametrize('tool', ROLES)
 def test_every_option_has_help_and_one_default(tool):
     parser = build_parser(tool)
     formatter = parser._get_formatter()
@@ -164,7 +150,7 @@ def test_every_option_has_help_and_one_default(tool):
 def test_every_entry_module_is_a_tool_with_a_console_script():
     """ ``dgmn_timm/<tool>.py`` <-> a row of ROLES <-> ``dgmn-<tool> = dgmn_timm.<tool>:cli`` in pyproject. """
     entries = {p.stem for p in (ROOT / 'dgmn_timm').glob('*.py') if p.stem not in ('__init__', 'errors')}
-    missing = set(ROLES) - entries - set(NOT_YET)
+    missing = set(ROLES) - entries
     assert entries <= set(ROLES), f'tools without a row in ROLES: {sorted(entries - set(ROLES))}'
     assert not missing, f'tools without an entry module: {sorted(missing)}'
     scripts = read_console_scripts()

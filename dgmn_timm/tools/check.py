@@ -46,7 +46,7 @@ from ..models.dgmn2 import DynamicGraphAttention
 from ..ops import position_logits, sampled_attention, sampled_attention_portable, sampled_attention_reference
 from ..ops.sampled_attention import _uses_triton, triton_available
 from .benchmarking import medians, peak_memory, time_interleaved
-from .cli import HelpFormatter, UsageError
+from .cli import HelpFormatter, UsageError, run_cli
 
 __all__ = ['build_parser', 'main', 'TOLERANCES']
 
@@ -94,11 +94,10 @@ def _version(module: str) -> Optional[str]:
 
 def versions() -> Dict[str, Optional[str]]:
     """ Versions of Python, the platform and the packages the op depends on (None: not importable). """
-    from .. import __version__ as dgmn_version
     v = {
         'python': platform.python_version(),
         'platform': platform.platform(),
-        'dgmn_timm': dgmn_version,
+        'dgmn_timm': _version('dgmn_timm'),
         'torch': torch.__version__,
         'timm': timm.__version__,
         'torchvision': _version('torchvision'),
@@ -262,8 +261,8 @@ def check_layer(device: torch.device) -> List[dict]:
             layer = DynamicGraphAttention(16, num_heads=2, table_size=(7, 7), rel_pos_released=released)
             layer.fused_attn = not portable  # the path under test, whatever timm's switches say
             with torch.no_grad():
-                layer.offset.weight.normal_(0., 0.5, generator=g)
-                layer.offset.bias.uniform_(-1., 1., generator=g)
+                layer.walk.weight.normal_(0., 0.5, generator=g)
+                layer.walk.bias.uniform_(-1., 1., generator=g)
             x64 = torch.randn(2, 7, 5, 16, generator=g, dtype=torch.float64)
             go64 = torch.randn(2, 7, 5, 16, generator=g, dtype=torch.float64)
             for dtype in dtypes:
@@ -453,13 +452,5 @@ def main(argv=None) -> int:
     return 0 if report['ok'] else 1
 
 
-def cli(argv=None) -> int:
-    try:
-        return main(argv)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-
-
 if __name__ == '__main__':
-    sys.exit(cli())
+    sys.exit(run_cli(main))

@@ -31,13 +31,14 @@ class UsageError(ValueError):
 
 
 def run_cli(main: Callable[[Optional[List[str]]], Any], argv: Optional[List[str]] = None) -> int:
-    """ Run a script's ``main``: a user's mistake ends in ``error: <message>`` on stderr and exit code 2. """
+    """ Run a script's ``main``: a user's mistake ends in ``error: <message>`` on stderr and exit code 2; else
+    the exit code is ``main``'s result if it is an int (e.g. 1 for a failed check), 0 otherwise. """
     try:
-        main(argv)
+        result = main(argv)
     except (UsageError, DataDirError, CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
