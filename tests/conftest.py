@@ -44,6 +44,9 @@ def session_temp_folder(tmp_path_factory):
         mp.setenv('DGMN_TIMM_TIMM_TESTS',
                   os.environ.get('DGMN_TIMM_TIMM_TESTS') or os.path.join(system, 'dgmn_timm_timm_tests'))
         mp.setenv('TMPDIR', str(path))
+        # inductor pins its cache folder in this variable on first use; a fresh one per run, so that no graph
+        # compiled against another version of the op is reused
+        mp.setenv('TORCHINDUCTOR_CACHE_DIR', str(path / 'torchinductor'))
         mp.setattr(tempfile, 'tempdir', str(path))
         yield
     shutil.rmtree(path, ignore_errors=True)
