@@ -61,8 +61,8 @@ def test_export_named_size_ranges(name):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    'portable path: ops.position_logits splits W * heads back into (W, heads) and ops/portable.py merges '
-    '(B, 1 head) of a permuted offset; torch.export cannot prove either for a named range'))
+    'portable path: the reshapes of ops.position_logits (W * heads split back into (W, heads)) and of the '
+    'portable attention give guards torch.export cannot prove for a named range (Dim.DYNAMIC exports)'))
 def test_export_named_size_ranges_exportable():
     torch.manual_seed(0)
     model = randomise(timm.create_model('dgmn2_tiny', num_classes=5, exportable=True)).eval()
