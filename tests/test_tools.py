@@ -562,20 +562,6 @@ def test_quick_start_argument_errors(argv, message, bad_inputs, monkeypatch, cap
     assert line.startswith('error: ') and message in line
 
 
-def test_every_option_has_help_and_one_default():
-    from dgmn_timm.__main__ import build_parser as quick_start_parser
-    parsers = {name: s.build_parser() for name, s in SCRIPTS.items()}
-    parsers['python -m dgmn_timm'] = quick_start_parser()
-    for name, parser in parsers.items():
-        formatter = parser._get_formatter()
-        for action in parser._actions:
-            if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == 'help':
-                continue
-            text = formatter._get_help_string(action).replace('%(default)s', 'X')
-            assert action.help and action.help.strip(), (name, action.option_strings)
-            assert text.count('default') <= 1, (name, action.option_strings, text)
-
-
 @pytest.mark.parametrize('name, argv', [
     ('finetune', ['--data-dir', 'd', '--output', 'o']),
     ('finetune', ['--data-dir', 'd', '--num-threads', '3']),
