@@ -245,3 +245,12 @@ def test_wheel_holds_the_license_and_every_tool(tmp_path):
                        cwd=str(outside), timeout=600)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert r.stdout.splitlines()[-1].split()[1:] == sorted(scripts), r.stdout[-3000:]
+
+
+def test_every_tool_has_its_checkout_alias():
+    """ ``scripts/<tool>.py`` runs ``python -m dgmn_timm.<tool>``, one per tool, nothing else. """
+    entries = {p.stem for p in (ROOT / 'dgmn_timm').glob('*.py') if p.stem not in ('__init__', 'errors', '__main__')}
+    scripts = {p.stem for p in (ROOT / 'scripts').glob('*.py')}
+    assert scripts == entries, (sorted(scripts ^ entries))
+    for tool in sorted(scripts):
+        assert f"runpy.run_module('dgmn_timm.{tool}', run_name='__main__'" in (ROOT / 'scripts' / f'{tool}.py').read_text()
