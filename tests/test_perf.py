@@ -208,14 +208,17 @@ def test_triton_op_cuda_matches_reference(dtype, K, bias):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_cuda_model_dispatch_and_autocast():
+    """ A model with random fractional walks (a fresh model's walks are zero: every node on a whole pixel)
+    on CUDA: bfloat16 autocast logits within 1e-2 of float32's in relative L2 norm; the CPU gives the same. """
     import timm
-    model = timm.create_model('dgmn2_tiny').cuda().eval()
+    from utils import randomise
+    model = randomise(timm.create_model('dgmn2_tiny')).cuda().eval()
     x = torch.randn(2, 3, 96, 128, device='cuda')
     with torch.no_grad():
         ref = model(x)
         with torch.autocast('cuda', dtype=torch.bfloat16):
             low = model(x)
-    torch.testing.assert_close(low.float(), ref, atol=0.15, rtol=0.05)
+    assert ((low.float() - ref).norm() / ref.norm()).item() < 1e-2
     cpu = timm.create_model('dgmn2_tiny').eval()
     cpu.load_state_dict(model.state_dict())
     with torch.no_grad():
