@@ -35,7 +35,6 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -44,7 +43,8 @@ import timm
 
 from ..models.dgmn2 import DynamicGraphAttention
 from ..ops import position_logits, sampled_attention, sampled_attention_portable, sampled_attention_reference
-from ..ops.sampled_attention import _uses_triton, triton_available
+from ..ops.sampled_attention import _uses_triton
+from .benchmark import Runner
 from .benchmarking import medians, peak_memory, time_interleaved
 from .cli import HelpFormatter, UsageError, run_cli
 
@@ -299,28 +299,6 @@ def check_layer(device: torch.device) -> List[dict]:
 # timing
 
 
-def _steps(name: str, device: torch.device, batch_size: int, amp: bool):
-    """ (inference step, train step) of a fresh model on a random batch at 224x224. """
-    model = timm.create_model(name).to(device)
-    x = torch.randn(batch_size, 3, 224, 224, device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
-
-    def infer():
-        model.eval()
-        with torch.inference_mode(), autocast():
-            model(x)
-
-    def train():
-        model.train()
-        with autocast():
-            loss = model(x).float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return infer, train
-
-
 def _load() -> Optional[float]:
     """ The machine's 1-minute load average (other processes slow the timing down), None where unknown. """
     try:
@@ -334,7 +312,9 @@ def check_timing(device: torch.device) -> dict:
     cfg = TIMING['cuda' if device.type == 'cuda' else 'cpu']
     amp = device.type == 'cuda'
     torch.manual_seed(0)
-    steps = {name: _steps(name, device, cfg['batch_size'], amp) for name in TIMED_MODELS}
+    options = argparse.Namespace(exportable=False, channels_last=False, compile=False, amp=amp, amp_dtype='bfloat16')
+    runners = {name: Runner(name, options, device, (224, 224), cfg['batch_size']) for name in TIMED_MODELS}
+    steps = {name: (r.infer, r.train) for name, r in runners.items()}
     result = dict(device=str(device), batch_size=cfg['batch_size'], img_size=224, iters=cfg['iters'],
                   amp='bfloat16' if amp else None, threads=torch.get_num_threads(), load_average=_load())
     ref = TIMED_MODELS[1]
