@@ -314,7 +314,7 @@ def test_too_small_input_writes_nothing_and_the_corrected_command_runs(tmp_path,
             '--epochs', '1', '--batch-size', '2', '--mixup', '0', '--cutmix', '0']
     assert run_cli(finetune.main, argv + ['--img-size', '8']) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == 'error: --img-size 8: dgmn2_tiny takes inputs of at least 32 px'
+    assert line == 'error: --img-size 8: dgmn2_tiny takes inputs of at least 32 pixels'
     assert not out.exists()
     assert run_cli(finetune.main, argv + ['--img-size', '32']) == 0
     assert {'args.json', 'metrics.jsonl', 'summary.json', 'last.safetensors'} <= set(os.listdir(out))

@@ -196,7 +196,7 @@ def test_train_segmentation_script(tmp_path, capsys):
     small = [a if a != '64' else '8' for a in cmd[2:]]
     assert run_cli(script.main, small) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        'error: --crop-size 8 8: dgmn2_tiny takes inputs of at least 32 px']
+        'error: --crop-size 8 8: dgmn2_tiny takes inputs of at least 32 pixels']
     assert not out.exists()
 
     env = dict(os.environ, OMP_NUM_THREADS='1')

@@ -101,21 +101,26 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def check_img_size(model_name: str, img_size: Optional[int], option: str = '--img-size'):
-    """ ``UsageError`` if ``img_size`` is below 1 or below the ``min_input_size`` of the model's pretrained
-    config (DGMN2: 32), read from timm's registry before any model is built. """
-    if img_size is None:
-        return
-    low = 1
-    if ':' not in model_name.split('.')[0]:  # a hf-hub: / local-dir: source has its config in the source
-        try:
-            cfg = timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(model_name)[0])
-        except (RuntimeError, ValueError):
-            cfg = None
-        if cfg is not None and cfg.min_input_size:
-            low = max(low, *cfg.min_input_size[1:])
-    if img_size < low:
-        raise UsageError(f'{option} {img_size}: {model_name} takes inputs of at least {low} pixels')
+def min_input_size(model_name: str) -> int:
+    """ The smallest input side a model takes: the larger side of its pretrained config's ``min_input_size``
+    (DGMN2: 32), read from timm's registry before any model is built; 1 where it names none (and for a
+    ``hf-hub:`` / ``local-dir:`` source, whose config is in the source). """
+    if ':' in model_name.split('.')[0]:
+        return 1
+    try:
+        cfg = timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(model_name)[0])
+    except (RuntimeError, ValueError):
+        cfg = None
+    return max(cfg.min_input_size[1:]) if cfg is not None and cfg.min_input_size else 1
+
+
+def check_input_size(model_name: str, flag: str, *sizes: Optional[int]):
+    """ ``UsageError`` if a size given with ``flag`` is below the model's minimum input side (or below 1). """
+    low = min_input_size(model_name)
+    for size in sizes:
+        if size is not None and size < low:
+            raise UsageError(f'{flag} {" ".join(str(s) for s in sizes)}: {model_name} takes inputs of at least '
+                             f'{low} pixels')
 
 
 def read_rgb_image(path: str):

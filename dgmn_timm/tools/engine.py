@@ -302,25 +302,6 @@ def pretrained_weights(model_name: str, pretrained: Any, flag: str = '--pretrain
     return pretrained_file(name)
 
 
-def min_input_size(model_name: str) -> int:
-    """ Smallest input side a model takes (its pretrained cfg's ``min_input_size``; 1 if it names none). """
-    if ':' in model_name.split('.')[0]:
-        return 1
-    cfg = timm.models.get_pretrained_cfg(model_name) or timm.models.get_pretrained_cfg(
-        timm.models.split_model_name_tag(model_name)[0])
-    size = getattr(cfg, 'min_input_size', None) if cfg is not None else None
-    return min(size[-2:]) if size else 1
-
-
-def check_input_size(model_name: str, flag: str, *sizes: Optional[int]):
-    """ ``UsageError`` if a size given with ``flag`` is below the model's minimum input side. """
-    low = min_input_size(model_name)
-    for size in sizes:
-        if size is not None and size < low:
-            raise UsageError(f'{flag} {" ".join(str(s) for s in sizes)}: {model_name} takes inputs of at least '
-                             f'{low} px')
-
-
 # --------------------------------------------------------------------------------------------
 # the training loop (finetune, train_detection, train_segmentation)
 

@@ -35,7 +35,7 @@ from timm.data import create_transform, resolve_data_config
 
 from dgmn_timm.errors import DataDirError
 from dgmn_timm.tools.data import SafeImageDataset, collate_skip, list_images
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_img_size, check_model_name, \
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_input_size, check_model_name, \
     check_positive, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import atomic_path, atomic_write_text, autocast, barrier, create_model, init_distributed, resolve_amp_dtype
 
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     check_positive(args, 'batch_size', 'chunk_size', 'threads')
     check_positive(args, 'workers', allow_zero=('workers',))
     check_model_name(args.model)
-    check_img_size(args.model, args.img_size)
+    check_input_size(args.model, '--img-size', args.img_size)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     levels = parse_levels(args.levels)

@@ -33,10 +33,11 @@ from dgmn_timm.tools.data import (
     patch_timm_posterize,
 )
 from dgmn_timm.tools.cli import (
-    HelpFormatter, UsageError, add_run_args, check_model_name, check_positive, clear_run_files, run_cli, set_threads,
+    HelpFormatter, UsageError, add_run_args, check_input_size, check_model_name, check_positive, clear_run_files,
+    run_cli, set_threads,
 )
 from dgmn_timm.tools.engine import (
-    Task, add_train_args, all_reduce_sum, autocast, check_input_size, check_train_args, create_model,
+    Task, add_train_args, all_reduce_sum, autocast, check_train_args, create_model,
     init_distributed, pretrained_name, pretrained_weights, resolve_amp_dtype, train,
 )
 

@@ -39,9 +39,11 @@ from timm.utils import random_seed
 
 from dgmn_timm.errors import DataDirError
 from dgmn_timm.tasks.detection import fasterrcnn_dgmn2, maskrcnn_dgmn2, retinanet_dgmn2
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, clear_run_files, run_cli, set_threads
+from dgmn_timm.tools.cli import (
+    HelpFormatter, UsageError, add_run_args, check_input_size, clear_run_files, run_cli, set_threads,
+)
 from dgmn_timm.tools.engine import (
-    DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args, check_input_size,
+    DistInfo, Task, add_dense_args, add_train_args, check_checkpoint_classes, check_dense_args,
     evaluate_only, load_model_weights, make_loader, pretrained_name, pretrained_weights, resolve_device, train,
 )
 
