@@ -7,7 +7,6 @@ over nodes and bilinear corners, over (y, x, m) for the position term, explicit 
 with the layer's parameters. The op itself is tested in test_sampled_attention.py.
 """
 import json
-import math
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """ RepGraph (ECCV 2020): the layer against a float64 reference, identity at initialisation,
 the registered ResNets, RGNet, the FLOP count. Tiny widths and maps throughout. """
 import copy
-import math
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """ scripts/extract_features.py, scripts/visualize_sampling.py, dgmn_timm.tools.visualize, and what every script
 shares (dgmn_timm.tools.engine): argument errors, the no-overwrite rule, help texts, thread defaults. """
-import argparse
 import json
 import os
 from pathlib import Path

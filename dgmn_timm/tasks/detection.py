@@ -32,7 +32,7 @@ and loads them into the model before timm wraps it as a feature pyramid.
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
