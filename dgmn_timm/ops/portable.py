@@ -67,16 +67,20 @@ def sampled_attention_portable(
     """
     B, H, W, _, nh, hd = qkv.shape
     K = offset.shape[-1] // 2
+    N = H * W
+    # (B, N, nh, ...): the products' batch dims hold the map's size only as N = H * W, so that
+    # torch.export proves every reshape for named size ranges
     index, weight = corner_rows(offset, B, H, W, nh)
     index = index.reshape(-1)
-    rows = qkv.reshape(B * H * W, 3, nh, hd)
-    keys = rows[:, 1].reshape(-1, hd).index_select(0, index).reshape(B, H, W, nh, 4 * K, hd)
-    dots = torch.matmul(keys, qkv[:, :, :, 0].unsqueeze(-1)).reshape(B, H, W, nh, K, 4)
-    logits = (dots * weight).sum(-1) * scale  # (B, H, W, nh, K)
+    weight = weight.reshape(B, N, nh, K, 4)
+    qkv = qkv.reshape(B, N, 3, nh, hd)
+    keys = qkv[:, :, 1].reshape(-1, hd).index_select(0, index).reshape(B, N, nh, 4 * K, hd)
+    dots = torch.matmul(keys, qkv[:, :, 0].unsqueeze(-1)).reshape(B, N, nh, K, 4)
+    logits = (dots * weight).sum(-1) * scale  # (B, N, nh, K)
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.reshape(B, N, nh, K)
     p = logits.softmax(dim=-1)
     p = F.dropout(p, attn_drop, training)
-    pw = (p.unsqueeze(-1) * weight).reshape(B, H, W, nh, 1, 4 * K).to(qkv.dtype)
-    values = rows[:, 2].reshape(-1, hd).index_select(0, index).reshape(B, H, W, nh, 4 * K, hd)
-    return torch.matmul(pw, values).squeeze(-2)
+    pw = (p.unsqueeze(-1) * weight).reshape(B, N, nh, 1, 4 * K).to(qkv.dtype)
+    values = qkv[:, :, 2].reshape(-1, hd).index_select(0, index).reshape(B, N, nh, 4 * K, hd)
+    return torch.matmul(pw, values).reshape(B, H, W, nh, hd)

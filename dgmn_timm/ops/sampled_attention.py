@@ -129,28 +129,27 @@ def _check_inputs(
 
 
 def _transpose_resize(t: torch.Tensor, branch_free: bool = True) -> torch.Tensor:
-    """ (B, H, W, nh, K) -> the (W, H) grid t^T read as an image and resized to (H, W).
+    """ (H, W, C) -> the (W, H) grid t^T read as a C-channel image and resized to (H, W), (H, W, C).
 
     A bilinear resize to the same size is exactly the identity: ``branch_free`` resizes square
     maps too, so that a traced or exported graph holds for every size.
     """
-    B, H, W, nh, K = t.shape
-    t = t.transpose(1, 2)
+    H, W, C = t.shape
+    t = t.transpose(0, 1)
     if not branch_free and H == W:
         return t
-    t = F.interpolate(t.reshape(B, W, H, nh * K).permute(0, 3, 1, 2), size=(H, W), mode='bilinear',
-                      align_corners=False)
-    return t.permute(0, 2, 3, 1).reshape(B, H, W, nh, K)
+    t = F.interpolate(t.permute(2, 0, 1).unsqueeze(0), size=(H, W), mode='bilinear', align_corners=False)
+    return t[0].permute(1, 2, 0)
 
 
 def _transpose_resize_backward(g: torch.Tensor) -> torch.Tensor:
-    """ The adjoint of :func:`_transpose_resize`: (B, H, W, nh, K) -> (B, H, W, nh, K). """
-    B, H, W, nh, K = g.shape
+    """ The adjoint of :func:`_transpose_resize`: (H, W, C) -> (H, W, C). """
+    H, W, C = g.shape
     if H != W:
-        g = g.reshape(B, H, W, nh * K).permute(0, 3, 1, 2).contiguous()
-        g = torch.ops.aten.upsample_bilinear2d_backward(g, [H, W], [B, nh * K, W, H], False, None, None)
-        g = g.permute(0, 2, 3, 1).reshape(B, W, H, nh, K)
-    return g.transpose(1, 2)
+        g = g.permute(2, 0, 1).unsqueeze(0).contiguous()
+        g = torch.ops.aten.upsample_bilinear2d_backward(g, [H, W], [1, C, W, H], False, None, None)
+        g = g[0].permute(1, 2, 0)
+    return g.transpose(0, 1)
 
 
 def position_logits(
@@ -159,21 +158,28 @@ def position_logits(
     """ The op's position term (module doc) with plain ops: (B, H, W, nh, K) logits.
 
     q: (B, H, W, nh, hd) unscaled queries (any strides); pos_h (H, K, hd), pos_w (W, K, hd)
-    per-row / per-column tables (either may be None, not both). One product per row and one
-    per column: 2 K hd multiply-adds per query. ``branch_free``: see :func:`_transpose_resize`
-    (the op, whose graph is the op itself, skips the identity resize).
+    per-row / per-column tables (either may be None, not both). The queries are laid out
+    pixel-major, (H, W, B * nh, hd), and each pixel's queries multiply its row's and its
+    column's table (batched products, the tables broadcast over the other axis): 2 K hd
+    multiply-adds per query. In this layout every reshape splits a product of the map's sizes
+    or of constants, never a constant times one size, so ``torch.export`` proves them for named
+    size ranges. ``branch_free``: see :func:`_transpose_resize` (the op, whose graph is the op
+    itself, skips the identity resize).
     """
     B, H, W, nh, c = q.shape
+    t = q.permute(1, 2, 0, 3, 4).reshape(H, W, B * nh, c)
     out = torch.zeros(0, device=q.device, dtype=q.dtype)
+    K = 0
     if pos_h is not None:
-        out = torch.matmul(q.reshape(B, H, W * nh, c), pos_h.to(q.dtype).transpose(1, 2))
-        out = out.view(B, H, W, nh, pos_h.shape[1])
+        K = pos_h.shape[1]
+        out = torch.matmul(t, pos_h.to(q.dtype).transpose(1, 2).unsqueeze(1))
         if rel_pos_released:
-            out = _transpose_resize(out, branch_free)
+            out = _transpose_resize(out.reshape(H, W, B * nh * K), branch_free).reshape(H, W, B * nh, K)
     if pos_w is not None:
-        width = torch.einsum('byxhc,xkc->byxhk', q, pos_w.to(q.dtype))
+        K = pos_w.shape[1]
+        width = torch.matmul(t, pos_w.to(q.dtype).transpose(1, 2))
         out = width if pos_h is None else width + out
-    return out
+    return out.reshape(H, W, B, nh, K).permute(2, 0, 1, 3, 4)
 
 
 def _position_backward(
@@ -185,7 +191,11 @@ def _position_backward(
     K = dl.shape[-1]
     dq = dh = dw = None
     if pos_h is not None:
-        dlh = (_transpose_resize_backward(dl) if rel_pos_released else dl).reshape(B, H, W * nh, K)
+        dlh = dl
+        if rel_pos_released:
+            dlh = _transpose_resize_backward(dl.permute(1, 2, 0, 3, 4).reshape(H, W, B * nh * K))
+            dlh = dlh.reshape(H, W, B, nh, K).permute(2, 0, 1, 3, 4)
+        dlh = dlh.reshape(B, H, W * nh, K)
         dh = torch.matmul(dlh.transpose(2, 3), q.reshape(B, H, W * nh, c)).sum(0)
         if need_q:
             dq = torch.matmul(dlh, pos_h).view(B, H, W, nh, c)
