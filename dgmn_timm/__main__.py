@@ -13,7 +13,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import dgmn_timm  # noqa: F401  (registers the models)
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_input_size, check_model_name, check_positive, \
+from dgmn_timm.tools.cli import HelpFormatter, check_model_args, check_positive, \
     read_rgb_image, run_cli, set_threads
 from dgmn_timm.tools.engine import create_model, resolve_device
 
@@ -41,11 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # every check before the model is built
-    if args.pretrained and args.checkpoint:
-        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_model_args(args)
     check_positive(args, 'threads')
-    check_model_name(args.model)
-    check_input_size(args.model, '--img-size', args.img_size)
     path = args.image or sample_image_path()
     image = read_rgb_image(path)
     device = resolve_device(args.device)

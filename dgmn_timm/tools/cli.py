@@ -123,6 +123,15 @@ def check_input_size(model_name: str, flag: str, *sizes: Optional[int]):
                              f'{low} pixels')
 
 
+def check_model_args(args: argparse.Namespace):
+    """ ``UsageError`` for the model options the image tools share: ``--pretrained`` with
+    ``--checkpoint``, an unknown ``--model``, an ``--img-size`` below the model's minimum. """
+    if args.pretrained and args.checkpoint:
+        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_model_name(args.model)
+    check_input_size(args.model, '--img-size', args.img_size)
+
+
 def read_rgb_image(path: str):
     """ An image file as an RGB PIL image; ``UsageError`` if it is missing or not an image Pillow decodes. """
     from PIL import Image

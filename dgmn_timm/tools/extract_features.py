@@ -35,7 +35,7 @@ from timm.data import create_transform, resolve_data_config
 
 from dgmn_timm.errors import DataDirError
 from dgmn_timm.tools.data import SafeImageDataset, collate_skip, list_images
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_input_size, check_model_name, \
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, add_run_args, check_model_args, \
     check_positive, clear_run_files, run_cli, set_threads
 from dgmn_timm.tools.engine import atomic_path, atomic_write_text, autocast, barrier, create_model, init_distributed, resolve_amp_dtype
 
@@ -138,12 +138,9 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     # every check before anything is built or written
-    if args.pretrained and args.checkpoint:
-        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_model_args(args)
     check_positive(args, 'batch_size', 'chunk_size', 'threads')
     check_positive(args, 'workers', allow_zero=('workers',))
-    check_model_name(args.model)
-    check_input_size(args.model, '--img-size', args.img_size)
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise UsageError(f'--crop-pct must be in (0, 1], got {args.crop_pct}')
     levels = parse_levels(args.levels)

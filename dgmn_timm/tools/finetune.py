@@ -33,7 +33,7 @@ from dgmn_timm.tools.data import (
     patch_timm_posterize,
 )
 from dgmn_timm.tools.cli import (
-    HelpFormatter, UsageError, add_run_args, check_input_size, check_model_name, check_positive, clear_run_files,
+    HelpFormatter, UsageError, add_run_args, check_model_args, check_positive, clear_run_files,
     run_cli, set_threads,
 )
 from dgmn_timm.tools.engine import (
@@ -168,13 +168,10 @@ def evaluate(model, loader, device, amp_dtype, dist_info, num_classes, desc='val
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     # every check before anything is built or written
-    if args.pretrained and args.checkpoint:
-        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_model_args(args)
     if not args.dataset and not args.data_dir:
         raise UsageError('give --data-dir (an ImageFolder tree) or --dataset (e.g. hfds/NAME)')
     check_positive(args, 'lr_base_size')
-    check_model_name(args.model)
-    check_input_size(args.model, '--img-size', args.img_size)
     previous, state = check_train_args(args)
     data = open_image_dataset(args.dataset, args.data_dir, args.train_split, args.val_split, args.batch_size,
                               args.seed)

@@ -29,7 +29,7 @@ from timm.data.transforms import str_to_interp_mode
 from timm.utils import random_seed
 
 from dgmn_timm.layers import RepGraph
-from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_input_size, check_model_name, check_positive, \
+from dgmn_timm.tools.cli import HelpFormatter, UsageError, check_model_args, check_positive, \
     read_rgb_image, run_cli, set_threads
 from dgmn_timm.tools.engine import atomic_path, atomic_write_text, create_model, resolve_device
 from dgmn_timm.tools.visualize import grid_points, plot_repgraph_nodes, plot_sampling, repgraph_nodes, sampling_points_many
@@ -92,11 +92,8 @@ def parse_stages(text: str, num_stages: int = 4):
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     # every check before the model is built
-    if args.pretrained and args.checkpoint:
-        raise UsageError('give --pretrained or --checkpoint, not both')
+    check_model_args(args)
     check_positive(args, 'threads')
-    check_model_name(args.model)
-    check_input_size(args.model, '--img-size', args.img_size)
     outputs = [f for f in (args.output, args.save_points) if f]
     if not args.output.lower().endswith('.png'):
         raise UsageError(f'--output must end in .png, got {args.output}')
